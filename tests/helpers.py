@@ -1,0 +1,97 @@
+"""Shared test helpers: sample layouts, and parity of values and every gradient with torch's op."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+from torch.testing import assert_close
+
+# Leading shapes of PyTorch's sample_inputs_linear, plus a 5-D one (DESIGN §5).
+LEADING_SHAPES = [(), (0,), (8,), (2, 3), (2, 1, 3, 1, 2)]
+LAYOUTS = ["contiguous", "strided", "permuted"]
+
+# fp32: GEMMs and reductions may sum in a different order than torch's fused kernels; the error
+# grows like eps·sqrt(n) for the small n used here, well inside 1e-5 absolute / 1.3e-6·K relative.
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-7), torch.float32: dict(atol=1e-5, rtol=1e-4)}
+
+
+def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``t`` in a given memory layout (DESIGN §5).
+
+    strided: every other element of a twice-as-wide buffer (``[..., ::2]``);
+    permuted: stored with the dims reversed and permuted back, so leading dims are transposed and
+    ``.view`` over them fails.
+    """
+    if layout == "contiguous" or t.dim() == 0:
+        return t.contiguous()
+    if layout == "strided":
+        buf = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        buf[..., ::2] = t
+        return buf[..., ::2]
+    if layout == "permuted":
+        dims = list(range(t.dim()))[::-1]
+        return t.permute(dims).contiguous().permute(dims)
+    raise ValueError(layout)
+
+
+def leaf(t: torch.Tensor, requires_grad: bool = True, layout: str = "contiguous") -> torch.Tensor:
+    out = laid_out(t.detach(), layout)
+    return out.requires_grad_(requires_grad and t.is_floating_point())
+
+
+def check_parity(ours, theirs, inputs, *, dtype=None, grad_layout="contiguous", tol=None):
+    """Values and all gradients of ``ours(*inputs)`` equal to ``theirs(*inputs)``.
+
+    ``inputs`` are tensors (those with ``requires_grad`` get gradients) or other arguments. The
+    incoming gradient is laid out as ``grad_layout`` and must come back unmodified.
+    Returns the output of ``ours``.
+    """
+
+    def clone(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().clone().requires_grad_(x.requires_grad) if x.requires_grad else x
+        return x
+
+    a = [clone(x) for x in inputs]
+    b = [clone(x) for x in inputs]
+    out_a = ours(*a)
+    out_b = theirs(*b)
+    tol = tol or TOL.get(out_b.dtype, TOL[torch.float32])
+    assert out_a.shape == out_b.shape, (out_a.shape, out_b.shape)
+    assert out_a.dtype == out_b.dtype, (out_a.dtype, out_b.dtype)
+    assert_close(out_a, out_b, equal_nan=True, **tol)
+    wrt = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
+    if not wrt or not out_b.requires_grad:
+        return out_a
+    g = laid_out(torch.randn(out_b.shape, dtype=out_b.dtype, device=out_b.device), grad_layout)
+    g_before = g.clone()
+    grads_a = torch.autograd.grad(out_a, [a[i] for i in wrt], g, allow_unused=True)
+    assert_close(g, g_before, rtol=0, atol=0, msg="backward modified grad_output in place")
+    grads_b = torch.autograd.grad(out_b, [b[i] for i in wrt], g, allow_unused=True)
+    for i, ga, gb in zip(wrt, grads_a, grads_b):
+        if gb is None:
+            assert ga is None or not ga.any(), f"input {i}: torch gives no gradient, ours is nonzero"
+            continue
+        assert ga is not None, f"input {i}: no gradient"
+        assert ga.shape == gb.shape and ga.dtype == gb.dtype, (i, ga.shape, gb.shape, ga.dtype, gb.dtype)
+        assert_close(ga, gb, equal_nan=True, msg=lambda m, i=i: f"gradient of input {i}: {m}", **tol)
+    return out_a
+
+
+def full_check(fn, inputs, *, fwd_over_rev=True, batched=True):
+    """gradcheck + gradgradcheck in float64 with every check of DESIGN §5."""
+    assert gradcheck(
+        fn,
+        inputs,
+        check_forward_ad=True,
+        check_batched_grad=batched,
+        check_batched_forward_grad=batched,
+    )
+    assert gradgradcheck(fn, inputs, check_batched_grad=batched, check_fwd_over_rev=fwd_over_rev)
+
+
+def needs_grad_combinations(n: int):
+    """Every non-empty requires_grad pattern over n differentiable inputs."""
+    return [c for c in itertools.product([False, True], repeat=n) if any(c)]

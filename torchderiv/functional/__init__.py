@@ -1,0 +1,28 @@
+"""torchderiv.functional: every op an ``autograd.Function`` with a hand-derived backward and jvp.
+
+The lowercase wrappers take exactly torch 2.13's parameters, in torch's order.
+"""
+
+from .activations import ACTIVATIONS, elu, gelu, get_activation, leaky_relu, relu, sigmoid, silu, softplus, tanh
+from .fused import dense
+from .linear import linear
+from .losses import binary_cross_entropy_with_logits, cross_entropy, huber_loss, mse_loss
+
+__all__ = [
+    "ACTIVATIONS",
+    "get_activation",
+    "linear",
+    "sigmoid",
+    "tanh",
+    "relu",
+    "leaky_relu",
+    "elu",
+    "softplus",
+    "gelu",
+    "silu",
+    "dense",
+    "mse_loss",
+    "huber_loss",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+]

@@ -1,0 +1,84 @@
+"""Machinery shared by every torchderiv Function: the compile twin, autocast policy, reductions.
+
+Nothing here computes a derivative; it only decides *which* Function runs and in which dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["compile_twin", "apply", "autocast_apply", "check_reduction", "shape_str"]
+
+
+def compile_twin(cls):
+    """Class decorator: attach ``cls.compiled``, the same Function without ``jvp``.
+
+    torch.compile (Dynamo) refuses any ``autograd.Function`` that defines a custom ``jvp``
+    (measured with torch 2.13, DESIGN §4). The twin inherits forward, setup_context and backward
+    unchanged and restores ``Function.jvp``, which Dynamo recognises as "no custom jvp". Eager code keeps
+    forward-mode AD; compiled code gets ``fullgraph=True``.
+    """
+    cls.compiled = type(
+        cls.__name__ + "Compiled",
+        (cls,),
+        {"jvp": torch.autograd.Function.jvp, "__doc__": f"{cls.__name__} without jvp, for torch.compile."},
+    )
+    return cls
+
+
+def apply(cls, *args):
+    """``cls.apply(*args)``, or its jvp-free twin while Dynamo traces."""
+    if torch.compiler.is_compiling():
+        return cls.compiled.apply(*args)
+    return cls.apply(*args)
+
+
+def _device_type(args) -> str:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    return "cpu"
+
+
+def autocast_apply(cls, policy: str | None, *args):
+    """Apply ``cls`` to ``args`` under torch's autocast policy for the op it replaces.
+
+    ``policy`` is what torch's autocast does to the op on this device: ``"lower"`` casts floating
+    tensors (not float64) to the autocast dtype (torch's ``linear``), ``"fp32"`` casts them to float32
+    (torch's losses), ``None`` leaves them alone (elementwise activations). The casts happen here,
+    outside the Function, so autograd differentiates them and parameter gradients come back in the
+    parameters' own dtype. The Function itself then runs with autocast off, so its forward and
+    backward see exactly the dtypes chosen here.
+    """
+    device_type = _device_type(args)
+    if not torch.is_autocast_enabled(device_type):
+        return apply(cls, *args)
+    if policy is not None:
+        target = torch.get_autocast_dtype(device_type) if policy == "lower" else torch.float32
+        args = tuple(
+            a.to(target)
+            if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64
+            else a
+            for a in args
+        )
+    with torch.autocast(device_type, enabled=False):
+        return apply(cls, *args)
+
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_reduction(reduction: str, size_average=None, reduce=None) -> str:
+    """Validate ``reduction``; the legacy ``size_average``/``reduce`` pair maps onto it as torch does."""
+    if size_average is not None or reduce is not None:
+        size_average = True if size_average is None else size_average
+        reduce = True if reduce is None else reduce
+        reduction = ("mean" if size_average else "sum") if reduce else "none"
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction: expected one of 'none', 'mean', 'sum'")
+    return reduction
+
+
+def shape_str(t) -> str:
+    """``(2, 5)``, ``(4,)``, ``()``: a tensor's (or a size's) shape as Python writes a tuple."""
+    return str(tuple(t.shape if isinstance(t, torch.Tensor) else t))

@@ -1,0 +1,286 @@
+"""Activations ``H = g(Z)`` and their derivatives ``g'(Z)`` (seed §2 and §3.1, §3.5).
+
+Every activation is described once, as an :class:`Activation` (its value, the product ``d ⊙ g'(z)``,
+and whether it keeps ``h = g(z)`` or ``z`` for the derivative); the same description serves the
+elementwise Functions here, the fused :func:`~torchderiv.functional.dense` and the whole-network MLP.
+Because ``d ⊙ g'(z)`` is linear in ``d``, one formula gives both the backward (``d = ∂J/∂H``) and
+the jvp (``d`` = the tangent of ``Z``).
+
+Forward values come from torch's own kernels so that they agree with ``torch.nn.functional`` bit
+for bit; every derivative is the formula written out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ._core import autocast_apply, compile_twin
+
+__all__ = [
+    "Activation",
+    "ACTIVATIONS",
+    "get_activation",
+    "sigmoid",
+    "tanh",
+    "relu",
+    "leaky_relu",
+    "elu",
+    "softplus",
+    "gelu",
+    "silu",
+]
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_GELU_TANH_C = 0.044715  # the cubic coefficient of GELU's tanh approximation (Hendrycks & Gimpel)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One nonlinearity g: how to compute it and how to multiply by its derivative.
+
+    Attributes:
+        name: the name used by ``activation=`` arguments.
+        value: ``(z, *params) -> g(z)``.
+        backprop: ``(d, s, *params) -> d ⊙ g'(z)``, where ``s`` is what ``saves_output`` selects.
+        saves_output: ``(*params) -> bool``; True when ``g'(z)`` is cheap and exact from ``h = g(z)``.
+        derivative: the formula, for docstrings and the derivation doc.
+    """
+
+    name: str
+    value: Callable
+    backprop: Callable
+    saves_output: Callable[..., bool]
+    derivative: str
+
+
+def _always(*_):
+    return True
+
+
+def _never(*_):
+    return False
+
+
+def _relu_backprop(d, h):
+    # NOTE: masked_fill on h <= 0 gives 0 at the kink z = 0 (as torch) and passes d where h is NaN,
+    # as torch's threshold_backward does; d * (h > 0) or where(h > 0, ...) would zero it.
+    return d.masked_fill(h <= 0, 0)
+
+
+def _leaky_relu_backprop(d, s, negative_slope):
+    # s is h when negative_slope >= 0 (then h > 0 exactly where z > 0), z otherwise.
+    return torch.where(s > 0, d, d * negative_slope)
+
+
+def _elu_backprop(d, s, alpha):
+    # For alpha >= 0 we keep h, and h + alpha = alpha·exp(z) on z <= 0 reuses it; for alpha < 0
+    # h <= 0 no longer marks z <= 0, so we keep z. NOTE: the test is `s <= 0` so a NaN input takes the
+    # identity branch, exactly like torch's elu_backward.
+    if alpha >= 0:
+        return torch.where(s <= 0, d * (s + alpha), d)
+    return torch.where(s <= 0, d * (alpha * torch.exp(s)), d)
+
+
+def _softplus_backprop(d, z, beta, threshold):
+    # g'(z) = σ(βz); above the threshold torch returns z itself, whose derivative is 1.
+    bz = z * beta
+    return torch.where(bz > threshold, d, d * torch.sigmoid(bz))
+
+
+def _gelu_backprop(d, z, approximate):
+    if approximate == "tanh":
+        # g = ½ z (1 + tanh u),  u = √(2/π)(z + c z³)
+        # g' = ½ (1 + tanh u) + ½ z (1 − tanh² u) √(2/π)(1 + 3c z²)
+        z2 = z * z
+        t = torch.tanh(_SQRT_2_OVER_PI * z * (1 + _GELU_TANH_C * z2))
+        du = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_C * z2)
+        return d * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * du)
+    # g = z Φ(z)  ⇒  g' = Φ(z) + z φ(z)
+    cdf = 0.5 * (1 + torch.erf(z * _INV_SQRT_2))
+    pdf = _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
+    return d * (cdf + z * pdf)
+
+
+def _silu_backprop(d, z):
+    # g = z σ(z)  ⇒  g' = σ(z) (1 + z (1 − σ(z)))
+    s = torch.sigmoid(z)
+    return d * (s * (1 + z * (1 - s)))
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    a.name: a
+    for a in (
+        Activation("sigmoid", torch.sigmoid, lambda d, h: d * (h * (1 - h)), _always, "h (1 − h)"),
+        Activation("tanh", torch.tanh, lambda d, h: d * (1 - h * h), _always, "1 − h²"),
+        Activation("relu", torch.relu, _relu_backprop, _always, "1[z > 0]"),
+        Activation(
+            "leaky_relu",
+            lambda z, a: F.leaky_relu(z, a),
+            _leaky_relu_backprop,
+            lambda a: a >= 0,
+            "1 if z > 0 else a",
+        ),
+        Activation("elu", lambda z, a: F.elu(z, a), _elu_backprop, lambda a: a >= 0, "1 if z > 0 else h + α"),
+        Activation(
+            "softplus",
+            lambda z, beta, threshold: F.softplus(z, beta, threshold),
+            _softplus_backprop,
+            _never,
+            "σ(βz); 1 where βz > threshold",
+        ),
+        Activation(
+            "gelu",
+            lambda z, approximate: F.gelu(z, approximate=approximate),
+            _gelu_backprop,
+            _never,
+            "Φ(z) + z φ(z)  (or the derivative of the tanh form)",
+        ),
+        Activation("silu", F.silu, _silu_backprop, _never, "σ(z)(1 + z(1 − σ(z)))"),
+    )
+}
+
+# torch's defaults, in the order the parameters follow the input in torch's signatures.
+DEFAULT_PARAMS: dict[str, tuple] = {
+    "sigmoid": (),
+    "tanh": (),
+    "relu": (),
+    "leaky_relu": (0.01,),
+    "elu": (1.0,),
+    "softplus": (1.0, 20.0),
+    "gelu": ("none",),
+    "silu": (),
+}
+
+
+def get_activation(name: str) -> Activation:
+    """The :class:`Activation` called ``name``; a clear error for an unknown name."""
+    try:
+        return ACTIVATIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown activation {name!r}: expected one of {sorted(ACTIVATIONS)}") from None
+
+
+def _elementwise_function(act: Activation, class_name: str):
+    """Build the autograd Function ``H = g(Z)`` for one activation."""
+
+    def forward(input, *params):
+        return act.value(input, *params)
+
+    def setup_context(ctx, inputs, output):
+        input, *params = inputs
+        ctx.params = tuple(params)
+        saved = output if act.saves_output(*params) else input
+        ctx.save_for_backward(saved)
+        ctx.save_for_forward(saved)
+
+    def backward(ctx, grad_output):
+        (saved,) = ctx.saved_tensors
+        grad = act.backprop(grad_output, saved, *ctx.params) if ctx.needs_input_grad[0] else None
+        return (grad,) + (None,) * len(ctx.params)
+
+    def jvp(ctx, d_input, *_):
+        (saved,) = ctx.saved_tensors
+        return act.backprop(d_input, saved, *ctx.params)
+
+    doc = (
+        f"``H = {act.name}(Z)`` elementwise.\n\n"
+        f"backward: ``∂J/∂Z = ∂J/∂H ⊙ g'(Z)`` with ``g'(z) = {act.derivative}`` (seed §3.1, §3.5);\n"
+        f"jvp: ``dH = g'(Z) ⊙ dZ``."
+    )
+    cls = type(
+        class_name,
+        (torch.autograd.Function,),
+        {
+            "__doc__": doc,
+            "generate_vmap_rule": True,
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+            "jvp": staticmethod(jvp),
+        },
+    )
+    return compile_twin(cls)
+
+
+FUNCTIONS = {
+    name: _elementwise_function(act, "".join(p.capitalize() for p in name.split("_")) + "Function")
+    for name, act in ACTIVATIONS.items()
+}
+SigmoidFunction = FUNCTIONS["sigmoid"]
+TanhFunction = FUNCTIONS["tanh"]
+ReluFunction = FUNCTIONS["relu"]
+LeakyReluFunction = FUNCTIONS["leaky_relu"]
+EluFunction = FUNCTIONS["elu"]
+SoftplusFunction = FUNCTIONS["softplus"]
+GeluFunction = FUNCTIONS["gelu"]
+SiluFunction = FUNCTIONS["silu"]
+
+# torch's autocast runs these ops in the input's dtype, except softplus, which CUDA autocast runs
+# in float32 (it is on CUDA's fp32 list and not on the CPU's).
+_AUTOCAST = {"softplus": {"cuda": "fp32"}}
+
+
+def _activate(name: str, input: torch.Tensor, *params, inplace: bool = False) -> torch.Tensor:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{name}: expected input to be a Tensor, got {type(input).__name__}")
+    fn = FUNCTIONS[name]
+    policy = _AUTOCAST.get(name, {}).get(input.device.type)
+    if not inplace:
+        return autocast_apply(fn, policy, input, *params)
+    # In place, as torch's `inplace=True`: the result is written into `input` and `input` is returned.
+    # The copy_ is recorded by autograd, so gradients flow through our Function. A Function that keeps
+    # its input for backward gets a clone, or the write would invalidate what it saved.
+    source = input if ACTIVATIONS[name].saves_output(*params) else input.clone()
+    return input.copy_(autocast_apply(fn, policy, source, *params))
+
+
+def sigmoid(input: torch.Tensor) -> torch.Tensor:
+    """``σ(z) = 1 / (1 + e^{−z})``; backward ``∂J/∂Z = ∂J/∂H ⊙ h(1 − h)`` from the saved output."""
+    return _activate("sigmoid", input)
+
+
+def tanh(input: torch.Tensor) -> torch.Tensor:
+    """``tanh(z)``; backward ``∂J/∂Z = ∂J/∂H ⊙ (1 − h²)`` from the saved output."""
+    return _activate("tanh", input)
+
+
+def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``max(z, 0)``; backward passes ``∂J/∂H`` where ``h > 0`` (0 at the kink, as torch)."""
+    return _activate("relu", input, inplace=inplace)
+
+
+def leaky_relu(input: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False) -> torch.Tensor:
+    """``z`` if ``z > 0`` else ``a z``; backward multiplies by ``1`` or ``a``."""
+    return _activate("leaky_relu", input, float(negative_slope), inplace=inplace)
+
+
+def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch.Tensor:
+    """``z`` if ``z > 0`` else ``α(e^z − 1)``; backward multiplies by ``1`` or ``h + α``."""
+    return _activate("elu", input, float(alpha), inplace=inplace)
+
+
+def softplus(input: torch.Tensor, beta: float = 1.0, threshold: float = 20.0) -> torch.Tensor:
+    """``log(1 + e^{βz}) / β`` (``z`` where ``βz > threshold``); backward multiplies by ``σ(βz)``."""
+    return _activate("softplus", input, float(beta), float(threshold))
+
+
+def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``z Φ(z)`` (``approximate="tanh"``: ``½ z (1 + tanh(√(2/π)(z + 0.044715 z³)))``).
+
+    backward multiplies by ``Φ(z) + z φ(z)`` (or the tanh form's derivative), from the saved input.
+    """
+    if approximate not in ("none", "tanh"):
+        raise RuntimeError(f"approximate argument must be either none or tanh, got {approximate!r}")
+    return _activate("gelu", input, approximate)
+
+
+def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``z σ(z)``; backward multiplies by ``σ(z)(1 + z(1 − σ(z)))`` from the saved input."""
+    return _activate("silu", input, inplace=inplace)

@@ -1,0 +1,127 @@
+"""The dense layer ``Z = H Wᵀ + b`` as an autograd Function with hand-derived derivatives."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._core import autocast_apply, compile_twin, shape_str
+
+__all__ = ["LinearFunction", "linear", "check_linear_args", "linear_backward", "linear_jvp"]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``(*, n) -> (prod(*), n)``. ``reshape``, not ``view``: gradients may arrive permuted."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def linear_forward(input, weight, bias):
+    """``Z = H Wᵀ + b`` for ``H`` of shape ``(*, n_in)`` (seed §2, batched; DESIGN §2)."""
+    # NOTE: no reshape of the result: a returned view of an intermediate breaks forward-mode AD under
+    # vmap ("tangent ... same layout as primal"). matmul folds leading dims without creating one.
+    if input.dim() == 2:
+        return torch.addmm(bias, input, weight.t()) if bias is not None else input.mm(weight.t())  # (N, n_out)
+    z = input.matmul(weight.t())  # (*, n_out)
+    return z + bias if bias is not None else z
+
+
+def linear_backward(needs, delta, input, weight, bias):
+    """Gradients of the reduced loss through ``Z = H Wᵀ + b`` given ``Δ = ∂J/∂Z``.
+
+    ``∂J/∂H = Δ W`` (seed §3.4–3.5), ``∂J/∂W = Δᵀ H`` summed over all rows (§3.2–3.3),
+    ``∂J/∂b = Σ_rows Δ`` (bias: erratum 7). Each GEMM runs only when ``needs`` asks for it.
+    """
+    grad_input = grad_weight = grad_bias = None
+    if needs[0]:
+        grad_input = delta.matmul(weight)  # (*, n_in)
+    if needs[1] or (bias is not None and needs[2]):
+        d = _rows(delta)  # (N, n_out)
+        if needs[1]:
+            grad_weight = d.t().mm(_rows(input))  # (n_out, n_in)
+        if bias is not None and needs[2]:
+            grad_bias = d.sum(0)  # (n_out,)
+    return grad_input, grad_weight, grad_bias
+
+
+def linear_jvp(input, weight, bias, d_input, d_weight, d_bias):
+    """Forward-mode derivative: ``dZ = dH Wᵀ + H dWᵀ + db`` (product rule on seed §2)."""
+    dz = None
+    if d_input is not None:
+        dz = d_input.matmul(weight.t())
+    if d_weight is not None:
+        term = input.matmul(d_weight.t())
+        dz = term if dz is None else dz + term
+    if bias is not None and d_bias is not None:
+        dz = d_bias.expand(*input.shape[:-1], weight.shape[0]) if dz is None else dz + d_bias
+    if dz is None:
+        dz = input.new_zeros(*input.shape[:-1], weight.shape[0])
+    return dz
+
+
+@compile_twin
+class LinearFunction(torch.autograd.Function):
+    """``Z = H Wᵀ + b`` with ``H: (*, n_in)``, ``W: (n_out, n_in)``, ``b: (n_out,)`` or None.
+
+    backward (seed §3.2–3.5, batched): ``∂J/∂H = Δ W``, ``∂J/∂W = Δᵀ H``, ``∂J/∂b = Σ_rows Δ``.
+    jvp: ``dZ = dH Wᵀ + H dWᵀ + db``. Saves only its inputs (H and W are needed anyway).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias):
+        return linear_forward(input, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias = inputs
+        ctx.save_for_backward(input, weight, bias)
+        ctx.save_for_forward(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bias = ctx.saved_tensors
+        return linear_backward(ctx.needs_input_grad, grad_output, input, weight, bias)
+
+    @staticmethod
+    def jvp(ctx, d_input, d_weight, d_bias):
+        input, weight, bias = ctx.saved_tensors
+        return linear_jvp(input, weight, bias, d_input, d_weight, d_bias)
+
+
+def check_linear_args(input, weight, bias, name="linear"):
+    """Raise a clear error unless ``input (*, n_in)``, ``weight (n_out, n_in)``, ``bias (n_out,)`` fit."""
+    for label, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected {label} to be a Tensor, got {type(t).__name__}")
+    if weight.dim() != 2:
+        raise RuntimeError(f"{name}: expected a 2-D weight (out_features, in_features), got shape {shape_str(weight)}")
+    if input.dim() < 1:
+        raise RuntimeError(f"{name}: expected input with at least 1 dimension (*, {weight.shape[1]}), got a 0-D tensor")
+    if input.shape[-1] != weight.shape[1]:
+        raise RuntimeError(
+            f"{name}: expected input with {weight.shape[1]} features (last dim), got shape {shape_str(input)}"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{name}: expected bias to be a Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (weight.shape[0],):
+            raise RuntimeError(f"{name}: expected bias of shape ({weight.shape[0]},), got shape {shape_str(bias)}")
+
+
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Applies ``y = x Aᵀ + b`` with torchderiv's hand-derived backward and jvp.
+
+    Same arguments, shapes and autocast behaviour as :func:`torch.nn.functional.linear`.
+
+    Args:
+        input: ``(*, in_features)``; ``*`` may be empty or contain 0.
+        weight: ``(out_features, in_features)``.
+        bias: ``(out_features,)`` or None.
+
+    Returns:
+        ``(*, out_features)``.
+    """
+    check_linear_args(input, weight, bias)
+    return autocast_apply(LinearFunction, "lower", input, weight, bias)

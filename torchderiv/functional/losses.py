@@ -1,0 +1,433 @@
+"""Losses on logits (the seed's ``Loss(g(z), y)`` with the canonical pair folded in, §3.1).
+
+torchderiv's losses take the output layer's pre-activation ``z``, as torch's ``*_with_logits`` and
+``cross_entropy`` do, and implement the collapsed derivative ``∂Loss/∂z`` (DESIGN §2):
+
+===========================  =======================================================
+loss                         ``∂ℓ/∂z`` per element (before weights and reduction)
+===========================  =======================================================
+MSE (identity output)        ``2 (z − y)``
+Huber                        ``clamp(z − y, −δ, δ)``
+BCE with logits (sigmoid)    ``(1 + (p − 1) y) σ(z) − p y``
+cross-entropy (softmax)      ``softmax(z) − y`` (with weights and smoothing: DESIGN §2)
+===========================  =======================================================
+
+The derivative of each per-element loss, multiplied by the weights and divided by the mean's
+denominator, is the "error" ``Δ = ∂J/∂Z`` of the reduced loss J; backward multiplies it by the incoming
+gradient, and jvp contracts it with the tangent — one formula serves both directions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._core import autocast_apply, check_reduction, compile_twin, shape_str
+
+__all__ = ["mse_loss", "huber_loss", "binary_cross_entropy_with_logits", "cross_entropy"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Elementwise losses: MSE, Huber, BCE with logits
+# ---------------------------------------------------------------------------------------------------
+
+
+def _mse(x, y):
+    d = x - y
+    return d * d, 2 * d, -2 * d
+
+
+def _huber(x, y, delta):
+    d = x - y
+    a = d.abs()
+    loss = torch.where(a < delta, 0.5 * d * d, delta * (a - 0.5 * delta))
+    g = d.clamp(-delta, delta)  # NOTE: clamp keeps NaN, as torch's huber_loss_backward does
+    return loss, g, -g
+
+
+def _bce(z, y, pos_weight):
+    # ℓ = −[p y log σ(z) + (1 − y) log(1 − σ(z))] = (1 − y) z − (1 + (p − 1) y) log σ(z),
+    # using log(1 − σ(z)) = log σ(z) − z; logsigmoid is stable for logits of any size.
+    log_sig = F.logsigmoid(z)
+    if pos_weight is None:
+        loss = (1 - y) * z - log_sig
+        return loss, torch.sigmoid(z) - y, -z
+    lw = 1 + (pos_weight - 1) * y
+    loss = (1 - y) * z - lw * log_sig
+    # ∂ℓ/∂z = (1 + (p − 1) y) σ(z) − p y;  ∂ℓ/∂y = −z − (p − 1) log σ(z)
+    return loss, lw * torch.sigmoid(z) - pos_weight * y, -z - (pos_weight - 1) * log_sig
+
+
+_ELEMENTWISE = {"mse": _mse, "huber": _huber, "bce": _bce}
+
+
+def _reduce(loss, reduction, denominator):
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total if reduction == "sum" else total / denominator
+
+
+@compile_twin
+class ElementwiseLossFunction(torch.autograd.Function):
+    """``J = reduce(w ⊙ ℓ(z, y))`` for an elementwise loss ℓ (MSE, Huber, BCE with logits).
+
+    backward: ``∂J/∂z = s ⊙ w ⊙ ∂ℓ/∂z / D``, ``∂J/∂y = s ⊙ w ⊙ ∂ℓ/∂y / D`` (summed back to each
+    operand's shape when it was broadcast), ``∂J/∂w = s ⊙ ℓ / D`` — and for MSE's weighted mean,
+    whose denominator is ``D = Σ w``, ``∂J/∂w = s (ℓ − J) / D``. ``s`` is the incoming gradient, ``D``
+    the mean's denominator (1 for "sum" and "none").
+    jvp: ``dJ = reduce(w ⊙ (∂ℓ/∂z dz + ∂ℓ/∂y dy) + ℓ ⊙ dw)``, with ``− J Σdw`` for the weighted mean.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, target, weight, extra, kind, reduction, mean_over_weight, *params):
+        loss, _, _ = _ELEMENTWISE[kind](input, target, *((extra,) if kind == "bce" else params))
+        if weight is not None:
+            loss = loss * weight
+        return _reduce(loss, reduction, _denominator(loss, weight, reduction, mean_over_weight))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, extra, kind, reduction, mean_over_weight, *params = inputs
+        ctx.config = (kind, reduction, mean_over_weight, tuple(params))
+        ctx.save_for_backward(input, target, weight, extra, output)
+        ctx.save_for_forward(input, target, weight, extra, output)
+
+    @staticmethod
+    def _parts(ctx):
+        input, target, weight, extra, output = ctx.saved_tensors
+        kind, reduction, mean_over_weight, params = ctx.config
+        loss, gx, gy = _ELEMENTWISE[kind](input, target, *((extra,) if kind == "bce" else params))
+        if weight is not None:
+            gx, gy = gx * weight, gy * weight
+        denominator = _denominator(loss, weight, reduction, mean_over_weight)
+        return input, target, weight, output, loss, gx, gy, reduction, mean_over_weight, denominator
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, target, weight, output, loss, gx, gy, reduction, mow, den = ElementwiseLossFunction._parts(ctx)
+        scale = grad_output if reduction != "mean" else grad_output / den
+        needs = ctx.needs_input_grad
+        grad_input = (scale * gx).sum_to_size(input.shape) if needs[0] else None
+        grad_target = (scale * gy).sum_to_size(target.shape) if needs[1] else None
+        grad_weight = None
+        if weight is not None and needs[2]:
+            wl = loss - output if (reduction == "mean" and mow) else loss
+            grad_weight = (scale * wl).sum_to_size(weight.shape)
+        return (grad_input, grad_target, grad_weight) + (None,) * (4 + len(ctx.config[3]))
+
+    @staticmethod
+    def jvp(ctx, d_input, d_target, d_weight, *_):
+        input, target, weight, output, loss, gx, gy, reduction, mow, den = ElementwiseLossFunction._parts(ctx)
+        dl = None
+        for g, t in ((gx, d_input), (gy, d_target)):
+            if t is not None:
+                dl = g * t if dl is None else dl + g * t
+        if weight is not None and d_weight is not None:
+            wl = loss - output if (reduction == "mean" and mow) else loss
+            dl = wl * d_weight if dl is None else dl + wl * d_weight
+        if dl is None:
+            dl = torch.zeros_like(gx)
+        return _reduce(dl.expand(gx.shape), reduction, den)
+
+
+def _denominator(loss, weight, reduction, mean_over_weight):
+    if reduction != "mean":
+        return 1
+    if mean_over_weight and weight is not None:
+        return weight.sum()
+    return loss.numel()
+
+
+def _check_float_target(name, input, target):
+    for label, t in (("input", input), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected {label} to be a Tensor, got {type(t).__name__}")
+
+
+def _broadcast_shape(name, input, target):
+    try:
+        return torch.broadcast_shapes(input.shape, target.shape)
+    except RuntimeError:
+        raise RuntimeError(
+            f"{name}: expected a target broadcastable to the input's shape {shape_str(input)}, "
+            f"got shape {shape_str(target)}"
+        ) from None
+
+
+def _check_weight(name, weight, shape, what):
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}: expected weight to be a Tensor or None, got {type(weight).__name__}")
+    if what == "same" and weight.shape != shape:
+        raise ValueError(
+            f"{name}: Weights and input must have the same size: expected weight of shape "
+            f"{shape_str(shape)}, got {shape_str(weight)}"
+        )
+
+
+def _elementwise_loss(name, kind, input, target, weight, extra, reduction, mean_over_weight, *params):
+    if input.shape != target.shape and kind != "bce":
+        import warnings
+
+        warnings.warn(
+            f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
+            "This will likely lead to incorrect results due to broadcasting. "
+            "Please ensure they have the same size.",
+            stacklevel=3,
+        )
+    return autocast_apply(
+        ElementwiseLossFunction, "fp32", input, target, weight, extra, kind, reduction, mean_over_weight, *params
+    )
+
+
+def mse_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean squared error ``ℓ = w (z − y)²``; ``∂ℓ/∂z = 2 w (z − y)`` (identity + squared error).
+
+    As :func:`torch.nn.functional.mse_loss`: input and target broadcast (with torch's warning);
+    ``weight`` must have the input's shape, and the weighted mean divides by ``Σ w``.
+    """
+    _check_float_target("mse_loss", input, target)
+    reduction = check_reduction(reduction, size_average, reduce)
+    _broadcast_shape("mse_loss", input, target)
+    _check_weight("mse_loss", weight, input.shape, "same")
+    return _elementwise_loss("mse_loss", "mse", input, target, weight, None, reduction, True)
+
+
+def huber_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str = "mean",
+    delta: float = 1.0,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Huber loss: ``½ d²`` where ``|d| < δ``, else ``δ(|d| − ½δ)``, ``d = z − y``; ``∂ℓ/∂z = clamp(d, −δ, δ)``."""
+    _check_float_target("huber_loss", input, target)
+    reduction = check_reduction(reduction)
+    if delta <= 0:
+        raise RuntimeError(f"huber_loss does not support non-positive values for delta, got delta={delta}")
+    _broadcast_shape("huber_loss", input, target)
+    _check_weight("huber_loss", weight, input.shape, "same")
+    return _elementwise_loss("huber_loss", "huber", input, target, weight, None, reduction, False, float(delta))
+
+
+def binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    pos_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sigmoid + binary cross-entropy on logits, the seed's single output node.
+
+    ``ℓ = −w [p y log σ(z) + (1 − y) log(1 − σ(z))]``, ``∂ℓ/∂z = w [(1 + (p − 1) y) σ(z) − p y]``
+    (``σ(z) − y`` without weights), ``∂ℓ/∂y = −w [z + (p − 1) log σ(z)]``.
+    ``weight`` broadcasts to the input; ``pos_weight`` broadcasts along the last (class) dimension.
+    """
+    name = "binary_cross_entropy_with_logits"
+    _check_float_target(name, input, target)
+    reduction = check_reduction(reduction, size_average, reduce)
+    if target.shape != input.shape:
+        raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
+    for label, t in (("weight", weight), ("pos_weight", pos_weight)):
+        if t is None:
+            continue
+        if t.requires_grad:
+            raise RuntimeError(
+                f"{name}: the loss is not differentiable with respect to {label} (as in torch); "
+                f"pass a {label} that does not require grad"
+            )
+        try:
+            torch.broadcast_shapes(t.shape, input.shape)
+        except RuntimeError:
+            raise RuntimeError(
+                f"{name}: expected {label} broadcastable to the input's shape {shape_str(input)}, "
+                f"got shape {shape_str(t)}"
+            ) from None
+    return _elementwise_loss(name, "bce", input, target, weight, pos_weight, reduction, False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cross-entropy on logits: softmax + negative log-likelihood
+# ---------------------------------------------------------------------------------------------------
+
+
+def _ce_parts(input, target, weight, ignore_index, label_smoothing):
+    """Per-row loss ``ℓ``, its gradients ``∂ℓ/∂z``, ``∂ℓ/∂y`` (probabilities only) and the mean's divisor.
+
+    Class dimension ``c`` is 1, or 0 for an unbatched ``(C,)`` input. ``log p = z − logsumexp(z)``.
+    """
+    c = 1 if input.dim() >= 2 else 0
+    n_classes = input.shape[c]
+    log_p = input - input.logsumexp(c, keepdim=True)
+    p = log_p.exp()
+    eps = label_smoothing
+    wshape = [1] * input.dim()
+    wshape[c] = n_classes
+    w = weight.reshape(wshape) if weight is not None else None
+
+    if target.is_floating_point():
+        # Class probabilities: ℓ = −Σ_c w_c t'_c log p_c with t' = (1 − ε) t + ε / C.
+        t = target * (1 - eps) + eps / n_classes if eps > 0 else target
+        wt = t * w if w is not None else t
+        loss = -(wt * log_p).sum(c)
+        grad_z = wt.sum(c, keepdim=True) * p - wt  # (Σ_c w_c t'_c) p − w ⊙ t'
+        grad_t = -(1 - eps) * (log_p * w if w is not None else log_p)
+        divisor = input.numel() // n_classes if n_classes else 0
+        return loss, grad_z, grad_t, divisor
+
+    # Class indices: rows equal to ignore_index contribute nothing and are not counted in the mean.
+    valid = target != ignore_index
+    idx = target.masked_fill(~valid, 0).long().unsqueeze(c)
+    w_y = weight[idx.squeeze(c)] if weight is not None else torch.ones_like(log_p.select(c, 0))
+    w_y = w_y.masked_fill(~valid, 0)  # (N, d1, …)
+    loss = -(1 - eps) * w_y * log_p.gather(c, idx).squeeze(c)
+    # ∂ℓ/∂z = a p − (1 − ε) w_y e_y − (ε/C) w,   a = (1 − ε) w_y + (ε/C) Σ_c w_c   (DESIGN §2)
+    a = (1 - eps) * w_y
+    grad_z = None
+    if eps > 0:
+        smooth = -(log_p * w).sum(c) if w is not None else -log_p.sum(c)
+        loss = loss + (eps / n_classes) * smooth.masked_fill(~valid, 0)
+        vmask = valid.unsqueeze(c).to(input.dtype)
+        w_sum = weight.sum() if weight is not None else n_classes
+        a = a + (eps / n_classes) * w_sum * valid.to(input.dtype)
+        grad_z = -(eps / n_classes) * (w if w is not None else 1) * vmask
+    onehot_term = torch.zeros_like(p).scatter(c, idx, ((1 - eps) * w_y).unsqueeze(c))
+    grad_z = a.unsqueeze(c) * p - onehot_term + (grad_z if grad_z is not None else 0)
+    divisor = w_y.sum() if weight is not None else valid.sum().to(input.dtype)
+    return loss, grad_z, None, divisor
+
+
+@compile_twin
+class CrossEntropyFunction(torch.autograd.Function):
+    """``J = reduce(ℓ)``, ``ℓ = −Σ_c w_c t_c log softmax(z)_c`` (one-hot t for class indices).
+
+    backward: ``∂J/∂z = s (a ⊙ p − (1 − ε) w_y e_y − (ε/C) w) / D`` for class indices, and
+    ``s ((Σ_c w_c t'_c) p − w ⊙ t') / D`` for probabilities, whose own gradient is
+    ``∂J/∂t = −s (1 − ε) w ⊙ log p / D`` — the softmax + cross-entropy pair collapsed to
+    ``p − y`` (seed §3.1). ``p = softmax(z)`` is recomputed from the saved logits; ``D`` is the
+    mean's divisor (``Σ w_y`` over rows not ignored, or the row count).
+    jvp: ``dJ = reduce(Σ_c (∂ℓ/∂z_c dz_c + ∂ℓ/∂t_c dt_c))``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, target, weight, reduction, ignore_index, label_smoothing):
+        loss, _, _, divisor = _ce_parts(input, target, weight, ignore_index, label_smoothing)
+        return _reduce(loss, reduction, divisor)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, reduction, ignore_index, label_smoothing = inputs
+        ctx.config = (reduction, ignore_index, label_smoothing)
+        ctx.save_for_backward(input, target, weight)
+        ctx.save_for_forward(input, target, weight)
+
+    @staticmethod
+    def _scaled(ctx, grad_output):
+        input, target, weight = ctx.saved_tensors
+        reduction, ignore_index, label_smoothing = ctx.config
+        _, grad_z, grad_t, divisor = _ce_parts(input, target, weight, ignore_index, label_smoothing)
+        c = 1 if input.dim() >= 2 else 0
+        scale = grad_output.unsqueeze(c) if reduction == "none" else grad_output
+        if reduction == "mean":
+            scale = scale / divisor
+        return grad_z, grad_t, scale, c, reduction, divisor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_z, grad_t, scale, *_ = CrossEntropyFunction._scaled(ctx, grad_output)
+        needs = ctx.needs_input_grad
+        grad_input = scale * grad_z if needs[0] else None
+        grad_target = scale * grad_t if (needs[1] and grad_t is not None) else None
+        return grad_input, grad_target, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, d_input, d_target, *_):
+        input, target, weight = ctx.saved_tensors
+        reduction, ignore_index, label_smoothing = ctx.config
+        _, grad_z, grad_t, divisor = _ce_parts(input, target, weight, ignore_index, label_smoothing)
+        c = 1 if input.dim() >= 2 else 0
+        dl = torch.zeros_like(grad_z)
+        if d_input is not None:
+            dl = dl + grad_z * d_input
+        if d_target is not None and grad_t is not None:
+            dl = dl + grad_t * d_target
+        return _reduce(dl.sum(c), reduction, divisor)
+
+
+def _check_cross_entropy(input, target, weight, ignore_index):
+    name = "cross_entropy"
+    for label, t in (("input", input), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected {label} to be a Tensor, got {type(t).__name__}")
+    if input.dim() == 0:
+        raise RuntimeError(f"{name}: expected input of shape (C,) or (N, C, d1, …), got a 0-D tensor")
+    c = 1 if input.dim() >= 2 else 0
+    n_classes = input.shape[c]
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise RuntimeError(
+                f"{name}: expected class-probability target of the input's shape {shape_str(input)}, "
+                f"got shape {shape_str(target)}"
+            )
+        if ignore_index != -100:
+            raise RuntimeError(f"{name}: ignore_index is not supported for floating point target")
+    else:
+        if target.dtype not in (torch.long, torch.uint8):
+            raise RuntimeError(f"{name}: expected target dtype to be Long or Byte, but got {target.dtype}")
+        expected = input.shape[:c] + input.shape[c + 1 :]
+        if target.shape != expected:
+            raise RuntimeError(
+                f"{name}: expected class-index target of shape {shape_str(expected)} for input "
+                f"of shape {shape_str(input)}, got shape {shape_str(target)}"
+            )
+    if weight is not None:
+        if weight.shape != (n_classes,):
+            raise RuntimeError(
+                f"{name}: expected weight of shape ({n_classes},) (one per class), got shape {shape_str(weight)}"
+            )
+        if weight.requires_grad:
+            raise RuntimeError(
+                f"{name}: the loss is not differentiable with respect to weight (as in torch); "
+                "pass a weight that does not require grad"
+            )
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Softmax + cross-entropy on logits, as :func:`torch.nn.functional.cross_entropy`.
+
+    Input ``(C,)``, ``(N, C)`` or ``(N, C, d1, …)``; target class indices ``()``, ``(N,)``,
+    ``(N, d1, …)`` or class probabilities of the input's shape. ``∂ℓ/∂z = softmax(z) − y`` for
+    one-hot y; class weights, ``ignore_index`` and label smoothing as DESIGN §2 states.
+    Stable for logits of any size (``log softmax = z − logsumexp(z)``).
+    """
+    reduction = check_reduction(reduction, size_average, reduce)
+    _check_cross_entropy(input, target, weight, ignore_index)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: expected label_smoothing in [0.0, 1.0], got {label_smoothing}")
+    return autocast_apply(
+        CrossEntropyFunction, "fp32", input, target, weight, reduction, int(ignore_index), float(label_smoothing)
+    )

@@ -1,0 +1,214 @@
+"""Drop-in ``torch.nn`` modules whose forward calls torchderiv's Functions.
+
+Each module subclasses its torch counterpart: same constructor, initialisation, buffers,
+``state_dict`` keys and ``extra_repr``. Only ``forward`` changes, so an optimizer, a checkpoint or an
+inspection tool sees ordinary torch modules.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .. import functional as TF
+from ..functional.activations import get_activation
+
+__all__ = [
+    "Linear",
+    "Dense",
+    "MLP",
+    "ReLU",
+    "Sigmoid",
+    "Tanh",
+    "LeakyReLU",
+    "ELU",
+    "Softplus",
+    "GELU",
+    "SiLU",
+    "MSELoss",
+    "HuberLoss",
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+]
+
+
+class Linear(nn.Linear):
+    r"""``y = x Aᵀ + b`` — :class:`torch.nn.Linear` with torchderiv's hand-derived backward.
+
+    Args / Shape: as :class:`torch.nn.Linear` (input ``(*, in_features)``, output ``(*, out_features)``).
+
+    Examples::
+
+        >>> layer = Linear(20, 30)
+        >>> layer(torch.randn(128, 20)).shape
+        torch.Size([128, 30])
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return TF.linear(input, self.weight, self.bias)
+
+
+class Dense(Linear):
+    r"""``h = g(x Aᵀ + b)``: a dense layer and its activation in one Function (seed §2).
+
+    Args:
+        in_features, out_features, bias, device, dtype: as :class:`torch.nn.Linear`.
+        activation: name of g, one of ``torchderiv.functional.ACTIVATIONS`` (torch's default parameters).
+
+    Parameters are those of :class:`torch.nn.Linear` (``weight``, ``bias``), initialised the same way.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        activation: str = "relu",
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        get_activation(activation)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.activation = activation
+
+    def forward(self, input: Tensor) -> Tensor:
+        return TF.dense(input, self.weight, self.bias, self.activation)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", activation={self.activation!r}"
+
+
+class MLP(nn.Module):
+    r"""The seed's network: ``sizes = [n_0, n_1, …, n_L, n_out]``.
+
+    ``H⁽ᵏ⁾ = g(H⁽ᵏ⁻¹⁾ W⁽ᵏ⁾ᵀ + b⁽ᵏ⁾)`` for the L hidden layers, then the linear output
+    ``Z⁽ᴸ⁺¹⁾ = H⁽ᴸ⁾ W⁽ᴸ⁺¹⁾ᵀ + b⁽ᴸ⁺¹⁾`` (logits, before the loss). The layers are held in order as
+    :class:`Linear` modules in ``layers`` and are the only parameters, so ``state_dict`` keys are
+    ``layers.{k}.weight`` / ``layers.{k}.bias``.
+
+    Args:
+        sizes: layer widths, input first, output last (at least two entries).
+        activation: g, one of ``torchderiv.functional.ACTIVATIONS``.
+        bias: whether every layer has a bias (the seed's has none; erratum 7).
+    """
+
+    def __init__(self, sizes, activation: str = "relu", bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        sizes = [int(s) for s in sizes]
+        if len(sizes) < 2 or any(s < 1 for s in sizes):
+            raise ValueError(f"MLP: expected sizes [n_0, …, n_out] of at least two positive widths, got {sizes}")
+        get_activation(activation)
+        self.sizes = sizes
+        self.activation = activation
+        self.layers = nn.ModuleList(
+            Linear(n_in, n_out, bias=bias, device=device, dtype=dtype) for n_in, n_out in zip(sizes[:-1], sizes[1:])
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        h = input
+        for layer in self.layers[:-1]:
+            h = TF.dense(h, layer.weight, layer.bias, self.activation)
+        out = self.layers[-1]
+        return TF.linear(h, out.weight, out.bias)
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}, activation={self.activation!r}"
+
+
+# --- activations: torch's modules, torchderiv's forward -------------------------------------------
+
+
+class ReLU(nn.ReLU):
+    """:class:`torch.nn.ReLU` through :func:`torchderiv.functional.relu`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return TF.relu(input, inplace=self.inplace)
+
+
+class Sigmoid(nn.Sigmoid):
+    """:class:`torch.nn.Sigmoid` through :func:`torchderiv.functional.sigmoid`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return TF.sigmoid(input)
+
+
+class Tanh(nn.Tanh):
+    """:class:`torch.nn.Tanh` through :func:`torchderiv.functional.tanh`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return TF.tanh(input)
+
+
+class LeakyReLU(nn.LeakyReLU):
+    """:class:`torch.nn.LeakyReLU` through :func:`torchderiv.functional.leaky_relu`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return TF.leaky_relu(input, self.negative_slope, self.inplace)
+
+
+class ELU(nn.ELU):
+    """:class:`torch.nn.ELU` through :func:`torchderiv.functional.elu`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return TF.elu(input, self.alpha, self.inplace)
+
+
+class Softplus(nn.Softplus):
+    """:class:`torch.nn.Softplus` through :func:`torchderiv.functional.softplus`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return TF.softplus(input, self.beta, self.threshold)
+
+
+class GELU(nn.GELU):
+    """:class:`torch.nn.GELU` through :func:`torchderiv.functional.gelu`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return TF.gelu(input, approximate=self.approximate)
+
+
+class SiLU(nn.SiLU):
+    """:class:`torch.nn.SiLU` through :func:`torchderiv.functional.silu`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return TF.silu(input, inplace=self.inplace)
+
+
+# --- losses -------------------------------------------------------------------------------------------
+
+
+class MSELoss(nn.MSELoss):
+    """:class:`torch.nn.MSELoss` through :func:`torchderiv.functional.mse_loss`."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return TF.mse_loss(input, target, reduction=self.reduction)
+
+
+class HuberLoss(nn.HuberLoss):
+    """:class:`torch.nn.HuberLoss` through :func:`torchderiv.functional.huber_loss`."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return TF.huber_loss(input, target, reduction=self.reduction, delta=self.delta)
+
+
+class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
+    """:class:`torch.nn.BCEWithLogitsLoss` through :func:`torchderiv.functional.binary_cross_entropy_with_logits`."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return TF.binary_cross_entropy_with_logits(
+            input, target, self.weight, pos_weight=self.pos_weight, reduction=self.reduction
+        )
+
+
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    """:class:`torch.nn.CrossEntropyLoss` through :func:`torchderiv.functional.cross_entropy`."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return TF.cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )
+
