@@ -5,32 +5,43 @@ Nothing here computes a derivative; it only decides *which* Function runs and in
 
 from __future__ import annotations
 
+import warnings
+from typing import NamedTuple
+
 import torch
 
-__all__ = ["compile_twin", "apply", "autocast_apply", "check_reduction", "shape_str"]
+__all__ = ["Twins", "compile_twin", "apply", "autocast_apply", "check_reduction", "shape_str"]
 
 
-def compile_twin(cls):
-    """Class decorator: attach ``cls.compiled``, the same Function without ``jvp``.
+class Twins(NamedTuple):
+    """A Function and its jvp-free twin; :func:`apply` picks one."""
+
+    eager: type
+    compiled: type
+
+
+def compile_twin(cls) -> Twins:
+    """Pair ``cls`` with the same Function without ``jvp``, for torch.compile.
 
     torch.compile (Dynamo) refuses any ``autograd.Function`` that defines a custom ``jvp``
     (measured with torch 2.13, DESIGN §4). The twin inherits forward, setup_context and backward
     unchanged and restores ``Function.jvp``, which Dynamo recognises as "no custom jvp". Eager code keeps
-    forward-mode AD; compiled code gets ``fullgraph=True``.
+    forward-mode AD; compiled code gets ``fullgraph=True``. The pair is a plain tuple because Dynamo
+    cannot follow a class attribute of a Function class (``cls.twin.apply``) nor a dict keyed by class.
     """
-    cls.compiled = type(
+    twin = type(
         cls.__name__ + "Compiled",
         (cls,),
         {"jvp": torch.autograd.Function.jvp, "__doc__": f"{cls.__name__} without jvp, for torch.compile."},
     )
-    return cls
+    return Twins(cls, twin)
 
 
-def apply(cls, *args):
-    """``cls.apply(*args)``, or its jvp-free twin while Dynamo traces."""
+def apply(fn: Twins, *args):
+    """``fn.eager.apply(*args)``, or its jvp-free twin while Dynamo traces."""
     if torch.compiler.is_compiling():
-        return cls.compiled.apply(*args)
-    return cls.apply(*args)
+        return fn.compiled.apply(*args)
+    return fn.eager.apply(*args)
 
 
 def _device_type(args) -> str:
@@ -40,8 +51,8 @@ def _device_type(args) -> str:
     return "cpu"
 
 
-def autocast_apply(cls, policy: str | None, *args):
-    """Apply ``cls`` to ``args`` under torch's autocast policy for the op it replaces.
+def autocast_apply(fn: Twins, policy: str | None, *args):
+    """Apply the Function ``fn`` to ``args`` under torch's autocast policy for the op it replaces.
 
     ``policy`` is what torch's autocast does to the op on this device: ``"lower"`` casts floating
     tensors (not float64) to the autocast dtype (torch's ``linear``), ``"fp32"`` casts them to float32
@@ -52,7 +63,7 @@ def autocast_apply(cls, policy: str | None, *args):
     """
     device_type = _device_type(args)
     if not torch.is_autocast_enabled(device_type):
-        return apply(cls, *args)
+        return apply(fn, *args)
     if policy is not None:
         target = torch.get_autocast_dtype(device_type) if policy == "lower" else torch.float32
         args = tuple(
@@ -62,7 +73,7 @@ def autocast_apply(cls, policy: str | None, *args):
             for a in args
         )
     with torch.autocast(device_type, enabled=False):
-        return apply(cls, *args)
+        return apply(fn, *args)
 
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -71,6 +82,10 @@ _REDUCTIONS = ("none", "mean", "sum")
 def check_reduction(reduction: str, size_average=None, reduce=None) -> str:
     """Validate ``reduction``; the legacy ``size_average``/``reduce`` pair maps onto it as torch does."""
     if size_average is not None or reduce is not None:
+        warnings.warn(
+            "size_average and reduce args will be deprecated, please use reduction='mean' instead.",
+            stacklevel=3,
+        )
         size_average = True if size_average is None else size_average
         reduce = True if reduce is None else reduce
         reduction = ("mean" if size_average else "sum") if reduce else "none"

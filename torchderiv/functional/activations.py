@@ -13,8 +13,7 @@ for bit; every derivative is the formula written out.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +40,7 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _GELU_TANH_C = 0.044715  # the cubic coefficient of GELU's tanh approximation (Hendrycks & Gimpel)
 
 
-@dataclass(frozen=True)
-class Activation:
+class Activation(NamedTuple):
     """One nonlinearity g: how to compute it and how to multiply by its derivative.
 
     Attributes:
@@ -51,6 +49,8 @@ class Activation:
         backprop: ``(d, s, *params) -> d ⊙ g'(z)``, where ``s`` is what ``saves_output`` selects.
         saves_output: ``(*params) -> bool``; True when ``g'(z)`` is cheap and exact from ``h = g(z)``.
         derivative: the formula, for docstrings and the derivation doc.
+
+    A NamedTuple rather than a dataclass: Dynamo can trace through it.
     """
 
     name: str
@@ -209,18 +209,11 @@ def _elementwise_function(act: Activation, class_name: str):
     return compile_twin(cls)
 
 
+# name -> (Function, its jvp-free twin); the classes are SigmoidFunction, TanhFunction, ReluFunction, ...
 FUNCTIONS = {
     name: _elementwise_function(act, "".join(p.capitalize() for p in name.split("_")) + "Function")
     for name, act in ACTIVATIONS.items()
 }
-SigmoidFunction = FUNCTIONS["sigmoid"]
-TanhFunction = FUNCTIONS["tanh"]
-ReluFunction = FUNCTIONS["relu"]
-LeakyReluFunction = FUNCTIONS["leaky_relu"]
-EluFunction = FUNCTIONS["elu"]
-SoftplusFunction = FUNCTIONS["softplus"]
-GeluFunction = FUNCTIONS["gelu"]
-SiluFunction = FUNCTIONS["silu"]
 
 # torch's autocast runs these ops in the input's dtype, except softplus, which CUDA autocast runs
 # in float32 (it is on CUDA's fp32 list and not on the CPU's).

@@ -11,7 +11,6 @@ from .linear import check_linear_args, linear_backward, linear_forward, linear_j
 __all__ = ["DenseFunction", "dense"]
 
 
-@compile_twin
 class DenseFunction(torch.autograd.Function):
     """``Z = H⁽ᵏ⁻¹⁾ W⁽ᵏ⁾ᵀ + b⁽ᵏ⁾``, ``H⁽ᵏ⁾ = g(Z)``; returns ``(H⁽ᵏ⁾, Z)``.
 
@@ -61,6 +60,9 @@ class DenseFunction(torch.autograd.Function):
         return ctx.act.backprop(dz, saved, *ctx.params), dz
 
 
+DENSE = compile_twin(DenseFunction)
+
+
 def dense(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -85,5 +87,5 @@ def dense(
     get_activation(activation)
     if not params:
         params = DEFAULT_PARAMS[activation]
-    h, _ = autocast_apply(DenseFunction, "lower", input, weight, bias, activation, *params)
+    h, _ = autocast_apply(DENSE, "lower", input, weight, bias, activation, *params)
     return h

@@ -59,7 +59,6 @@ def linear_jvp(input, weight, bias, d_input, d_weight, d_bias):
     return dz
 
 
-@compile_twin
 class LinearFunction(torch.autograd.Function):
     """``Z = H Wᵀ + b`` with ``H: (*, n_in)``, ``W: (n_out, n_in)``, ``b: (n_out,)`` or None.
 
@@ -88,6 +87,9 @@ class LinearFunction(torch.autograd.Function):
     def jvp(ctx, d_input, d_weight, d_bias):
         input, weight, bias = ctx.saved_tensors
         return linear_jvp(input, weight, bias, d_input, d_weight, d_bias)
+
+
+LINEAR = compile_twin(LinearFunction)
 
 
 def check_linear_args(input, weight, bias, name="linear"):
@@ -124,4 +126,4 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         ``(*, out_features)``.
     """
     check_linear_args(input, weight, bias)
-    return autocast_apply(LinearFunction, "lower", input, weight, bias)
+    return autocast_apply(LINEAR, "lower", input, weight, bias)

@@ -68,7 +68,6 @@ def _reduce(loss, reduction, denominator):
     return total if reduction == "sum" else total / denominator
 
 
-@compile_twin
 class ElementwiseLossFunction(torch.autograd.Function):
     """``J = reduce(w ⊙ ℓ(z, y))`` for an elementwise loss ℓ (MSE, Huber, BCE with logits).
 
@@ -133,6 +132,9 @@ class ElementwiseLossFunction(torch.autograd.Function):
         return _reduce(dl.expand(gx.shape), reduction, den)
 
 
+ELEMENTWISE_LOSS = compile_twin(ElementwiseLossFunction)
+
+
 def _denominator(loss, weight, reduction, mean_over_weight):
     if reduction != "mean":
         return 1
@@ -180,7 +182,7 @@ def _elementwise_loss(name, kind, input, target, weight, extra, reduction, mean_
             stacklevel=3,
         )
     return autocast_apply(
-        ElementwiseLossFunction, "fp32", input, target, weight, extra, kind, reduction, mean_over_weight, *params
+        ELEMENTWISE_LOSS, "fp32", input, target, weight, extra, kind, reduction, mean_over_weight, *params
     )
 
 
@@ -310,7 +312,6 @@ def _ce_parts(input, target, weight, ignore_index, label_smoothing):
     return loss, grad_z, None, divisor
 
 
-@compile_twin
 class CrossEntropyFunction(torch.autograd.Function):
     """``J = reduce(ℓ)``, ``ℓ = −Σ_c w_c t_c log softmax(z)_c`` (one-hot t for class indices).
 
@@ -344,7 +345,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         c = 1 if input.dim() >= 2 else 0
         scale = grad_output.unsqueeze(c) if reduction == "none" else grad_output
         if reduction == "mean":
-            scale = scale / divisor
+            # NOTE: a divisor of 0 means every row is ignored (or there are none): the loss is 0/0 = NaN as
+            # in torch, but every row's ∂ℓ/∂z is exactly 0 and torch's gradient is 0, so divide by 1.
+            scale = scale / (torch.where(divisor == 0, 1, divisor) if isinstance(divisor, torch.Tensor) else max(divisor, 1))
         return grad_z, grad_t, scale, c, reduction, divisor
 
     @staticmethod
@@ -367,6 +370,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         if d_target is not None and grad_t is not None:
             dl = dl + grad_t * d_target
         return _reduce(dl.sum(c), reduction, divisor)
+
+
+CROSS_ENTROPY = compile_twin(CrossEntropyFunction)
 
 
 def _check_cross_entropy(input, target, weight, ignore_index):
@@ -429,5 +435,5 @@ def cross_entropy(
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: expected label_smoothing in [0.0, 1.0], got {label_smoothing}")
     return autocast_apply(
-        CrossEntropyFunction, "fp32", input, target, weight, reduction, int(ignore_index), float(label_smoothing)
+        CROSS_ENTROPY, "fp32", input, target, weight, reduction, int(ignore_index), float(label_smoothing)
     )

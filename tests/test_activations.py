@@ -1,0 +1,121 @@
+"""Elementwise activations H = g(Z): finite differences, torch parity, kinks, extremes, NaN, in place."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import LAYOUTS, check_parity, full_check, leaf
+
+import torchderiv.functional as TF
+
+# (name, torchderiv fn, torch fn, kwargs)
+CASES = [
+    ("sigmoid", TF.sigmoid, torch.sigmoid, {}),
+    ("tanh", TF.tanh, torch.tanh, {}),
+    ("relu", TF.relu, F.relu, {}),
+    ("leaky_relu", TF.leaky_relu, F.leaky_relu, {}),
+    ("leaky_relu-0.2", TF.leaky_relu, F.leaky_relu, {"negative_slope": 0.2}),
+    ("leaky_relu-neg", TF.leaky_relu, F.leaky_relu, {"negative_slope": -0.3}),
+    ("elu", TF.elu, F.elu, {}),
+    ("elu-0.5", TF.elu, F.elu, {"alpha": 0.5}),
+    ("elu-neg", TF.elu, F.elu, {"alpha": -0.7}),
+    ("softplus", TF.softplus, F.softplus, {}),
+    ("softplus-3-0.2", TF.softplus, F.softplus, {"beta": 3.0, "threshold": 0.2}),
+    ("gelu", TF.gelu, F.gelu, {}),
+    ("gelu-tanh", TF.gelu, F.gelu, {"approximate": "tanh"}),
+    ("silu", TF.silu, F.silu, {}),
+]
+IDS = [c[0] for c in CASES]
+SHAPES = [(), (0,), (7,), (2, 3), (2, 1, 3, 1, 2)]
+
+# Exact kinks, values beyond softplus' threshold, and saturated sigmoid/tanh (DESIGN §5).
+KINKS = torch.tensor([-1.0, 0.0, 1.0])
+EXTREMES = torch.tensor([-300.0, -30.0, -20.5, 20.5, 30.0, 300.0])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_gradcheck(case, shape):
+    _, ours, _, kw = case
+    # keep samples away from kinks, where finite differences straddle two branches
+    x = torch.randn(shape, dtype=torch.float64)
+    x = (x + 0.1 * x.sign()).requires_grad_()
+    full_check(lambda x: ours(x, **kw), (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_matches_torch(case, layout, dtype):
+    _, ours, theirs, kw = case
+    x = leaf(torch.randn(3, 4, dtype=dtype) * 3, layout=layout)
+    check_parity(lambda x: ours(x, **kw), lambda x: theirs(x, **kw), [x], grad_layout=layout)
+
+
+@pytest.mark.parametrize("values", [KINKS, EXTREMES], ids=["kinks", "extremes"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_kinks_and_extremes_match_torch(case, dtype, values):
+    _, ours, theirs, kw = case
+    check_parity(lambda x: ours(x, **kw), lambda x: theirs(x, **kw), [leaf(values.to(dtype))])
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_nan_and_inf_propagate_like_torch(case):
+    """Values and gradients at NaN and ±inf are torch's (e.g. relu passes the gradient at NaN)."""
+    _, ours, theirs, kw = case
+    x = leaf(torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5]))
+    a, b = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    ya, yb = ours(a, **kw), theirs(b, **kw)
+    torch.testing.assert_close(ya, yb, equal_nan=True)
+    (ga,) = torch.autograd.grad(ya, a, torch.ones_like(ya))
+    (gb,) = torch.autograd.grad(yb, b, torch.ones_like(yb))
+    torch.testing.assert_close(ga, gb, equal_nan=True)
+
+
+def test_relu_passes_gradient_at_nan():
+    x = torch.tensor([float("nan"), -1.0, 2.0], requires_grad=True)
+    TF.relu(x).backward(torch.ones(3))
+    assert x.grad.tolist()[1:] == [0.0, 1.0]
+    assert x.grad[0].item() == 1.0  # torch's threshold_backward keeps it
+
+
+INPLACE = [c for c in CASES if c[0].split("-")[0] in ("relu", "leaky_relu", "elu", "silu")]
+
+
+@pytest.mark.parametrize("case", INPLACE, ids=[c[0] for c in INPLACE])
+def test_inplace_writes_into_input(case):
+    _, ours, theirs, kw = case
+    base = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    a = base * 1  # a non-leaf, as torch requires for in-place ops on tensors that need grad
+    out = ours(a, inplace=True, **kw)
+    assert out is a
+    torch.testing.assert_close(out, theirs(base * 1, **kw))
+    (g,) = torch.autograd.grad(out.sum(), base)
+    (g_ref,) = torch.autograd.grad(theirs(base * 1, **kw).sum(), base)
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_inplace_on_leaf_that_needs_grad_raises_like_torch():
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        TF.relu(x, inplace=True)
+
+
+def test_gelu_bad_approximate():
+    with pytest.raises(RuntimeError, match="approximate argument must be either none or tanh"):
+        TF.gelu(torch.randn(3), approximate="asdf")
+
+
+def test_saved_tensors_follow_the_table():
+    """relu/sigmoid/tanh keep their output; gelu/silu keep their input (DESIGN §2)."""
+    for name, expect_output in [("relu", True), ("sigmoid", True), ("tanh", True), ("gelu", False), ("silu", False)]:
+        x = torch.randn(5, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = getattr(TF, name)(x * 1)
+        assert len(saved) == 1
+        ref = y if expect_output else None
+        if expect_output:
+            assert saved[0].data_ptr() == ref.data_ptr(), name
+        else:
+            assert saved[0].data_ptr() != y.data_ptr(), name
