@@ -81,11 +81,12 @@ def _leaky_relu_backprop(d, s, negative_slope):
 
 def _elu_backprop(d, s, alpha):
     # For alpha >= 0 we keep h, and h + alpha = alpha·exp(z) on z <= 0 reuses it; for alpha < 0
-    # h <= 0 no longer marks z <= 0, so we keep z. NOTE: the test is `s <= 0` so a NaN input takes the
-    # identity branch, exactly like torch's elu_backward.
+    # h <= 0 no longer marks z <= 0, so we keep z.
+    # NOTE: the test is `s > 0`, so a NaN input gets a NaN gradient, as torch's vectorised elu_backward
+    # gives (its scalar tail, for tensors of a few dozen elements, passes the gradient instead).
     if alpha >= 0:
-        return torch.where(s <= 0, d * (s + alpha), d)
-    return torch.where(s <= 0, d * (alpha * torch.exp(s)), d)
+        return torch.where(s > 0, d, d * (s + alpha))
+    return torch.where(s > 0, d, d * (alpha * torch.exp(s)))
 
 
 def _softplus_backprop(d, z, beta, threshold):
