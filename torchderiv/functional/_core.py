@@ -82,13 +82,13 @@ _REDUCTIONS = ("none", "mean", "sum")
 def check_reduction(reduction: str, size_average=None, reduce=None) -> str:
     """Validate ``reduction``; the legacy ``size_average``/``reduce`` pair maps onto it as torch does."""
     if size_average is not None or reduce is not None:
-        warnings.warn(
-            "size_average and reduce args will be deprecated, please use reduction='mean' instead.",
-            stacklevel=3,
-        )
         size_average = True if size_average is None else size_average
         reduce = True if reduce is None else reduce
         reduction = ("mean" if size_average else "sum") if reduce else "none"
+        warnings.warn(
+            f"size_average and reduce args will be deprecated, please use reduction='{reduction}' instead.",
+            stacklevel=3,
+        )
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction: expected one of 'none', 'mean', 'sum'")
     return reduction
