@@ -1,0 +1,14 @@
+"""Lightning integration: the seed's network as a LightningModule and offline data modules."""
+
+from .data import ArrayDataModule, BreastCancerDataModule, DigitsDataModule, EpochShuffleSampler, StudentDataModule
+from .module import AutogradMLP, MLPModule
+
+__all__ = [
+    "MLPModule",
+    "AutogradMLP",
+    "ArrayDataModule",
+    "DigitsDataModule",
+    "BreastCancerDataModule",
+    "StudentDataModule",
+    "EpochShuffleSampler",
+]

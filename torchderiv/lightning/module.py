@@ -1,0 +1,164 @@
+"""``MLPModule``: the seed's network and loss as a LightningModule, on torchderiv or on torch autograd."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from lightning import LightningModule
+from torch import nn
+
+from .. import functional as TF
+from ..nn import MLP
+
+__all__ = ["MLPModule", "AutogradMLP"]
+
+Activation = Literal["relu", "sigmoid", "tanh", "leaky_relu", "elu", "softplus", "gelu", "silu"]
+Task = Literal["multiclass", "binary", "regression"]
+
+_TORCH_ACTIVATIONS = {
+    "relu": F.relu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "leaky_relu": F.leaky_relu,
+    "elu": F.elu,
+    "softplus": F.softplus,
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+class AutogradMLP(nn.Module):
+    """The same network as :class:`torchderiv.nn.MLP`, built from ``torch.nn`` and differentiated by autograd.
+
+    Layers are created in the same order with the same initialisation, and held under the same names
+    (``layers.{k}.weight``), so one seed gives identical weights and checkpoints load into either.
+    """
+
+    def __init__(self, sizes, activation: str = "relu", bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.sizes, self.activation = list(sizes), activation
+        self.act = _TORCH_ACTIVATIONS[activation]
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b, bias=bias, device=device, dtype=dtype) for a, b in zip(sizes[:-1], sizes[1:])
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[:-1]:
+            x = self.act(layer(x))
+        return self.layers[-1](x)
+
+
+class MLPModule(LightningModule):
+    """Train the seed's network: ``sizes = [n_0, …, n_L, n_out]``, g after every hidden layer, linear output.
+
+    Args:
+        sizes: layer widths, input first. ``task="binary"`` needs one output node (the seed's z).
+        activation: g, the hidden layers' nonlinearity.
+        task: ``multiclass`` (softmax + cross-entropy), ``binary`` (sigmoid + binary cross-entropy on one
+            output node), ``regression`` (identity + mean squared error).
+        impl: ``torchderiv`` (hand-derived Functions) or ``autograd`` (the same network and loss from
+            torch.nn, as the reference).
+        optimizer: ``sgd`` (the seed's update, §3.6, with optional momentum) or ``adam``.
+        lr: learning rate η.
+        momentum: SGD momentum (ignored by Adam).
+        weight_decay: L2 penalty — the regularisation the seed's §1 asks for.
+        bias: whether layers carry a bias (the seed's have none).
+    """
+
+    def __init__(
+        self,
+        sizes: list[int],
+        activation: Activation = "relu",
+        task: Task = "multiclass",
+        impl: Literal["torchderiv", "autograd"] = "torchderiv",
+        optimizer: Literal["sgd", "adam"] = "adam",
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if task not in ("multiclass", "binary", "regression"):
+            raise ValueError(f"task must be 'multiclass', 'binary' or 'regression', got {task!r}")
+        if impl not in ("torchderiv", "autograd"):
+            raise ValueError(f"impl must be 'torchderiv' or 'autograd', got {impl!r}")
+        if optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+        if activation not in _TORCH_ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(_TORCH_ACTIVATIONS)}")
+        if task == "binary" and sizes[-1] != 1:
+            raise ValueError(f"task='binary' needs one output node (sizes[-1] == 1), got sizes={list(sizes)}")
+        self.save_hyperparameters()
+        net_cls = MLP if impl == "torchderiv" else AutogradMLP
+        self.net = net_cls(sizes, activation=activation, bias=bias)
+        # One metric object per stage (DESIGN §7); "train" cannot be a ModuleDict key (it is a Module method).
+        self.metrics = nn.ModuleDict({f"{s}_metrics": self._metrics(task, sizes[-1]) for s in ("train", "val", "test")})
+
+    @staticmethod
+    def _metrics(task: str, n_out: int) -> torchmetrics.MetricCollection:
+        if task == "multiclass":
+            return torchmetrics.MetricCollection(
+                {"acc": torchmetrics.classification.MulticlassAccuracy(num_classes=n_out, average="micro")}
+            )
+        if task == "binary":
+            return torchmetrics.MetricCollection(
+                {"acc": torchmetrics.classification.BinaryAccuracy(), "f1": torchmetrics.classification.BinaryF1Score()}
+            )
+        return torchmetrics.MetricCollection({"mse": torchmetrics.MeanSquaredError(), "r2": torchmetrics.R2Score()})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out.squeeze(-1) if self.hparams.task != "multiclass" and self.hparams.sizes[-1] == 1 else out
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        lib = TF if self.hparams.impl == "torchderiv" else F
+        if self.hparams.task == "multiclass":
+            return lib.cross_entropy(logits, y)
+        if self.hparams.task == "binary":
+            return lib.binary_cross_entropy_with_logits(logits, y)
+        return lib.mse_loss(logits, y)
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        if stage == "train" and not torch.isfinite(loss):
+            # An explicit check (detect_anomaly is far too slow to leave on) so a diverging run stops at once.
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+                "lower the learning rate or check the data"
+            )
+        preds = logits.detach().float()
+        if self.hparams.task == "binary":
+            preds = torch.sigmoid(preds)
+        metrics = self.metrics[f"{stage}_metrics"]
+        metrics.update(preds, y)
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", on_step=False, on_epoch=True, batch_size=len(x), sync_dist=True)
+        self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        logits = self(batch[0])
+        if self.hparams.task == "multiclass":
+            return logits.argmax(-1)
+        if self.hparams.task == "binary":
+            return (logits > 0).long()
+        return logits
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        return torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
