@@ -316,3 +316,13 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "distributed_backend=gloo" in proc.stderr + proc.stdout
     assert (tmp_path / "ddp_cpu" / "version_0" / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fit_on_gpu(tmp_path, precision):
+    L.seed_everything(0)
+    model = MLPModule([64, 32, 10])
+    trainer = _trainer(tmp_path, accelerator="gpu", devices=1, precision=precision, max_epochs=2)
+    trainer.fit(model, DigitsDataModule(batch_size=64))
+    assert trainer.test(model, DigitsDataModule(batch_size=64), verbose=False)[0]["test/acc"] > 0.8
