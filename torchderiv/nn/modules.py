@@ -104,11 +104,8 @@ class MLP(nn.Module):
         )
 
     def forward(self, input: Tensor) -> Tensor:
-        h = input
-        for layer in self.layers[:-1]:
-            h = TF.dense(h, layer.weight, layer.bias, self.activation)
-        out = self.layers[-1]
-        return TF.linear(h, out.weight, out.bias)
+        # One Function for the whole network (torchderiv.functional.mlp): it keeps only what backward needs.
+        return TF.mlp(input, [m.weight for m in self.layers], [m.bias for m in self.layers], self.activation)
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, activation={self.activation!r}"
