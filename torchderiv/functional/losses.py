@@ -266,50 +266,91 @@ def binary_cross_entropy_with_logits(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _ce_parts(input, target, weight, ignore_index, label_smoothing):
-    """Per-row loss ``ℓ``, its gradients ``∂ℓ/∂z``, ``∂ℓ/∂y`` (probabilities only) and the mean's divisor.
+def _class_dim(input):
+    return 1 if input.dim() >= 2 else 0
 
-    Class dimension ``c`` is 1, or 0 for an unbatched ``(C,)`` input. ``log p = z − logsumexp(z)``.
-    """
-    c = 1 if input.dim() >= 2 else 0
-    n_classes = input.shape[c]
-    log_p = input - input.logsumexp(c, keepdim=True)
-    p = log_p.exp()
-    eps = label_smoothing
-    wshape = [1] * input.dim()
-    wshape[c] = n_classes
-    w = weight.reshape(wshape) if weight is not None else None
 
-    if target.is_floating_point():
-        # Class probabilities: ℓ = −Σ_c w_c t'_c log p_c with t' = (1 − ε) t + ε / C.
-        t = target * (1 - eps) + eps / n_classes if eps > 0 else target
-        wt = t * w if w is not None else t
-        loss = -(wt * log_p).sum(c)
-        grad_z = wt.sum(c, keepdim=True) * p - wt  # (Σ_c w_c t'_c) p − w ⊙ t'
-        grad_t = -(1 - eps) * (log_p * w if w is not None else log_p)
-        divisor = input.numel() // n_classes if n_classes else 0
-        return loss, grad_z, grad_t, divisor
+def _class_weight(weight, input, c):
+    """Class weights shaped to broadcast along the class dimension, or None."""
+    if weight is None:
+        return None
+    shape = [1] * input.dim()
+    shape[c] = weight.shape[0]
+    return weight.reshape(shape)
 
-    # Class indices: rows equal to ignore_index contribute nothing and are not counted in the mean.
+
+def _index_rows(target, ignore_index, c):
+    """``valid`` rows (not ``ignore_index``) and gather-safe class indices ``(…, 1, …)``."""
     valid = target != ignore_index
-    idx = target.masked_fill(~valid, 0).long().unsqueeze(c)
-    w_y = weight[idx.squeeze(c)] if weight is not None else torch.ones_like(log_p.select(c, 0))
-    w_y = w_y.masked_fill(~valid, 0)  # (N, d1, …)
-    loss = -(1 - eps) * w_y * log_p.gather(c, idx).squeeze(c)
-    # ∂ℓ/∂z = a p − (1 − ε) w_y e_y − (ε/C) w,   a = (1 − ε) w_y + (ε/C) Σ_c w_c   (DESIGN §2)
-    a = (1 - eps) * w_y
-    grad_z = None
+    return valid, target.where(valid, 0).long().unsqueeze(c)
+
+
+def _ce_loss(input, target, weight, ignore_index, eps):
+    """Per-row loss ``ℓ`` and the mean's divisor. ``log p = log_softmax(z)``: stable for any logits."""
+    c = _class_dim(input)
+    n_classes = input.shape[c]
+    log_p = input.log_softmax(c)
+    w = _class_weight(weight, input, c)
+    if target.is_floating_point():
+        # Class probabilities: ℓ = −Σ_c w_c t'_c log p_c,  t' = (1 − ε) t + ε / C.
+        t = target * (1 - eps) + eps / n_classes if eps > 0 else target
+        wt = t if w is None else t * w
+        return -(wt * log_p).sum(c), (input.numel() // n_classes if n_classes else 0)
+    valid, idx = _index_rows(target, ignore_index, c)
+    nll = -log_p.gather(c, idx).squeeze(c)  # −log p_y
+    w_y = weight[idx.squeeze(c)] if weight is not None else None
+    if w_y is not None:
+        nll = nll * w_y
+    loss = (1 - eps) * nll if eps > 0 else nll
     if eps > 0:
         smooth = -(log_p * w).sum(c) if w is not None else -log_p.sum(c)
-        loss = loss + (eps / n_classes) * smooth.masked_fill(~valid, 0)
-        vmask = valid.unsqueeze(c).to(input.dtype)
-        w_sum = weight.sum() if weight is not None else n_classes
-        a = a + (eps / n_classes) * w_sum * valid.to(input.dtype)
-        grad_z = -(eps / n_classes) * (w if w is not None else 1) * vmask
-    onehot_term = torch.zeros_like(p).scatter(c, idx, ((1 - eps) * w_y).unsqueeze(c))
-    grad_z = a.unsqueeze(c) * p - onehot_term + (grad_z if grad_z is not None else 0)
-    divisor = w_y.sum() if weight is not None else valid.sum().to(input.dtype)
-    return loss, grad_z, None, divisor
+        loss = loss + (eps / n_classes) * smooth
+    loss = loss.where(valid, 0)
+    divisor = w_y.where(valid, 0).sum() if w_y is not None else valid.sum().to(input.dtype)
+    return loss, divisor
+
+
+def _ce_grads(input, target, weight, ignore_index, eps):
+    """``∂ℓ/∂z`` per row (zero for ignored rows), ``∂ℓ/∂t`` for probability targets (else None), divisor.
+
+    Class indices: ``∂ℓ/∂z = a p − (1 − ε) w_y e_y − (ε/C) w`` with ``a = (1 − ε) w_y + (ε/C) Σ_c w_c``;
+    probabilities: ``∂ℓ/∂z = (Σ_c w_c t'_c) p − w ⊙ t'``, ``∂ℓ/∂t = −(1 − ε) w ⊙ log p`` (DESIGN §2).
+    """
+    c = _class_dim(input)
+    n_classes = input.shape[c]
+    w = _class_weight(weight, input, c)
+    if target.is_floating_point():
+        log_p = input.log_softmax(c)
+        p = log_p.exp()
+        t = target * (1 - eps) + eps / n_classes if eps > 0 else target
+        wt = t if w is None else t * w
+        grad_z = wt.sum(c, keepdim=True) * p - wt
+        grad_t = -(1 - eps) * (log_p if w is None else log_p * w)
+        return grad_z, grad_t, (input.numel() // n_classes if n_classes else 0)
+    p = input.softmax(c)
+    valid, idx = _index_rows(target, ignore_index, c)
+    w_y = weight[idx.squeeze(c)].unsqueeze(c) if weight is not None else None  # (N, 1, d1, …)
+    vmask = valid.unsqueeze(c)
+    one_hot_scale = (1 - eps) if w_y is None else (1 - eps) * w_y
+    a = one_hot_scale
+    if eps > 0:
+        a = a + (eps / n_classes) * (weight.sum() if weight is not None else n_classes)
+        grad_z = a * p - (eps / n_classes) * (w if w is not None else 1)
+    else:
+        grad_z = p * a if w_y is not None else p
+    src = (-one_hot_scale if w_y is not None else torch.full_like(idx, -(1 - eps), dtype=input.dtype))
+    grad_z = grad_z.scatter_add(c, idx, src.expand(idx.shape) if w_y is None else src)
+    grad_z = grad_z.where(vmask, 0)
+    divisor = (w_y.squeeze(c).where(valid, 0).sum() if w_y is not None else valid.sum().to(input.dtype))
+    return grad_z, None, divisor
+
+
+def _mean_divisor(divisor):
+    # NOTE: a divisor of 0 means every row is ignored (or there are none): the loss is 0/0 = NaN as in
+    # torch, but every row's ∂ℓ/∂z is exactly 0 and torch's gradient is 0, so the gradient divides by 1.
+    if isinstance(divisor, torch.Tensor):
+        return torch.where(divisor == 0, 1, divisor)
+    return max(divisor, 1)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -327,7 +368,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, target, weight, reduction, ignore_index, label_smoothing):
-        loss, _, _, divisor = _ce_parts(input, target, weight, ignore_index, label_smoothing)
+        loss, divisor = _ce_loss(input, target, weight, ignore_index, label_smoothing)
         return _reduce(loss, reduction, divisor)
 
     @staticmethod
@@ -338,22 +379,16 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_forward(input, target, weight)
 
     @staticmethod
-    def _scaled(ctx, grad_output):
+    def backward(ctx, grad_output):
         input, target, weight = ctx.saved_tensors
         reduction, ignore_index, label_smoothing = ctx.config
-        _, grad_z, grad_t, divisor = _ce_parts(input, target, weight, ignore_index, label_smoothing)
-        c = 1 if input.dim() >= 2 else 0
-        scale = grad_output.unsqueeze(c) if reduction == "none" else grad_output
-        if reduction == "mean":
-            # NOTE: a divisor of 0 means every row is ignored (or there are none): the loss is 0/0 = NaN as
-            # in torch, but every row's ∂ℓ/∂z is exactly 0 and torch's gradient is 0, so divide by 1.
-            scale = scale / (torch.where(divisor == 0, 1, divisor) if isinstance(divisor, torch.Tensor) else max(divisor, 1))
-        return grad_z, grad_t, scale, c, reduction, divisor
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_z, grad_t, scale, *_ = CrossEntropyFunction._scaled(ctx, grad_output)
         needs = ctx.needs_input_grad
+        if not (needs[0] or needs[1]):
+            return None, None, None, None, None, None
+        grad_z, grad_t, divisor = _ce_grads(input, target, weight, ignore_index, label_smoothing)
+        scale = grad_output.unsqueeze(_class_dim(input)) if reduction == "none" else grad_output
+        if reduction == "mean":
+            scale = scale / _mean_divisor(divisor)
         grad_input = scale * grad_z if needs[0] else None
         grad_target = scale * grad_t if (needs[1] and grad_t is not None) else None
         return grad_input, grad_target, None, None, None, None
@@ -362,14 +397,13 @@ class CrossEntropyFunction(torch.autograd.Function):
     def jvp(ctx, d_input, d_target, *_):
         input, target, weight = ctx.saved_tensors
         reduction, ignore_index, label_smoothing = ctx.config
-        _, grad_z, grad_t, divisor = _ce_parts(input, target, weight, ignore_index, label_smoothing)
-        c = 1 if input.dim() >= 2 else 0
+        grad_z, grad_t, divisor = _ce_grads(input, target, weight, ignore_index, label_smoothing)
         dl = torch.zeros_like(grad_z)
         if d_input is not None:
             dl = dl + grad_z * d_input
         if d_target is not None and grad_t is not None:
             dl = dl + grad_t * d_target
-        return _reduce(dl.sum(c), reduction, divisor)
+        return _reduce(dl.sum(_class_dim(input)), reduction, divisor)
 
 
 CROSS_ENTROPY = compile_twin(CrossEntropyFunction)

@@ -1,0 +1,236 @@
+"""torchderiv vs torch autograd vs the 3-GEMM limit: time and saved activation memory, side by side.
+
+To run:
+    .venv/bin/python experiments/benchmark.py            # full table (a few minutes on 2 CPU cores)
+    .venv/bin/python experiments/benchmark.py --quick    # reduced set, under a minute
+    .venv/bin/python experiments/benchmark.py --device cuda --dtype bfloat16
+
+Method (DESIGN §6): every contender runs in this one process, interleaved (A B C A B C …) over
+``--rounds`` rounds; each round times ``--inner`` forward+backward passes of each; the table reports the
+median of the per-round ratios with their spread (min–max). Ratios < 1 mean torchderiv is faster or
+smaller.
+
+* autograd: the same network as an ``nn.Sequential`` of torch modules, same weights, same loss.
+* 3-GEMM limit: per layer the forward GEMM, the weight-gradient GEMM and the input-gradient GEMM (none
+  for the first layer), the same shapes and transposes, no elementwise work.
+* saved bytes: unique storages saved for backward (``saved_tensors_hooks``), parameters excluded.
+
+Writes experiments/out/benchmark.json and benchmark.md (the table the README carries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchderiv.functional as TF
+from torchderiv.nn import MLP
+
+OUT = Path(__file__).resolve().parent / "out"
+TORCH_ACT = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
+NETS = {"large": ([1024, 2048, 2048, 10], 512), "small": ([64, 128, 128, 10], 64)}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict, rounds: int, inner: int, device) -> dict[str, list[float]]:
+    """Seconds per call of each fn, one list entry per round, contenders alternating within a round."""
+    for fn in fns.values():  # warm-up (allocator, kernels, compilation)
+        fn()
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) / inner)
+    return times
+
+
+def ratio_stats(num: list[float], den: list[float]) -> dict:
+    r = [a / b for a, b in zip(num, den)]
+    return {"median": statistics.median(r), "min": min(r), "max": max(r)}
+
+
+def saved_bytes(step, params) -> int:
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(backward=False)
+    return sum(seen.values())
+
+
+def build(sizes, batch, activation, device, dtype):
+    torch.manual_seed(0)
+    ours = MLP(sizes, activation=activation, device=device, dtype=dtype)
+    layers = []
+    for k, lin in enumerate(ours.layers):
+        ref = nn.Linear(lin.in_features, lin.out_features, device=device, dtype=dtype)
+        ref.load_state_dict(lin.state_dict())
+        layers.append(ref)
+        if k < len(ours.layers) - 1:
+            layers.append(TORCH_ACT[activation]())
+    theirs = nn.Sequential(*layers)
+    x = torch.randn(batch, sizes[0], device=device, dtype=dtype)
+    target = torch.randint(0, sizes[-1], (batch,), device=device)
+    return ours, theirs, x, target
+
+
+def make_step(model, loss_fn, x, target):
+    params = list(model.parameters())
+
+    def step(backward=True):
+        for p in params:
+            p.grad = None
+        loss = loss_fn(model(x), target)
+        if backward:
+            loss.backward()
+        return loss
+
+    return step
+
+
+def gemm_limit(sizes, batch, device, dtype):
+    """The three GEMMs per layer of forward + backward, nothing else (DESIGN §6)."""
+    torch.manual_seed(1)
+    hs = [torch.randn(batch, n, device=device, dtype=dtype) for n in sizes]
+    ws = [torch.randn(o, i, device=device, dtype=dtype) for i, o in zip(sizes[:-1], sizes[1:])]
+    ds = [torch.randn(batch, o, device=device, dtype=dtype) for o in sizes[1:]]
+
+    def step():
+        for k, w in enumerate(ws):
+            torch.mm(hs[k], w.t())  # Z = H Wᵀ
+            torch.mm(ds[k].t(), hs[k])  # ∂J/∂W = Δᵀ H
+            if k > 0:
+                torch.mm(ds[k], w)  # ∂J/∂H = Δ W
+
+    return step
+
+
+def bench_mlp(net: str, activation: str, args, device, dtype, compiled: bool = False) -> dict:
+    sizes, batch = NETS[net]
+    ours, theirs, x, target = build(sizes, batch, activation, device, dtype)
+    ours_step = make_step(ours, TF.cross_entropy, x, target)
+    theirs_step = make_step(theirs, F.cross_entropy, x, target)
+    row = {"net": net, "sizes": sizes, "batch": batch, "activation": activation, "compiled": compiled}
+    if compiled:
+        torch._dynamo.reset()
+        c_ours, c_theirs = torch.compile(ours), torch.compile(theirs)
+        ours_step = make_step(c_ours, TF.cross_entropy, x, target)
+        theirs_step = make_step(c_theirs, F.cross_entropy, x, target)
+        times = interleaved({"torchderiv": ours_step, "autograd": theirs_step}, args.rounds, args.inner, device)
+    else:
+        fns = {"torchderiv": ours_step, "autograd": theirs_step, "gemm": gemm_limit(sizes, batch, device, dtype)}
+        times = interleaved(fns, args.rounds, args.inner, device)
+        row["vs_gemm"] = ratio_stats(times["torchderiv"], times["gemm"])
+        row["autograd_vs_gemm"] = ratio_stats(times["autograd"], times["gemm"])
+        params = list(ours.parameters()) + list(theirs.parameters())
+        row["saved_bytes"] = {"torchderiv": saved_bytes(ours_step, params), "autograd": saved_bytes(theirs_step, params)}
+        row["saved_ratio"] = row["saved_bytes"]["torchderiv"] / row["saved_bytes"]["autograd"]
+    row["vs_autograd"] = ratio_stats(times["torchderiv"], times["autograd"])
+    row["ms"] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return row
+
+
+def fmt(s: dict) -> str:
+    return f"{s['median']:.2f} ({s['min']:.2f}–{s['max']:.2f})"
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"Benchmark: {meta['device']}, {meta['dtype']}, {meta['threads']} threads, torch {meta['torch']}, "
+        f"median of {meta['rounds']} interleaved rounds (min–max).",
+        "",
+        "| net | g | compiled | torchderiv ms | autograd ms | time vs autograd | time vs 3-GEMM | autograd vs 3-GEMM | saved bytes vs autograd |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.get("kind") == "linear_cross_entropy":
+            continue
+        lines.append(
+            f"| {r['net']} {'-'.join(map(str, r['sizes']))} ×{r['batch']} | {r['activation']} | {'yes' if r['compiled'] else 'no'} "
+            f"| {r['ms']['torchderiv']:.2f} | {r['ms']['autograd']:.2f} | {fmt(r['vs_autograd'])} "
+            f"| {fmt(r['vs_gemm']) if 'vs_gemm' in r else '–'} | {fmt(r['autograd_vs_gemm']) if 'autograd_vs_gemm' in r else '–'} "
+            f"| {r['saved_ratio']:.2f} |" if "saved_ratio" in r else
+            f"| {r['net']} {'-'.join(map(str, r['sizes']))} ×{r['batch']} | {r['activation']} | yes "
+            f"| {r['ms']['torchderiv']:.2f} | {r['ms']['autograd']:.2f} | {fmt(r['vs_autograd'])} | – | – | – |"
+        )
+    lce = [r for r in rows if r.get("kind") == "linear_cross_entropy"]
+    if lce:
+        lines += ["", "| linear + cross-entropy | time vs unfused | extra peak memory vs unfused | torch chunked: time, memory |",
+                  "|---|---|---|---|"]
+        for r in lce:
+            lines.append(
+                f"| {r['shape']} | {fmt(r['time_vs_unfused'])} | {r['memory_vs_unfused']:.3f} "
+                f"| {fmt(r['torch_chunked_time_vs_unfused'])}, {r['torch_chunked_memory_vs_unfused']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="reduced set, under a minute")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--inner", type=int, default=0, help="passes per timing (default: by net size)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-lce", action="store_true", help="skip the linear + cross-entropy study")
+    parser.add_argument("--out", default=str(OUT))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    args.rounds = max(args.rounds, 7)
+    rows = []
+    activations = ["relu", "gelu"] if args.quick else ["relu", "tanh", "gelu", "silu"]
+    for net in ("large", "small"):
+        for activation in activations:
+            inner = args.inner or (2 if net == "large" and device.type == "cpu" else 20)
+            a = argparse.Namespace(rounds=args.rounds, inner=inner)
+            row = bench_mlp(net, activation, a, device, dtype)
+            rows.append(row)
+            print(f"{net:5} {activation:5} time vs autograd {fmt(row['vs_autograd'])}  vs 3-GEMM {fmt(row['vs_gemm'])}  "
+                  f"(autograd vs 3-GEMM {fmt(row['autograd_vs_gemm'])})  saved bytes {row['saved_ratio']:.2f}", flush=True)
+    if not args.quick and not args.no_compile:
+        for activation in ["relu", "tanh", "gelu", "silu"]:
+            a = argparse.Namespace(rounds=args.rounds, inner=args.inner or 2)
+            row = bench_mlp("large", activation, a, device, dtype, compiled=True)
+            rows.append(row)
+            print(f"large {activation:5} compiled: time vs compiled autograd {fmt(row['vs_autograd'])}", flush=True)
+    if not args.no_lce:
+        from lce_memory import bench_linear_cross_entropy
+
+        rows += bench_linear_cross_entropy(quick=args.quick, rounds=args.rounds, device=args.device)
+    meta = {"device": str(device), "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__, "rounds": args.rounds}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    table = markdown(rows, meta)
+    (out / "benchmark.md").write_text(table)
+    print()
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
