@@ -27,9 +27,19 @@ TWINS = {
     "nn.functional.binary_cross_entropy_with_logits": TF.binary_cross_entropy_with_logits,
     "nn.functional.cross_entropy": TF.cross_entropy,
 }
-OPS = [op for op in op_db if op.name in TWINS and op.variant_test_name == ""]
+
+def _linear_cross_entropy(*args, options=None, **kwargs):
+    # torch's `options` selects its chunked path; torchderiv's is always chunked, sized by chunk_size.
+    if options is not None and kwargs.get("chunk_size") is None:
+        kwargs["chunk_size"] = options.batch_chunk_size
+    return TF.linear_cross_entropy(*args, **kwargs)
+
+
+TWINS["nn.functional.linear_cross_entropy"] = _linear_cross_entropy
+# Every variant of linear_cross_entropy ('', 'chunked', 'chunked_none'); the default one of the others.
+OPS = [op for op in op_db if op.name in TWINS and (op.variant_test_name == "" or "linear_cross" in op.name)]
 assert {op.name for op in OPS} == set(TWINS), "an op_db entry this file relies on is missing"
-IDS = [op.name.removeprefix("nn.functional.") for op in OPS]
+IDS = [op.name.removeprefix("nn.functional.") + (f"-{op.variant_test_name}" if op.variant_test_name else "") for op in OPS]
 
 
 def _samples(op, dtype):

@@ -6,6 +6,7 @@ The lowercase wrappers take exactly torch 2.13's parameters, in torch's order.
 from .activations import ACTIVATIONS, elu, gelu, get_activation, leaky_relu, relu, sigmoid, silu, softplus, tanh
 from .fused import dense
 from .linear import linear
+from .linear_cross_entropy import linear_cross_entropy
 from .mlp import mlp
 from .losses import binary_cross_entropy_with_logits, cross_entropy, huber_loss, mse_loss
 
@@ -27,4 +28,5 @@ __all__ = [
     "huber_loss",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "linear_cross_entropy",
 ]

@@ -285,11 +285,11 @@ def _index_rows(target, ignore_index, c):
     return valid, target.where(valid, 0).long().unsqueeze(c)
 
 
-def _ce_loss(input, target, weight, ignore_index, eps):
+def _ce_loss(input, target, weight, ignore_index, eps, log_p=None):
     """Per-row loss ``ℓ`` and the mean's divisor. ``log p = log_softmax(z)``: stable for any logits."""
     c = _class_dim(input)
     n_classes = input.shape[c]
-    log_p = input.log_softmax(c)
+    log_p = input.log_softmax(c) if log_p is None else log_p
     w = _class_weight(weight, input, c)
     if target.is_floating_point():
         # Class probabilities: ℓ = −Σ_c w_c t'_c log p_c,  t' = (1 − ε) t + ε / C.
@@ -310,7 +310,7 @@ def _ce_loss(input, target, weight, ignore_index, eps):
     return loss, divisor
 
 
-def _ce_grads(input, target, weight, ignore_index, eps):
+def _ce_grads(input, target, weight, ignore_index, eps, log_p=None):
     """``∂ℓ/∂z`` per row (zero for ignored rows), ``∂ℓ/∂t`` for probability targets (else None), divisor.
 
     Class indices: ``∂ℓ/∂z = a p − (1 − ε) w_y e_y − (ε/C) w`` with ``a = (1 − ε) w_y + (ε/C) Σ_c w_c``;
@@ -320,14 +320,14 @@ def _ce_grads(input, target, weight, ignore_index, eps):
     n_classes = input.shape[c]
     w = _class_weight(weight, input, c)
     if target.is_floating_point():
-        log_p = input.log_softmax(c)
+        log_p = input.log_softmax(c) if log_p is None else log_p
         p = log_p.exp()
         t = target * (1 - eps) + eps / n_classes if eps > 0 else target
         wt = t if w is None else t * w
         grad_z = wt.sum(c, keepdim=True) * p - wt
         grad_t = -(1 - eps) * (log_p if w is None else log_p * w)
         return grad_z, grad_t, (input.numel() // n_classes if n_classes else 0)
-    p = input.softmax(c)
+    p = input.softmax(c) if log_p is None else log_p.exp()
     valid, idx = _index_rows(target, ignore_index, c)
     w_y = weight[idx.squeeze(c)].unsqueeze(c) if weight is not None else None  # (N, 1, d1, …)
     vmask = valid.unsqueeze(c)

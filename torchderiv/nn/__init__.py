@@ -11,6 +11,7 @@ from .modules import (
     HuberLoss,
     LeakyReLU,
     Linear,
+    LinearCrossEntropyLoss,
     MSELoss,
     ReLU,
     Sigmoid,
@@ -35,5 +36,6 @@ __all__ = [
     "HuberLoss",
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
     "convert",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "HuberLoss",
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
 ]
 
 
@@ -209,3 +210,38 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             label_smoothing=self.label_smoothing,
         )
 
+
+
+class LinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
+    """:class:`torch.nn.LinearCrossEntropyLoss` through :func:`torchderiv.functional.linear_cross_entropy`.
+
+    Same constructor, parameters and ``state_dict`` keys (``linear.weight``, ``linear.bias``) as torch's,
+    plus ``chunk_size`` (rows per chunk). When it is None, ``options.batch_chunk_size`` is used if
+    given, else a size chosen from the number of classes. Every path is chunked and keeps double
+    backward, forward AD, torch.func, compile and label smoothing.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, *, chunk_size: int | None = None, **kwargs) -> None:
+        super().__init__(in_features, num_classes, **kwargs)
+        self.chunk_size = chunk_size
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
+        bias = None if self.linear.bias is None else self.linear.bias.reshape((self.num_classes, *self.out_features))
+        chunk = self.chunk_size
+        if chunk is None and self.options is not None:
+            chunk = self.options.batch_chunk_size
+        return TF.linear_cross_entropy(
+            input,
+            weight,
+            target,
+            linear_bias=bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            chunk_size=chunk,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", chunk_size={self.chunk_size}" if self.chunk_size is not None else "")

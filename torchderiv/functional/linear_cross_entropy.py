@@ -1,0 +1,273 @@
+"""Linear layer + cross-entropy fused and chunked: the full ``(N, C)`` logits never exist.
+
+For a language-model head (C in the tens of thousands) the logits dominate memory. Here rows are
+processed ``chunk_size`` at a time: each chunk's logits ``Z_r = X_r Wᵀ + b`` live only while its loss
+and its error ``Δ_r = ∂ℓ/∂Z_r`` (DESIGN §2, seed §3.1) are computed, and ``Δ_r`` is folded at once into
+the three gradients (seed §3.2–3.5):
+
+    ∂J/∂X_r = Δ_r W,    ∂J/∂W = Σ_r Δ_rᵀ X_r,    ∂J/∂b = Σ_r Σ_rows Δ_r.
+
+That is 3 GEMMs in all, as many as the unfused op. For "mean" and "sum" they run in forward and the
+(unscaled) results are kept, so a plain backward only rescales them by the incoming gradient. When
+backward is itself differentiated (``create_graph=True``), for "none", and for forward mode, the
+chunks are recomputed with differentiable operations instead, so double backward, jvp, vmap and
+compile all work — what torch's own chunked path gives up.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._core import apply, autocast_apply, check_reduction, compile_twin
+from .linear import linear
+from .losses import _ce_grads, _ce_loss, _index_rows, _mean_divisor, _reduce, cross_entropy
+
+__all__ = ["LinearCrossEntropyFunction", "linear_cross_entropy", "default_chunk_size"]
+
+# Rows per chunk: enough that a chunk's logits take about this many bytes. 16 MiB keeps the transient
+# buffers (logits, softmax, error) near 50 MiB for any C, while each GEMM still has >= 100 rows for
+# C up to ~40k (float32), which keeps it efficient.
+_CHUNK_BYTES = 16 * 2**20
+
+
+def default_chunk_size(n_rows: int, n_classes: int, element_size: int = 4) -> int:
+    return max(1, min(n_rows, _CHUNK_BYTES // max(1, n_classes * element_size)))
+
+
+def _divisor(target, class_weight, ignore_index):
+    """The mean's divisor for the whole batch, from the targets alone (no logits needed)."""
+    valid, idx = _index_rows(target, ignore_index, 0)
+    if class_weight is None:
+        return valid.sum().to(torch.get_default_dtype() if not class_weight else class_weight.dtype)
+    return class_weight[idx.squeeze(0)].where(valid, 0).sum()
+
+
+def _chunks(n: int, size: int):
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def _chunk_logits(x, w, b, upcast):
+    z = torch.addmm(b, x, w.t()) if b is not None else x.mm(w.t())
+    return z.float() if upcast else z
+
+
+def _chunk_error(x, w, b, t, class_weight, ignore_index, eps, upcast, need_loss):
+    """Loss (per row) and ``Δ_r = ∂ℓ/∂Z_r`` (unscaled) of one chunk, from one log-softmax."""
+    z = _chunk_logits(x, w, b, upcast)
+    log_p = z.log_softmax(1)
+    loss = _ce_loss(z, t, class_weight, ignore_index, eps, log_p=log_p)[0] if need_loss else None
+    grad_z = _ce_grads(z, t, class_weight, ignore_index, eps, log_p=log_p)[0]
+    return loss, grad_z.to(x.dtype)
+
+
+def _recompute(ctx, scale_rows, needs):
+    """Backward by recomputation, chunk by chunk, with differentiable ops (``create_graph``, "none")."""
+    input, w, b, target, class_weight = ctx.saved_tensors[:5]
+    ignore_index, eps, chunk, upcast = ctx.config[1:]
+    gi_parts, gw, gb = [], None, None
+    for s, e in _chunks(input.shape[0], chunk):
+        _, delta = _chunk_error(input[s:e], w, b, target[s:e], class_weight, ignore_index, eps, upcast, False)
+        delta = delta * scale_rows(s, e)
+        if needs[0]:
+            gi_parts.append(delta.mm(w))
+        if needs[1]:
+            term = delta.t().mm(input[s:e])
+            gw = term if gw is None else gw + term
+        if b is not None and needs[2]:
+            term = delta.sum(0)
+            gb = term if gb is None else gb + term
+    gi = (torch.cat(gi_parts) if gi_parts else input.new_zeros(input.shape)) if needs[0] else None
+    if needs[1] and gw is None:
+        gw = torch.zeros_like(w)
+    if b is not None and needs[2] and gb is None:
+        gb = torch.zeros_like(b)
+    return gi, gw, gb
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """``J = reduce(CE(X Wᵀ + b, y))`` for ``X: (N, in)``, ``W: (C, in)``, class-index targets ``y: (N,)``.
+
+    Outputs ``(J, G_X, G_W, G_b)``: the loss and, when precomputed in forward ("mean"/"sum" with
+    gradients wanted), the unscaled gradient sums ``Σ Δ_r W`` (per row), ``Σ Δ_rᵀ X_r``, ``Σ Δ_r``
+    (empty otherwise). They are marked non-differentiable: only the plain backward reads them;
+    every differentiable path (double backward, jvp) recomputes from the inputs.
+
+    backward: ``∂J/∂X = s G_X / D``, ``∂J/∂W = s G_W / D``, ``∂J/∂b = s G_b / D`` (s the incoming
+    gradient, D the mean's divisor), or the same sums recomputed chunk by chunk.
+    jvp: ``dJ = reduce(Σ_c Δ ⊙ (dX Wᵀ + X dWᵀ + db))``, chunk by chunk.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, w, b, target, class_weight, reduction, ignore_index, eps, chunk, upcast, precompute):
+        losses, gi_parts, gw, gb = [], [], None, None
+        for s, e in _chunks(input.shape[0], chunk):
+            x = input[s:e]
+            loss, delta = _chunk_error(x, w, b, target[s:e], class_weight, ignore_index, eps, upcast, True)
+            losses.append(loss)
+            if precompute:
+                gi_parts.append(delta.mm(w))
+                # NOTE: accumulate in place into a buffer that already carries any vmap batch dim (it is
+                # the first chunk's product), so vmap can batch the in-place addmm.
+                gw = delta.t().mm(x) if gw is None else gw.addmm_(delta.t(), x)
+                if b is not None:
+                    gb = delta.sum(0) if gb is None else gb.add_(delta.sum(0))
+        loss = torch.cat(losses) if losses else input.new_zeros(0, dtype=torch.float32 if upcast else input.dtype)
+        out = _reduce(loss, reduction, _divisor(target, class_weight, ignore_index).to(loss.dtype))
+        empty = input.new_empty(0)
+        if not precompute:
+            return out, empty, empty, empty
+        gi = torch.cat(gi_parts) if gi_parts else torch.zeros_like(input)
+        gw = torch.zeros_like(w) if gw is None else gw
+        gb = empty if b is None else (torch.zeros_like(b) if gb is None else gb)
+        return out, gi, gw, gb
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, w, b, target, class_weight, reduction, ignore_index, eps, chunk, upcast, precompute = inputs
+        ctx.config = (reduction, ignore_index, eps, chunk, upcast)
+        ctx.precomputed = precompute
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(input, w, b, target, class_weight, *output[1:])
+        ctx.save_for_forward(input, w, b, target, class_weight)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        needs = ctx.needs_input_grad
+        reduction = ctx.config[0]
+        input, w, b, target, class_weight, gi, gw, gb = ctx.saved_tensors
+        none = (None,) * 8
+        if not (needs[0] or needs[1] or needs[2]):
+            return (None, None, None) + none
+        if reduction == "none":
+            scale_rows = lambda s, e: grad_loss[s:e].unsqueeze(1).to(input.dtype)
+        else:
+            scale = grad_loss
+            if reduction == "mean":
+                scale = scale / _mean_divisor(_divisor(target, class_weight, ctx.config[1]).to(grad_loss.dtype))
+            scale = scale.to(input.dtype)
+            if ctx.precomputed and not torch.is_grad_enabled():
+                return (
+                    scale * gi if needs[0] else None,
+                    scale * gw if needs[1] else None,
+                    scale * gb if (b is not None and needs[2]) else None,
+                ) + none
+            scale_rows = lambda s, e: scale
+        return _recompute(ctx, scale_rows, needs) + none
+
+    @staticmethod
+    def jvp(ctx, d_input, d_w, d_b, *_):
+        input, w, b, target, class_weight = ctx.saved_tensors
+        reduction, ignore_index, eps, chunk, upcast = ctx.config
+        parts = []
+        for s, e in _chunks(input.shape[0], chunk):
+            x = input[s:e]
+            _, delta = _chunk_error(x, w, b, target[s:e], class_weight, ignore_index, eps, upcast, False)
+            dz = torch.zeros_like(delta)
+            if d_input is not None:
+                dz = dz + d_input[s:e].mm(w.t())
+            if d_w is not None:
+                dz = dz + x.mm(d_w.t())
+            if b is not None and d_b is not None:
+                dz = dz + d_b
+            parts.append((delta * dz).sum(1))
+        dl = torch.cat(parts) if parts else input.new_zeros(0)
+        if upcast:
+            dl = dl.float()
+        d_out = _reduce(dl, reduction, _divisor(target, class_weight, ignore_index).to(dl.dtype))
+        return d_out, None, None, None
+
+
+LINEAR_CROSS_ENTROPY = compile_twin(LinearCrossEntropyFunction)
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``cross_entropy(linear(input, linear_weight, linear_bias), target, …)`` without building the logits.
+
+    torch 2.13's signature, with its ``options`` replaced by ``chunk_size`` (rows per chunk; None
+    picks about 16 MiB of logits per chunk). Shapes as :func:`torch.nn.functional.linear_cross_entropy`:
+    input ``(in,)`` or ``(N, in)``, ``linear_weight (C, in)`` or ``(C, d1, …, in)``, targets class
+    indices or probabilities.
+
+    Class-index targets with a 2-D ``linear_weight`` take the fused, chunked Function. K-dimensional
+    weights and class-probability targets are computed as torchderiv's ``linear`` followed by
+    ``cross_entropy`` (the same hand-derived formulas, with the logits built in full).
+    """
+    name = "linear_cross_entropy"
+    reduction = check_reduction(reduction)
+    if input.dim() < 1 or input.dim() > 2:
+        raise RuntimeError(f"{name}: expected input with dimensionality 1 or 2, got {input.dim()}")
+    if linear_weight.dim() < 2:
+        raise RuntimeError(f"{name}: expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}")
+    in_features, num_classes = input.shape[-1], linear_weight.shape[0]
+    if in_features != linear_weight.shape[-1]:
+        raise RuntimeError(
+            f"{name}: expected equal input and linear_weight last dimensions (in_features), "
+            f"got {in_features} and {linear_weight.shape[-1]}, respectively"
+        )
+    out_features = tuple(linear_weight.shape[1:-1])
+    if linear_bias is not None and tuple(linear_bias.shape) != (num_classes, *out_features):
+        raise RuntimeError(
+            f"{name}: expected linear_bias shape {(num_classes, *out_features)}, got {tuple(linear_bias.shape)}"
+        )
+    if out_features and input.dim() == 1:
+        raise RuntimeError(
+            f"{name}: K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} requires"
+            f" batched input, (N, {in_features}), got unbatched input with shape {tuple(input.shape)}"
+        )
+    logits_shape = (*input.shape[:-1], num_classes, *out_features)
+    probabilities = tuple(target.shape) == logits_shape and target.is_floating_point()
+    if probabilities and ignore_index is not None:
+        raise RuntimeError(f"{name}: ignore_index cannot be specified when target contains probabilities")
+    ignore_index = -100 if ignore_index is None else int(ignore_index)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{name}: expected label_smoothing in [0.0, 1.0], got {label_smoothing}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"{name}: expected a positive chunk_size, got {chunk_size}")
+    if out_features or probabilities:
+        w2 = linear_weight.reshape(math.prod(out_features, start=num_classes), in_features)
+        b2 = None if linear_bias is None else linear_bias.reshape(-1)
+        logits = linear(input, w2, b2).reshape(logits_shape)
+        return cross_entropy(
+            logits, target, weight=weight, reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing
+        )
+    expected = tuple(input.shape[:-1])
+    if tuple(target.shape) != expected or target.dtype not in (torch.long, torch.uint8):
+        raise RuntimeError(
+            f"{name}: expected class-index target of shape {expected} and dtype int64 (or class probabilities "
+            f"of shape {logits_shape}), got shape {tuple(target.shape)} and dtype {target.dtype}"
+        )
+    if weight is not None and tuple(weight.shape) != (num_classes,):
+        raise RuntimeError(f"{name}: expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+    unbatched = input.dim() == 1
+    x, t = (input.unsqueeze(0), target.unsqueeze(0)) if unbatched else (input, target)
+    chunk = chunk_size or default_chunk_size(x.shape[0], num_classes, x.element_size())
+    grads_wanted = torch.is_grad_enabled() and (
+        input.requires_grad or linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
+    )
+    upcast = torch.is_autocast_enabled(x.device.type)
+    args = (x, linear_weight, linear_bias, t, weight, reduction, ignore_index, float(label_smoothing), int(chunk),
+            upcast, bool(grads_wanted and reduction != "none"))
+    if upcast:
+        dtype = torch.get_autocast_dtype(x.device.type)
+        cast = lambda a: a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64 else a
+        args = (cast(x), cast(linear_weight), cast(linear_bias), t, None if weight is None else weight.float()) + args[5:]
+        with torch.autocast(x.device.type, enabled=False):
+            loss = apply(LINEAR_CROSS_ENTROPY, *args)[0]
+    else:
+        loss = autocast_apply(LINEAR_CROSS_ENTROPY, None, *args)[0]
+    return loss.squeeze(0) if unbatched and reduction == "none" else loss
