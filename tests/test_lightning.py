@@ -326,3 +326,12 @@ def test_fit_on_gpu(tmp_path, precision):
     trainer = _trainer(tmp_path, accelerator="gpu", devices=1, precision=precision, max_epochs=2)
     trainer.fit(model, DigitsDataModule(batch_size=64))
     assert trainer.test(model, DigitsDataModule(batch_size=64), verbose=False)[0]["test/acc"] > 0.8
+
+
+def test_device_check_script_dry_run():
+    proc = subprocess.run(
+        ["bash", str(ROOT / "experiments/device_check.sh"), "--dry-run"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**__import__("os").environ, "PY": sys.executable},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "dry run: ready" in proc.stdout

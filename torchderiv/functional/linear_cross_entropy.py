@@ -26,10 +26,10 @@ from .losses import _ce_grads, _ce_loss, _index_rows, _mean_divisor, _reduce, cr
 
 __all__ = ["LinearCrossEntropyFunction", "linear_cross_entropy", "default_chunk_size"]
 
-# Rows per chunk: enough that a chunk's logits take about this many bytes. 16 MiB keeps the transient
-# buffers (logits, softmax, error) near 50 MiB for any C, while each GEMM still has >= 100 rows for
-# C up to ~40k (float32), which keeps it efficient.
-_CHUNK_BYTES = 16 * 2**20
+# Rows per chunk: enough that a chunk's logits take about this many bytes. 8 MiB keeps the transient
+# buffers (logits, softmax, error) near 30 MiB for any C, while each GEMM still has >= 64 rows for
+# C up to 32k (float32), which keeps it efficient.
+_CHUNK_BYTES = 8 * 2**20
 
 
 def default_chunk_size(n_rows: int, n_classes: int, element_size: int = 4) -> int:
