@@ -13,7 +13,7 @@ __all__ = ["LinearFunction", "linear", "check_linear_args", "linear_backward", "
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``(*, n) -> (prod(*), n)``. ``reshape``, not ``view``: gradients may arrive permuted."""
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+    return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def linear_forward(input, weight, bias):
