@@ -32,6 +32,13 @@ def builtin_cases():
         cls = "".join(p.capitalize() for p in name.split("_")) + "Function"
         cases.append((cls, getattr(TF, name), ((3, 5),)))
     cases += [
+        ("MLPFunction[tanh]", lambda x, w1, b1, w2: TF.mlp(x, [w1, w2], [b1, None], "tanh"), ((5, 4), (6, 4), (6,), (3, 6))),
+        ("MLPFunction[gelu]", lambda x, w1, b1, w2: TF.mlp(x, [w1, w2], [b1, None], "gelu"), ((5, 4), (6, 4), (6,), (3, 6))),
+        (
+            "LinearCrossEntropy",
+            lambda x, w, b: TF.linear_cross_entropy(x, w, idx[:2].repeat(3), linear_bias=b, label_smoothing=0.1, chunk_size=4),
+            ((6, 3), (4, 3), (4,)),
+        ),
         ("ElementwiseLoss[mse]", TF.mse_loss, ((3, 4), (3, 4))),
         ("ElementwiseLoss[huber]", lambda x, y: TF.huber_loss(x, y, delta=0.5), ((3, 4), (3, 4))),
         ("ElementwiseLoss[bce]", TF.binary_cross_entropy_with_logits, ((3, 4), probs)),

@@ -310,7 +310,7 @@ def _ce_loss(input, target, weight, ignore_index, eps, log_p=None):
     return loss, divisor
 
 
-def _ce_grads(input, target, weight, ignore_index, eps, log_p=None):
+def _ce_grads(input, target, weight, ignore_index, eps, log_p=None, consume_log_p=False):
     """``∂ℓ/∂z`` per row (zero for ignored rows), ``∂ℓ/∂t`` for probability targets (else None), divisor.
 
     Class indices: ``∂ℓ/∂z = a p − (1 − ε) w_y e_y − (ε/C) w`` with ``a = (1 − ε) w_y + (ε/C) Σ_c w_c``;
@@ -327,21 +327,29 @@ def _ce_grads(input, target, weight, ignore_index, eps, log_p=None):
         grad_z = wt.sum(c, keepdim=True) * p - wt
         grad_t = -(1 - eps) * (log_p if w is None else log_p * w)
         return grad_z, grad_t, (input.numel() // n_classes if n_classes else 0)
-    p = input.softmax(c) if log_p is None else log_p.exp()
+    # When nothing differentiates these ops (plain backward, or forward of the fused linear + CE), p is a
+    # fresh buffer of ours and is turned into ∂ℓ/∂z in place: one logits-sized buffer instead of five.
+    inplace = not torch.is_grad_enabled()
+    if log_p is None:
+        p = input.softmax(c)
+    else:
+        p = log_p.exp_() if (inplace and consume_log_p) else log_p.exp()
     valid, idx = _index_rows(target, ignore_index, c)
     w_y = weight[idx.squeeze(c)].unsqueeze(c) if weight is not None else None  # (N, 1, d1, …)
-    vmask = valid.unsqueeze(c)
     one_hot_scale = (1 - eps) if w_y is None else (1 - eps) * w_y
-    a = one_hot_scale
+    grad_z = p
     if eps > 0:
-        a = a + (eps / n_classes) * (weight.sum() if weight is not None else n_classes)
-        grad_z = a * p - (eps / n_classes) * (w if w is not None else 1)
-    else:
-        grad_z = p * a if w_y is not None else p
-    src = (-one_hot_scale if w_y is not None else torch.full_like(idx, -(1 - eps), dtype=input.dtype))
-    grad_z = grad_z.scatter_add(c, idx, src.expand(idx.shape) if w_y is None else src)
-    grad_z = grad_z.where(vmask, 0)
-    divisor = (w_y.squeeze(c).where(valid, 0).sum() if w_y is not None else valid.sum().to(input.dtype))
+        a = one_hot_scale + (eps / n_classes) * (weight.sum() if weight is not None else n_classes)
+        smooth = (eps / n_classes) * (w if w is not None else 1)
+        grad_z = grad_z.mul_(a).sub_(smooth) if inplace else a * grad_z - smooth
+    elif w_y is not None:
+        grad_z = grad_z.mul_(w_y) if inplace else grad_z * w_y
+    src = -one_hot_scale if w_y is not None else torch.full(idx.shape, -(1 - eps), dtype=p.dtype, device=p.device)
+    grad_z = grad_z.scatter_add_(c, idx, src) if inplace else grad_z.scatter_add(c, idx, src)
+    # NOTE: rows equal to ignore_index get 0 by a multiply with the (broadcast) bool mask: 4x faster on CPU
+    # than where/masked_fill. An ignored row whose logits hold +inf/NaN gets NaN here, where torch gives 0.
+    grad_z = grad_z.mul_(valid.unsqueeze(c)) if inplace else grad_z * valid.unsqueeze(c)
+    divisor = w_y.squeeze(c).where(valid, 0).sum() if w_y is not None else valid.sum().to(input.dtype)
     return grad_z, None, divisor
 
 
