@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 
 # op_db (torch's OpInfo samples) changes global backend flags on import, so it runs on its own.
 test: $(STAMP)
+	$(PY) -m ruff check torchderiv tests experiments
 	$(PY) -m pytest -q --ignore=tests/opdb
 	$(PY) -m pytest -q tests/opdb
 

@@ -145,7 +145,10 @@ def bench_mlp(net: str, activation: str, args, device, dtype, compiled: bool = F
         row["vs_gemm"] = ratio_stats(times["torchderiv"], times["gemm"])
         row["autograd_vs_gemm"] = ratio_stats(times["autograd"], times["gemm"])
         params = list(ours.parameters()) + list(theirs.parameters())
-        row["saved_bytes"] = {"torchderiv": saved_bytes(ours_step, params), "autograd": saved_bytes(theirs_step, params)}
+        row["saved_bytes"] = {
+            "torchderiv": saved_bytes(ours_step, params),
+            "autograd": saved_bytes(theirs_step, params),
+        }
         row["saved_ratio"] = row["saved_bytes"]["torchderiv"] / row["saved_bytes"]["autograd"]
     row["vs_autograd"] = ratio_stats(times["torchderiv"], times["autograd"])
     row["ms"] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
@@ -161,24 +164,33 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"Benchmark: {meta['device']}, {meta['dtype']}, {meta['threads']} threads, torch {meta['torch']}, "
         f"median of {meta['rounds']} interleaved rounds (min–max).",
         "",
-        "| net | g | compiled | torchderiv ms | autograd ms | time vs autograd | time vs 3-GEMM | autograd vs 3-GEMM | saved bytes vs autograd |",
+        "| net | g | compiled | torchderiv ms | autograd ms | time vs autograd | time vs 3-GEMM "
+        "| autograd vs 3-GEMM | saved bytes vs autograd |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("kind") == "linear_cross_entropy":
             continue
-        lines.append(
-            f"| {r['net']} {'-'.join(map(str, r['sizes']))} ×{r['batch']} | {r['activation']} | {'yes' if r['compiled'] else 'no'} "
-            f"| {r['ms']['torchderiv']:.2f} | {r['ms']['autograd']:.2f} | {fmt(r['vs_autograd'])} "
-            f"| {fmt(r['vs_gemm']) if 'vs_gemm' in r else '–'} | {fmt(r['autograd_vs_gemm']) if 'autograd_vs_gemm' in r else '–'} "
-            f"| {r['saved_ratio']:.2f} |" if "saved_ratio" in r else
-            f"| {r['net']} {'-'.join(map(str, r['sizes']))} ×{r['batch']} | {r['activation']} | yes "
-            f"| {r['ms']['torchderiv']:.2f} | {r['ms']['autograd']:.2f} | {fmt(r['vs_autograd'])} | – | – | – |"
-        )
+        net = f"{r['net']} {'-'.join(map(str, r['sizes']))} ×{r['batch']}"
+        cells = [
+            net,
+            r["activation"],
+            "yes" if r["compiled"] else "no",
+            f"{r['ms']['torchderiv']:.2f}",
+            f"{r['ms']['autograd']:.2f}",
+            fmt(r["vs_autograd"]),
+            fmt(r["vs_gemm"]) if "vs_gemm" in r else "–",
+            fmt(r["autograd_vs_gemm"]) if "autograd_vs_gemm" in r else "–",
+            f"{r['saved_ratio']:.2f}" if "saved_ratio" in r else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     lce = [r for r in rows if r.get("kind") == "linear_cross_entropy"]
     if lce:
-        lines += ["", "| linear + cross-entropy | time vs unfused | extra peak memory vs unfused | torch chunked: time, memory |",
-                  "|---|---|---|---|"]
+        lines += [
+            "",
+            "| linear + cross-entropy | time vs unfused | extra peak memory vs unfused | torch chunked: time, memory |",
+            "|---|---|---|---|",
+        ]
         for r in lce:
             lines.append(
                 f"| {r['shape']} | {fmt(r['time_vs_unfused'])} | {r['memory_vs_unfused']:.3f} "
@@ -210,8 +222,11 @@ def main() -> None:
             a = argparse.Namespace(rounds=args.rounds, inner=inner)
             row = bench_mlp(net, activation, a, device, dtype)
             rows.append(row)
-            print(f"{net:5} {activation:5} time vs autograd {fmt(row['vs_autograd'])}  vs 3-GEMM {fmt(row['vs_gemm'])}  "
-                  f"(autograd vs 3-GEMM {fmt(row['autograd_vs_gemm'])})  saved bytes {row['saved_ratio']:.2f}", flush=True)
+            print(
+                f"{net:5} {activation:5} time vs autograd {fmt(row['vs_autograd'])}  vs 3-GEMM {fmt(row['vs_gemm'])}  "
+                f"(autograd vs 3-GEMM {fmt(row['autograd_vs_gemm'])})  saved bytes {row['saved_ratio']:.2f}",
+                flush=True,
+            )
     if not args.quick and not args.no_compile:
         for activation in ["relu", "tanh", "gelu", "silu"]:
             a = argparse.Namespace(rounds=args.rounds, inner=args.inner or 2)
@@ -222,7 +237,13 @@ def main() -> None:
         from lce_memory import bench_linear_cross_entropy
 
         rows += bench_linear_cross_entropy(quick=args.quick, rounds=args.rounds, device=args.device)
-    meta = {"device": str(device), "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__, "rounds": args.rounds}
+    meta = {
+        "device": str(device),
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "rounds": args.rounds,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

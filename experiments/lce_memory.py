@@ -66,7 +66,9 @@ def child(kind, n, d, c, threads):
 def measure_memory(kind, n, d, c, threads=2) -> float:
     out = subprocess.run(
         [sys.executable, __file__, "--child", kind, "--shape", f"{n},{d},{c}", "--threads", str(threads)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_peak_mib"]
 
@@ -78,7 +80,9 @@ def bench_linear_cross_entropy(quick=False, rounds=7, device="cpu", threads=2):
     fns = {k: step_fn(k, x, w, t) for k in KINDS}
     # equal results first: a fast wrong answer is no answer
     with torch.no_grad():
-        torch.testing.assert_close(TF.linear_cross_entropy(x, w, t), F.cross_entropy(F.linear(x, w), t), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            TF.linear_cross_entropy(x, w, t), F.cross_entropy(F.linear(x, w), t), rtol=1e-5, atol=1e-5
+        )
     for f in fns.values():
         f()
     times = {k: [] for k in KINDS}
@@ -112,7 +116,8 @@ def bench_linear_cross_entropy(quick=False, rounds=7, device="cpu", threads=2):
     print(
         f"linear+CE {row['shape']}: time vs unfused {row['time_vs_unfused']['median']:.2f} "
         f"(torch chunked {row['torch_chunked_time_vs_unfused']['median']:.2f}); "
-        f"extra peak memory vs unfused {row['memory_vs_unfused']:.3f} (torch chunked {row['torch_chunked_memory_vs_unfused']:.3f})",
+        f"extra peak memory vs unfused {row['memory_vs_unfused']:.3f} "
+        f"(torch chunked {row['torch_chunked_memory_vs_unfused']:.3f})",
         flush=True,
     )
     return [row]

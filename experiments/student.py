@@ -89,8 +89,14 @@ def draw_network(model: MLP, path: Path) -> None:
             for j in range(w.shape[1]):
                 (x0, y0), (x1, y1) = pos[k][j], pos[k + 1][i]
                 value = w[i, j].item()
-                ax.plot([x0, x1], [y0, y1], color="tab:red" if value > 0 else "tab:blue", lw=0.5 + 5 * abs(value) / top,
-                        alpha=0.8, zorder=1)
+                ax.plot(
+                    [x0, x1],
+                    [y0, y1],
+                    color="tab:red" if value > 0 else "tab:blue",
+                    lw=0.5 + 5 * abs(value) / top,
+                    alpha=0.8,
+                    zorder=1,
+                )
     for k, column in enumerate(pos):
         for (x, yv), label in zip(column, labels[k]):
             ax.scatter([x], [yv], s=900, color="white", edgecolors="black", zorder=2)

@@ -44,7 +44,11 @@ def _trainer(tmp_path, **kw):
 
 @pytest.mark.parametrize(
     "dm_cls, n_features, target_dtype",
-    [(DigitsDataModule, 64, torch.long), (BreastCancerDataModule, 30, torch.float32), (StudentDataModule, 4, torch.float32)],
+    [
+        (DigitsDataModule, 64, torch.long),
+        (BreastCancerDataModule, 30, torch.float32),
+        (StudentDataModule, 4, torch.float32),
+    ],
 )
 def test_data_modules_split_and_standardise(dm_cls, n_features, target_dtype):
     dm = dm_cls(batch_size=16, seed=3)
@@ -331,7 +335,11 @@ def test_fit_on_gpu(tmp_path, precision):
 def test_device_check_script_dry_run():
     proc = subprocess.run(
         ["bash", str(ROOT / "experiments/device_check.sh"), "--dry-run"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**__import__("os").environ, "PY": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**__import__("os").environ, "PY": sys.executable},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "dry run: ready" in proc.stdout

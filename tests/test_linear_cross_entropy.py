@@ -25,12 +25,22 @@ def _case(dtype=torch.float64, n=N, bias=True, weighted=False, ignore=True):
 
 def _pair(reduction, ls, chunk, ignore_index=None):
     def ours(x, w, b, t, cw):
-        return TF.linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, reduction=reduction,
-                                       ignore_index=ignore_index, label_smoothing=ls, chunk_size=chunk)
+        return TF.linear_cross_entropy(
+            x,
+            w,
+            t,
+            linear_bias=b,
+            weight=cw,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            label_smoothing=ls,
+            chunk_size=chunk,
+        )
 
     def theirs(x, w, b, t, cw):
-        return F.linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, reduction=reduction,
-                                      ignore_index=ignore_index, label_smoothing=ls)
+        return F.linear_cross_entropy(
+            x, w, t, linear_bias=b, weight=cw, reduction=reduction, ignore_index=ignore_index, label_smoothing=ls
+        )
 
     return ours, theirs
 
@@ -46,7 +56,9 @@ def test_matches_torch(dtype, reduction, ls, weighted, chunk):
     check_parity(ours, theirs, [x, w, b, t, cw], grad_layout="strided")
 
 
-@pytest.mark.parametrize("requires", [(True, False, False), (False, True, False), (False, False, True), (True, True, False)], ids=str)
+@pytest.mark.parametrize(
+    "requires", [(True, False, False), (False, True, False), (False, False, True), (True, True, False)], ids=str
+)
 def test_needs_input_grad(requires):
     x, w, b, t, _ = _case()
     for tensor, r in zip((x, w, b), requires):
@@ -73,7 +85,9 @@ def test_ignore_index_and_edge_shapes():
     check_parity(ours, theirs, [leaf(torch.randn(IN, dtype=torch.float64)), w, b, torch.tensor(2), None])
     for reduction in ("mean", "sum", "none"):  # empty batch: NaN / 0 / empty, as torch
         o, th = _pair(reduction, 0.0, None)
-        check_parity(o, th, [leaf(torch.randn(0, IN, dtype=torch.float64)), w, b, torch.zeros(0, dtype=torch.long), None])
+        check_parity(
+            o, th, [leaf(torch.randn(0, IN, dtype=torch.float64)), w, b, torch.zeros(0, dtype=torch.long), None]
+        )
     all_ignored = torch.full((N,), -100)
     check_parity(ours, theirs, [x, w, b, all_ignored, None])
 
@@ -159,23 +173,66 @@ def test_module_matches_torch_module():
     gb = torch.autograd.grad(theirs(x, t), list(theirs.parameters()))
     for a, b_ in zip(ga, gb):
         torch.testing.assert_close(a, b_)
-    k = tnn.LinearCrossEntropyLoss(IN, C, out_features=(3,), options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=2))
+    k = tnn.LinearCrossEntropyLoss(
+        IN, C, out_features=(3,), options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=2)
+    )
     assert k(torch.randn(4, IN), torch.randint(0, C, (4, 3))).isfinite()
 
 
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: TF.linear_cross_entropy(torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long)), "dimensionality 1 or 2, got 3"),
-        (lambda: TF.linear_cross_entropy(torch.randn(2, 4), torch.randn(4), torch.zeros(2, dtype=torch.long)), "at least 2, got 1"),
-        (lambda: TF.linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 3), torch.zeros(2, dtype=torch.long)), "got 4 and 3"),
-        (lambda: TF.linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long)), r"class-index target of shape \(2,\)"),
-        (lambda: TF.linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), linear_bias=torch.randn(4)), r"linear_bias shape \(5,\), got \(4,\)"),
-        (lambda: TF.linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.rand(2, 5), ignore_index=1), "ignore_index cannot be specified"),
-        (lambda: TF.linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), chunk_size=0), "positive chunk_size"),
-        (lambda: TF.linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), reduction="avg"), "not a valid value for reduction"),
+        (
+            lambda: TF.linear_cross_entropy(
+                torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long)
+            ),
+            "dimensionality 1 or 2, got 3",
+        ),
+        (
+            lambda: TF.linear_cross_entropy(torch.randn(2, 4), torch.randn(4), torch.zeros(2, dtype=torch.long)),
+            "at least 2, got 1",
+        ),
+        (
+            lambda: TF.linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 3), torch.zeros(2, dtype=torch.long)),
+            "got 4 and 3",
+        ),
+        (
+            lambda: TF.linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long)),
+            r"class-index target of shape \(2,\)",
+        ),
+        (
+            lambda: TF.linear_cross_entropy(
+                torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), linear_bias=torch.randn(4)
+            ),
+            r"linear_bias shape \(5,\), got \(4,\)",
+        ),
+        (
+            lambda: TF.linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.rand(2, 5), ignore_index=1),
+            "ignore_index cannot be specified",
+        ),
+        (
+            lambda: TF.linear_cross_entropy(
+                torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), chunk_size=0
+            ),
+            "positive chunk_size",
+        ),
+        (
+            lambda: TF.linear_cross_entropy(
+                torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), reduction="avg"
+            ),
+            "not a valid value for reduction",
+        ),
     ],
-    ids=["input-dims", "weight-dims", "in-features", "target-shape", "bias-shape", "probs-ignore", "chunk", "reduction"],
+    ids=[
+        "input-dims",
+        "weight-dims",
+        "in-features",
+        "target-shape",
+        "bias-shape",
+        "probs-ignore",
+        "chunk",
+        "reduction",
+    ],
 )
 def test_bad_input(call, message):
     with pytest.raises((RuntimeError, ValueError), match=message):

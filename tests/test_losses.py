@@ -22,7 +22,12 @@ def _elementwise_cases(dtype):
     cases = []
     for r in REDUCTIONS:
         cases += [
-            (f"mse-{r}", lambda a, b, r=r: TF.mse_loss(a, b, reduction=r), lambda a, b, r=r: F.mse_loss(a, b, reduction=r), [x, y]),
+            (
+                f"mse-{r}",
+                lambda a, b, r=r: TF.mse_loss(a, b, reduction=r),
+                lambda a, b, r=r: F.mse_loss(a, b, reduction=r),
+                [x, y],
+            ),
             (
                 f"mse-weight-{r}",
                 lambda a, b, c, r=r: TF.mse_loss(a, b, reduction=r, weight=c),
@@ -94,17 +99,47 @@ def _ce_cases(dtype):
             for weight in (None, w):
                 wid = "w" if weight is not None else "now"
                 idx = torch.tensor([0, 4, -100, 2, 1, 3])
-                cases.append((f"index-{r}-ls{ls}-{wid}", leaf(torch.randn(6, 5, dtype=dtype)), idx, weight, r, ls, -100))
-                cases.append((f"ignore1-{r}-ls{ls}-{wid}", leaf(torch.randn(6, 5, dtype=dtype)), idx.clamp_min(0), weight, r, ls, 1))
+                cases.append(
+                    (f"index-{r}-ls{ls}-{wid}", leaf(torch.randn(6, 5, dtype=dtype)), idx, weight, r, ls, -100)
+                )
+                cases.append(
+                    (
+                        f"ignore1-{r}-ls{ls}-{wid}",
+                        leaf(torch.randn(6, 5, dtype=dtype)),
+                        idx.clamp_min(0),
+                        weight,
+                        r,
+                        ls,
+                        1,
+                    )
+                )
                 probs = leaf(torch.randn(6, 5, dtype=dtype).softmax(1))
-                cases.append((f"probs-{r}-ls{ls}-{wid}", leaf(torch.randn(6, 5, dtype=dtype)), probs, weight, r, ls, -100))
+                cases.append(
+                    (f"probs-{r}-ls{ls}-{wid}", leaf(torch.randn(6, 5, dtype=dtype)), probs, weight, r, ls, -100)
+                )
                 kd = torch.randint(0, 5, (2, 3, 2))
-                cases.append((f"kdim-{r}-ls{ls}-{wid}", leaf(torch.randn(2, 5, 3, 2, dtype=dtype)), kd, weight, r, ls, -100))
+                cases.append(
+                    (f"kdim-{r}-ls{ls}-{wid}", leaf(torch.randn(2, 5, 3, 2, dtype=dtype)), kd, weight, r, ls, -100)
+                )
                 kdp = leaf(torch.randn(2, 5, 3, dtype=dtype).softmax(1))
-                cases.append((f"kdim-probs-{r}-ls{ls}-{wid}", leaf(torch.randn(2, 5, 3, dtype=dtype)), kdp, weight, r, ls, -100))
-                cases.append((f"unbatched-{r}-ls{ls}-{wid}", leaf(torch.randn(5, dtype=dtype)), torch.tensor(3), weight, r, ls, -100))
+                cases.append(
+                    (f"kdim-probs-{r}-ls{ls}-{wid}", leaf(torch.randn(2, 5, 3, dtype=dtype)), kdp, weight, r, ls, -100)
+                )
+                cases.append(
+                    (
+                        f"unbatched-{r}-ls{ls}-{wid}",
+                        leaf(torch.randn(5, dtype=dtype)),
+                        torch.tensor(3),
+                        weight,
+                        r,
+                        ls,
+                        -100,
+                    )
+                )
                 up = leaf(torch.rand(5, dtype=dtype).softmax(0))
-                cases.append((f"unbatched-probs-{r}-ls{ls}-{wid}", leaf(torch.randn(5, dtype=dtype)), up, weight, r, ls, -100))
+                cases.append(
+                    (f"unbatched-probs-{r}-ls{ls}-{wid}", leaf(torch.randn(5, dtype=dtype)), up, weight, r, ls, -100)
+                )
     return cases
 
 
@@ -155,7 +190,11 @@ def test_extreme_logits(dtype):
             lambda a, b: F.cross_entropy(a, b, label_smoothing=0.1),
             [z, torch.tensor([0, 2])],
         ),
-        (TF.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, [z, leaf(torch.rand(2, 3, dtype=dtype))]),
+        (
+            TF.binary_cross_entropy_with_logits,
+            F.binary_cross_entropy_with_logits,
+            [z, leaf(torch.rand(2, 3, dtype=dtype))],
+        ),
         (
             lambda a, b: TF.binary_cross_entropy_with_logits(a, b, pos_weight=torch.full((3,), 3.0, dtype=dtype)),
             lambda a, b: F.binary_cross_entropy_with_logits(a, b, pos_weight=torch.full((3,), 3.0, dtype=dtype)),
@@ -203,26 +242,92 @@ def test_legacy_reduction_arguments(legacy):
 @pytest.mark.parametrize(
     "call, error, message",
     [
-        (lambda: TF.mse_loss(torch.randn(3), torch.randn(3), reduction="avg"), ValueError, "avg is not a valid value for reduction"),
-        (lambda: TF.mse_loss(torch.randn(3), torch.randn(4)), RuntimeError, r"broadcastable to the input's shape \(3,\), got shape \(4,\)"),
-        (lambda: TF.mse_loss(torch.randn(3), torch.randn(3), weight=torch.rand(2)), ValueError, r"expected weight of shape \(3,\), got \(2,\)"),
+        (
+            lambda: TF.mse_loss(torch.randn(3), torch.randn(3), reduction="avg"),
+            ValueError,
+            "avg is not a valid value for reduction",
+        ),
+        (
+            lambda: TF.mse_loss(torch.randn(3), torch.randn(4)),
+            RuntimeError,
+            r"broadcastable to the input's shape \(3,\), got shape \(4,\)",
+        ),
+        (
+            lambda: TF.mse_loss(torch.randn(3), torch.randn(3), weight=torch.rand(2)),
+            ValueError,
+            r"expected weight of shape \(3,\), got \(2,\)",
+        ),
         (lambda: TF.huber_loss(torch.randn(3), torch.randn(3), delta=0), RuntimeError, "non-positive values for delta"),
-        (lambda: TF.binary_cross_entropy_with_logits(torch.randn(3), torch.rand(2)), ValueError, r"Target size \(torch.Size\(\[2\]\)\) must be the same as input size"),
-        (lambda: TF.binary_cross_entropy_with_logits(torch.randn(3), torch.rand(3), pos_weight=torch.rand(2)), RuntimeError, r"expected pos_weight broadcastable"),
-        (lambda: TF.binary_cross_entropy_with_logits(torch.randn(3), torch.rand(3), torch.rand(3, requires_grad=True)), RuntimeError, "not differentiable with respect to weight"),
-        (lambda: TF.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1])), RuntimeError, r"expected class-index target of shape \(3,\) for input of shape \(3, 4\), got shape \(2,\)"),
-        (lambda: TF.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2], dtype=torch.int32)), RuntimeError, "expected target dtype to be Long or Byte, but got torch.int32"),
-        (lambda: TF.cross_entropy(torch.randn(3, 4), torch.rand(3, 5)), RuntimeError, r"class-probability target of the input's shape \(3, 4\), got shape \(3, 5\)"),
-        (lambda: TF.cross_entropy(torch.randn(3, 4), torch.rand(3, 4), ignore_index=1), RuntimeError, "ignore_index is not supported for floating point target"),
-        (lambda: TF.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), weight=torch.rand(3)), RuntimeError, r"expected weight of shape \(4,\) \(one per class\), got shape \(3,\)"),
-        (lambda: TF.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), label_smoothing=1.5), ValueError, r"label_smoothing in \[0.0, 1.0\], got 1.5"),
-        (lambda: TF.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 7])), (RuntimeError, IndexError), "out of bounds"),
+        (
+            lambda: TF.binary_cross_entropy_with_logits(torch.randn(3), torch.rand(2)),
+            ValueError,
+            r"Target size \(torch.Size\(\[2\]\)\) must be the same as input size",
+        ),
+        (
+            lambda: TF.binary_cross_entropy_with_logits(torch.randn(3), torch.rand(3), pos_weight=torch.rand(2)),
+            RuntimeError,
+            r"expected pos_weight broadcastable",
+        ),
+        (
+            lambda: TF.binary_cross_entropy_with_logits(
+                torch.randn(3), torch.rand(3), torch.rand(3, requires_grad=True)
+            ),
+            RuntimeError,
+            "not differentiable with respect to weight",
+        ),
+        (
+            lambda: TF.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1])),
+            RuntimeError,
+            r"expected class-index target of shape \(3,\) for input of shape \(3, 4\), got shape \(2,\)",
+        ),
+        (
+            lambda: TF.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2], dtype=torch.int32)),
+            RuntimeError,
+            "expected target dtype to be Long or Byte, but got torch.int32",
+        ),
+        (
+            lambda: TF.cross_entropy(torch.randn(3, 4), torch.rand(3, 5)),
+            RuntimeError,
+            r"class-probability target of the input's shape \(3, 4\), got shape \(3, 5\)",
+        ),
+        (
+            lambda: TF.cross_entropy(torch.randn(3, 4), torch.rand(3, 4), ignore_index=1),
+            RuntimeError,
+            "ignore_index is not supported for floating point target",
+        ),
+        (
+            lambda: TF.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), weight=torch.rand(3)),
+            RuntimeError,
+            r"expected weight of shape \(4,\) \(one per class\), got shape \(3,\)",
+        ),
+        (
+            lambda: TF.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), label_smoothing=1.5),
+            ValueError,
+            r"label_smoothing in \[0.0, 1.0\], got 1.5",
+        ),
+        (
+            lambda: TF.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 7])),
+            (RuntimeError, IndexError),
+            "out of bounds",
+        ),
         (lambda: TF.cross_entropy(torch.tensor(1.0), torch.tensor(0)), RuntimeError, "got a 0-D tensor"),
     ],
     ids=[
-        "reduction", "mse-shape", "mse-weight", "huber-delta", "bce-shape", "bce-pos-weight", "bce-weight-grad",
-        "ce-target-shape", "ce-target-dtype", "ce-probs-shape", "ce-probs-ignore", "ce-weight", "ce-smoothing",
-        "ce-out-of-range", "ce-0d",
+        "reduction",
+        "mse-shape",
+        "mse-weight",
+        "huber-delta",
+        "bce-shape",
+        "bce-pos-weight",
+        "bce-weight-grad",
+        "ce-target-shape",
+        "ce-target-dtype",
+        "ce-probs-shape",
+        "ce-probs-ignore",
+        "ce-weight",
+        "ce-smoothing",
+        "ce-out-of-range",
+        "ce-0d",
     ],
 )
 def test_bad_input_messages(call, error, message):

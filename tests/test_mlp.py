@@ -72,7 +72,11 @@ def test_every_needs_input_grad(requires):
     w2.requires_grad_(requires[2])
     for t in (w3, b3, b1):
         t.requires_grad_(requires[3])
-    check_parity(lambda *a: ours(*a, activation="tanh"), lambda *a: torch_mlp(*a, activation="tanh"), [x, w1, b1, w2, None, w3, b3])
+    check_parity(
+        lambda *a: ours(*a, activation="tanh"),
+        lambda *a: torch_mlp(*a, activation="tanh"),
+        [x, w1, b1, w2, None, w3, b3],
+    )
 
 
 def _saved_bytes(fn, x, params):
@@ -111,7 +115,9 @@ def test_compile_fullgraph(activation):
     torch._dynamo.reset()
     x = torch.randn(5, SIZES[0])
     layers = _layers(torch.float32)
-    f = torch.compile(lambda x, *l: ours(x, *l, activation=activation).square().sum(), backend="aot_eager", fullgraph=True)
+    f = torch.compile(
+        lambda x, *layers: ours(x, *layers, activation=activation).square().sum(), backend="aot_eager", fullgraph=True
+    )
     out = f(x, *layers)
     grads = torch.autograd.grad(out, [t for t in layers if t is not None])
     ref = torch_mlp(x, *layers, activation=activation).square().sum()
@@ -128,7 +134,9 @@ def test_hessian_and_vmap():
     f = lambda x: ours(x, *layers, activation="silu").sum()
     g = lambda x: torch_mlp(x, *layers, activation="silu").sum()
     torch.testing.assert_close(torch.func.hessian(f)(x), torch.func.hessian(g)(x))
-    torch.testing.assert_close(torch.func.vmap(torch.func.grad(f))(x.unsqueeze(1)), torch.func.vmap(torch.func.grad(g))(x.unsqueeze(1)))
+    torch.testing.assert_close(
+        torch.func.vmap(torch.func.grad(f))(x.unsqueeze(1)), torch.func.vmap(torch.func.grad(g))(x.unsqueeze(1))
+    )
 
 
 def test_autocast_dtype_matches_linear():

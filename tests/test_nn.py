@@ -101,7 +101,9 @@ ACTIVATION_MODULES = [
 ]
 
 
-@pytest.mark.parametrize("ours_cls, theirs_cls, kw", ACTIVATION_MODULES, ids=[c[1].__name__ for c in ACTIVATION_MODULES])
+@pytest.mark.parametrize(
+    "ours_cls, theirs_cls, kw", ACTIVATION_MODULES, ids=[c[1].__name__ for c in ACTIVATION_MODULES]
+)
 def test_activation_modules(ours_cls, theirs_cls, kw):
     ours, theirs = ours_cls(**kw), theirs_cls(**kw)
     assert isinstance(ours, theirs_cls) and repr(ours) == repr(theirs)
@@ -121,7 +123,11 @@ def test_loss_modules():
         (tnn.MSELoss(reduction="sum"), nn.MSELoss(reduction="sum"), y),
         (tnn.HuberLoss(delta=0.5), nn.HuberLoss(delta=0.5), y),
         (tnn.BCEWithLogitsLoss(pos_weight=w), nn.BCEWithLogitsLoss(pos_weight=w), y.sigmoid()),
-        (tnn.CrossEntropyLoss(weight=w, label_smoothing=0.1, ignore_index=2), nn.CrossEntropyLoss(weight=w, label_smoothing=0.1, ignore_index=2), t),
+        (
+            tnn.CrossEntropyLoss(weight=w, label_smoothing=0.1, ignore_index=2),
+            nn.CrossEntropyLoss(weight=w, label_smoothing=0.1, ignore_index=2),
+            t,
+        ),
     ]
     for ours, theirs, target in pairs:
         assert ours.state_dict().keys() == theirs.state_dict().keys()

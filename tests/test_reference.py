@@ -31,7 +31,11 @@ def _net_to_lists(model: MLP, g: str, out_g: str) -> reference.Net:
 def _data(n=6, d=3, binary=True):
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(n, d, dtype=torch.float64, generator=gen)
-    y = (torch.rand(n, dtype=torch.float64, generator=gen) > 0.5).double() if binary else torch.randn(n, dtype=torch.float64, generator=gen)
+    y = (
+        (torch.rand(n, dtype=torch.float64, generator=gen) > 0.5).double()
+        if binary
+        else torch.randn(n, dtype=torch.float64, generator=gen)
+    )
     return x, y
 
 
@@ -91,8 +95,12 @@ def test_sgd_trajectory_equals_seed(case):
         opt.step()
         expected = history[t + 1]
         for k, layer in enumerate(model.layers, start=1):
-            torch.testing.assert_close(layer.weight.detach(), torch.tensor(expected.W[k], dtype=torch.float64), rtol=1e-9, atol=1e-12)
-            torch.testing.assert_close(layer.bias.detach(), torch.tensor(expected.b[k], dtype=torch.float64), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(
+                layer.weight.detach(), torch.tensor(expected.W[k], dtype=torch.float64), rtol=1e-9, atol=1e-12
+            )
+            torch.testing.assert_close(
+                layer.bias.detach(), torch.tensor(expected.b[k], dtype=torch.float64), rtol=1e-9, atol=1e-12
+            )
 
 
 def test_sgd_descends():
@@ -104,5 +112,7 @@ def test_sgd_descends():
     before = reference.LOSSES["binary_cross_entropy"][0](reference.forward(net, x[0].tolist())[1][-1][0], y[0].item())
     dW, db = reference.gradients(net, x[0].tolist(), y[0].item(), "binary_cross_entropy")
     after_net = reference.sgd_step(net, dW, db, 0.01)
-    after = reference.LOSSES["binary_cross_entropy"][0](reference.forward(after_net, x[0].tolist())[1][-1][0], y[0].item())
+    after = reference.LOSSES["binary_cross_entropy"][0](
+        reference.forward(after_net, x[0].tolist())[1][-1][0], y[0].item()
+    )
     assert after < before

@@ -37,7 +37,10 @@ def _scalar_ops():
     ]:
         ours, theirs, kw = _act(name, **kw)
         key = name + ("-" + "-".join(map(str, kw.values())) if kw else "")
-        ops[key] = (lambda x, f=ours, kw=kw: f(x, **kw).pow(2).sum(), lambda x, f=theirs, kw=kw: f(x, **kw).pow(2).sum())
+        ops[key] = (
+            lambda x, f=ours, kw=kw: f(x, **kw).pow(2).sum(),
+            lambda x, f=theirs, kw=kw: f(x, **kw).pow(2).sum(),
+        )
     ops["linear"] = (lambda x: TF.linear(x, W, B).pow(2).sum(), lambda x: F.linear(x, W, B).pow(2).sum())
     ops["dense-gelu"] = (
         lambda x: TF.dense(x, W, B, "gelu").pow(2).sum(),

@@ -32,11 +32,21 @@ def builtin_cases():
         cls = "".join(p.capitalize() for p in name.split("_")) + "Function"
         cases.append((cls, getattr(TF, name), ((3, 5),)))
     cases += [
-        ("MLPFunction[tanh]", lambda x, w1, b1, w2: TF.mlp(x, [w1, w2], [b1, None], "tanh"), ((5, 4), (6, 4), (6,), (3, 6))),
-        ("MLPFunction[gelu]", lambda x, w1, b1, w2: TF.mlp(x, [w1, w2], [b1, None], "gelu"), ((5, 4), (6, 4), (6,), (3, 6))),
+        (
+            "MLPFunction[tanh]",
+            lambda x, w1, b1, w2: TF.mlp(x, [w1, w2], [b1, None], "tanh"),
+            ((5, 4), (6, 4), (6,), (3, 6)),
+        ),
+        (
+            "MLPFunction[gelu]",
+            lambda x, w1, b1, w2: TF.mlp(x, [w1, w2], [b1, None], "gelu"),
+            ((5, 4), (6, 4), (6,), (3, 6)),
+        ),
         (
             "LinearCrossEntropy",
-            lambda x, w, b: TF.linear_cross_entropy(x, w, idx[:2].repeat(3), linear_bias=b, label_smoothing=0.1, chunk_size=4),
+            lambda x, w, b: TF.linear_cross_entropy(
+                x, w, idx[:2].repeat(3), linear_bias=b, label_smoothing=0.1, chunk_size=4
+            ),
             ((6, 3), (4, 3), (4,)),
         ),
         ("ElementwiseLoss[mse]", TF.mse_loss, ((3, 4), (3, 4))),
@@ -50,8 +60,14 @@ def builtin_cases():
 
 def _table(reports) -> str:
     names = [n for n in DEFAULT_CHECKS] + ["compile"]
-    short = {"grad_output_unmodified": "grad_out", "needs_input_grad": "needs_grad", "double_backward": "double_bw",
-             "batched_grad": "batched", "fwd_over_rev": "fwd/rev", "noncontiguous": "strides"}
+    short = {
+        "grad_output_unmodified": "grad_out",
+        "needs_input_grad": "needs_grad",
+        "double_backward": "double_bw",
+        "batched_grad": "batched",
+        "fwd_over_rev": "fwd/rev",
+        "noncontiguous": "strides",
+    }
     header = ["Function"] + [short.get(n, n) for n in names]
     rows = []
     for label, report in reports:
@@ -88,8 +104,9 @@ def _shapes(text: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="torchderiv check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="torchderiv check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("target", nargs="?", help="module.path:FunctionOrCallable to check (default: the built-ins)")
     parser.add_argument("--shapes", help='input shapes, space-separated groups of comma-separated sizes: "3,4 4,4 4"')
     parser.add_argument("--compile", action="store_true", help="also check torch.compile parity (user targets)")

@@ -17,7 +17,8 @@ nothing here can share a bug with the batched code.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 __all__ = ["ACTIVATIONS", "LOSSES", "forward", "gradients", "sgd_step", "train", "Net"]
 
@@ -117,7 +118,11 @@ def sgd_step(net: Net, dW, db, lr: float) -> Net:
         [[net.W[k][i][j] - lr * dW[k][i][j] for j in range(len(net.W[k][i]))] for i in range(len(net.W[k]))]
         for k in range(1, len(net.W))
     ]
-    b = None if net.b is None else [[]] + [[net.b[k][i] - lr * db[k][i] for i in range(len(net.b[k]))] for k in range(1, len(net.b))]
+    b = (
+        None
+        if net.b is None
+        else [[]] + [[net.b[k][i] - lr * db[k][i] for i in range(len(net.b[k]))] for k in range(1, len(net.b))]
+    )
     return net._replace(W=W, b=b)
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -248,7 +249,11 @@ def _vjp(subject, args, outs, v, create_graph=False, inputs=None, retain_graph=N
     if not pairs:
         return [None] * len(inputs)
     return torch.autograd.grad(
-        [o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True, create_graph=create_graph,
+        [o for o, _ in pairs],
+        inputs,
+        [g for _, g in pairs],
+        allow_unused=True,
+        create_graph=create_graph,
         retain_graph=retain_graph,
     )
 
@@ -291,7 +296,9 @@ class _Checker:
             outs = self.s.outputs(args)
             tangents = [fwAD.unpack_dual(o).tangent for o in outs]
         tangents = [torch.zeros_like(o) if t is None else t for o, t in zip(outs, tangents)]
-        expected_flat = sum((J @ ui.reshape(-1) for J, ui in zip(self.jac, u)), torch.zeros(_flat(outs).numel(), dtype=torch.float64))
+        expected_flat = sum(
+            (J @ ui.reshape(-1) for J, ui in zip(self.jac, u)), torch.zeros(_flat(outs).numel(), dtype=torch.float64)
+        )
         expected, start = [], 0
         for o in outs:
             expected.append(expected_flat[start : start + o.numel()].reshape(o.shape))
@@ -305,8 +312,12 @@ class _Checker:
         stacked = [torch.stack([v[k] for v in vs]) for k in range(len(outs))]
         pairs = [(o, g) for o, g in zip(outs, stacked) if o.requires_grad]
         batched = torch.autograd.grad(
-            [o for o, _ in pairs], [args[i] for i in self.s.diff], [g for _, g in pairs],
-            allow_unused=True, is_grads_batched=True, retain_graph=True,
+            [o for o, _ in pairs],
+            [args[i] for i in self.s.diff],
+            [g for _, g in pairs],
+            allow_unused=True,
+            is_grads_batched=True,
+            retain_graph=True,
         )
         singles = [_vjp(self.s, args, outs, v, retain_graph=True) for v in vs]
         actual = [None if b is None else b for b in batched]
@@ -377,10 +388,17 @@ class _Checker:
                 lv = [_laid_out(g.clone(), layout) for g in self.v]
                 grads = _vjp(self.s, largs, louts, lv)
             except Exception as e:  # e.g. .view on a permuted grad_output
-                return CheckResult("noncontiguous", "FAIL", detail=f"{layout} inputs/grad_outputs: {type(e).__name__}: {_short(e)}")
-            r = self._result("noncontiguous", list(louts) + list(grads), [o.detach() for o in outs] + [
-                torch.zeros_like(self.s.inputs[i]) if g is None else g for g, i in zip(ref_grads, self.s.diff)
-            ], [f"output {k} ({layout})" for k in range(len(outs))] + [f"{lab} gradient ({layout})" for lab in self.labels])
+                return CheckResult(
+                    "noncontiguous", "FAIL", detail=f"{layout} inputs/grad_outputs: {type(e).__name__}: {_short(e)}"
+                )
+            r = self._result(
+                "noncontiguous",
+                list(louts) + list(grads),
+                [o.detach() for o in outs]
+                + [torch.zeros_like(self.s.inputs[i]) if g is None else g for g, i in zip(ref_grads, self.s.diff)],
+                [f"output {k} ({layout})" for k in range(len(outs))]
+                + [f"{lab} gradient ({layout})" for lab in self.labels],
+            )
             if not r.ok:
                 return r
             worst = r if worst is None or (r.max_error or 0) > (worst.max_error or 0) else worst
@@ -395,8 +413,12 @@ class _Checker:
             try:
                 _vjp(self.s, args, outs, v, fresh=False)
             except Exception as e:
-                return CheckResult("grad_output_unmodified", "FAIL", detail=f"{layout}: {type(e).__name__}: {_short(e)}")
-            r = self._result("grad_output_unmodified", v, before, [f"grad_output {k} ({layout})" for k in range(len(v))])
+                return CheckResult(
+                    "grad_output_unmodified", "FAIL", detail=f"{layout}: {type(e).__name__}: {_short(e)}"
+                )
+            r = self._result(
+                "grad_output_unmodified", v, before, [f"grad_output {k} ({layout})" for k in range(len(v))]
+            )
             if not r.ok:
                 r.detail = "backward modified grad_output in place"
                 return r
@@ -416,12 +438,19 @@ class _Checker:
                 cargs = self.s.leaves(requires=chosen)
                 grads = _vjp(self.s, cargs, self.s.outputs(cargs), self.v, inputs=[cargs[i] for i in chosen])
                 expected = [full[self.s.diff.index(i)] for i in chosen]
-                r = self._result("needs_input_grad", list(grads), expected, [f"{self.s.labels[i]} (only {self._names(chosen)} need grad)" for i in chosen])
+                r = self._result(
+                    "needs_input_grad",
+                    list(grads),
+                    expected,
+                    [f"{self.s.labels[i]} (only {self._names(chosen)} need grad)" for i in chosen],
+                )
                 if not r.ok:
                     return r
             wasted = spy.wasted
         if wasted:
-            notes.append("wasted work: backward computed gradients nobody asked for (" + "; ".join(sorted(wasted)) + ")")
+            notes.append(
+                "wasted work: backward computed gradients nobody asked for (" + "; ".join(sorted(wasted)) + ")"
+            )
             worst.detail = "gradients correct; some computed without being needed (see note)"
         return worst
 
@@ -436,7 +465,11 @@ class _Checker:
         ref_grads = _vjp(self.s, args, ref_outs, self.v)
         cargs = self.s.leaves()
         out = compiled(*cargs)
-        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor) and o.is_floating_point()]
+        outs = [
+            o
+            for o in (out if isinstance(out, (tuple, list)) else (out,))
+            if isinstance(o, torch.Tensor) and o.is_floating_point()
+        ]
         grads = _vjp(self.s, cargs, outs, self.v)
         torch._dynamo.reset()
         zero = lambda g, i: torch.zeros_like(self.s.inputs[i]) if g is None else g
@@ -449,7 +482,10 @@ class _Checker:
 
     def autocast(self, reference):
         dtype = torch.bfloat16
-        args = [x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in self.s.leaves(requires=())]
+        args = [
+            x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+            for x in self.s.leaves(requires=())
+        ]
         for i in self.s.diff:
             args[i].requires_grad_()
         with torch.autocast("cpu", dtype=dtype):
@@ -460,13 +496,22 @@ class _Checker:
             refs = ref if isinstance(ref, (tuple, list)) else (ref,)
             for k, (o, r) in enumerate(zip(outs, refs)):
                 if isinstance(o, torch.Tensor) and o.dtype != r.dtype:
-                    return CheckResult("autocast", "FAIL", where=f"output {k}", detail=f"dtype {o.dtype}, reference gives {r.dtype}")
+                    return CheckResult(
+                        "autocast", "FAIL", where=f"output {k}", detail=f"dtype {o.dtype}, reference gives {r.dtype}"
+                    )
         floats = [o for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point() and o.requires_grad]
         if floats:
-            grads = torch.autograd.grad([o.float().sum() for o in floats], [args[i] for i in self.s.diff], allow_unused=True)
+            grads = torch.autograd.grad(
+                [o.float().sum() for o in floats], [args[i] for i in self.s.diff], allow_unused=True
+            )
             for g, i in zip(grads, self.s.diff):
                 if g is not None and g.dtype != args[i].dtype:
-                    return CheckResult("autocast", "FAIL", where=self.s.labels[i], detail=f"gradient dtype {g.dtype}, input dtype {args[i].dtype}")
+                    return CheckResult(
+                        "autocast",
+                        "FAIL",
+                        where=self.s.labels[i],
+                        detail=f"gradient dtype {g.dtype}, input dtype {args[i].dtype}",
+                    )
         return CheckResult("autocast", "pass", detail=f"output dtype {outs[0].dtype} under bf16 autocast")
 
     def reference(self, reference):

@@ -28,6 +28,7 @@ TWINS = {
     "nn.functional.cross_entropy": TF.cross_entropy,
 }
 
+
 def _linear_cross_entropy(*args, options=None, **kwargs):
     # torch's `options` selects its chunked path; torchderiv's is always chunked, sized by chunk_size.
     if options is not None and kwargs.get("chunk_size") is None:
@@ -39,7 +40,9 @@ TWINS["nn.functional.linear_cross_entropy"] = _linear_cross_entropy
 # Every variant of linear_cross_entropy ('', 'chunked', 'chunked_none'); the default one of the others.
 OPS = [op for op in op_db if op.name in TWINS and (op.variant_test_name == "" or "linear_cross" in op.name)]
 assert {op.name for op in OPS} == set(TWINS), "an op_db entry this file relies on is missing"
-IDS = [op.name.removeprefix("nn.functional.") + (f"-{op.variant_test_name}" if op.variant_test_name else "") for op in OPS]
+IDS = [
+    op.name.removeprefix("nn.functional.") + (f"-{op.variant_test_name}" if op.variant_test_name else "") for op in OPS
+]
 
 
 def _samples(op, dtype):
@@ -71,7 +74,7 @@ def test_every_sample_matches_torch(op, dtype):
         try:
             check_parity(lambda *a: call(ours, *a), lambda *a: call(op.op, *a), args, skip_grad_where=skip)
         except AssertionError as e:
-            raise AssertionError(f"{op.name} sample {sample.summary() if hasattr(sample, 'summary') else sample}: {e}")
+            raise AssertionError(f"{op.name} sample {sample}: {e}") from e
         count += 1
     assert count > 0
 

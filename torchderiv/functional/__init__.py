@@ -7,8 +7,8 @@ from .activations import ACTIVATIONS, elu, gelu, get_activation, leaky_relu, rel
 from .fused import dense
 from .linear import linear
 from .linear_cross_entropy import linear_cross_entropy
-from .mlp import mlp
 from .losses import binary_cross_entropy_with_logits, cross_entropy, huber_loss, mse_loss
+from .mlp import mlp
 
 __all__ = [
     "ACTIVATIONS",

@@ -76,9 +76,7 @@ def autocast_apply(fn: Twins, policy: str | None, *args):
     if policy is not None:
         target = torch.get_autocast_dtype(device_type) if policy == "lower" else torch.float32
         args = tuple(
-            a.to(target)
-            if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64
-            else a
+            a.to(target) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64 else a
             for a in args
         )
     with torch.autocast(device_type, enabled=False):

@@ -245,7 +245,12 @@ def linear_cross_entropy(
         b2 = None if linear_bias is None else linear_bias.reshape(-1)
         logits = linear(input, w2, b2).reshape(logits_shape)
         return cross_entropy(
-            logits, target, weight=weight, reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing
+            logits,
+            target,
+            weight=weight,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
         )
     expected = tuple(input.shape[:-1])
     if tuple(target.shape) != expected or target.dtype not in (torch.long, torch.uint8):
@@ -262,12 +267,27 @@ def linear_cross_entropy(
         input.requires_grad or linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
     )
     upcast = torch.is_autocast_enabled(x.device.type)
-    args = (x, linear_weight, linear_bias, t, weight, reduction, ignore_index, float(label_smoothing), int(chunk),
-            upcast, bool(grads_wanted and reduction != "none"))
+    args = (
+        x,
+        linear_weight,
+        linear_bias,
+        t,
+        weight,
+        reduction,
+        ignore_index,
+        float(label_smoothing),
+        int(chunk),
+        upcast,
+        bool(grads_wanted and reduction != "none"),
+    )
     if upcast:
         dtype = torch.get_autocast_dtype(x.device.type)
-        cast = lambda a: a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64 else a
-        args = (cast(x), cast(linear_weight), cast(linear_bias), t, None if weight is None else weight.float()) + args[5:]
+        cast = lambda a: (
+            a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64 else a
+        )
+        args = (cast(x), cast(linear_weight), cast(linear_bias), t, None if weight is None else weight.float()) + args[
+            5:
+        ]
         with torch.autocast(x.device.type, enabled=False):
             loss = apply(LINEAR_CROSS_ENTROPY, *args)[0]
     else:

@@ -82,7 +82,9 @@ class MLPFunction(torch.autograd.Function):
             if delta is not None:
                 h_prev = input if k == 0 else (kept[k - 1] if keep_h else act.value(kept[k - 1], *params))
                 layer_needs = (upstream[k], needs[3 + 2 * k], needs[4 + 2 * k])
-                gi, grads[2 * k], grads[2 * k + 1] = linear_backward(layer_needs, delta, h_prev, *layers[2 * k : 2 * k + 2])
+                gi, grads[2 * k], grads[2 * k + 1] = linear_backward(
+                    layer_needs, delta, h_prev, *layers[2 * k : 2 * k + 2]
+                )
             if k == 0:
                 grad_input = gi
                 break
@@ -134,7 +136,9 @@ def mlp(
     get_activation(activation)
     biases = [None] * len(weights) if biases is None else list(biases)
     if len(biases) != len(weights) or not weights:
-        raise ValueError(f"mlp: expected one bias (or None) per weight, got {len(weights)} weights and {len(biases)} biases")
+        raise ValueError(
+            f"mlp: expected one bias (or None) per weight, got {len(weights)} weights and {len(biases)} biases"
+        )
     check_linear_args(input, weights[0], biases[0], name="mlp layer 1")
     for k in range(1, len(weights)):
         w, b, n_prev = weights[k], biases[k], weights[k - 1].shape[0]

@@ -136,8 +136,18 @@ class MLPModule(LightningModule):
             preds = torch.sigmoid(preds)
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(preds, y)
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", on_step=False, on_epoch=True, batch_size=len(x), sync_dist=True)
-        self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        self.log(
+            f"{stage}/loss",
+            loss,
+            prog_bar=stage != "test",
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(x),
+            sync_dist=True,
+        )
+        self.log_dict(
+            {f"{stage}/{k}": m for k, m in metrics.items()}, on_step=False, on_epoch=True, prog_bar=stage != "train"
+        )
         return loss
 
     def training_step(self, batch, batch_idx):

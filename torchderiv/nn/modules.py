@@ -214,7 +214,6 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         )
 
 
-
 class LinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
     """:class:`torch.nn.LinearCrossEntropyLoss` through :func:`torchderiv.functional.linear_cross_entropy`.
 
