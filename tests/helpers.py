@@ -8,6 +8,9 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 from torch.testing import assert_close
 
+# strided ([..., ::2]) and permuted (dims reversed) layouts: one definition, shared with verify()
+from torchderiv.testing import laid_out  # noqa: E402
+
 # Leading shapes of PyTorch's sample_inputs_linear, plus a 5-D one (DESIGN §5).
 LEADING_SHAPES = [(), (0,), (8,), (2, 3), (2, 1, 3, 1, 2)]
 LAYOUTS = ["contiguous", "strided", "permuted"]
@@ -15,25 +18,6 @@ LAYOUTS = ["contiguous", "strided", "permuted"]
 # fp32: GEMMs and reductions may sum in a different order than torch's fused kernels; the error
 # grows like eps·sqrt(n) for the small n used here, well inside 1e-5 absolute / 1.3e-6·K relative.
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-7), torch.float32: dict(atol=1e-5, rtol=1e-4)}
-
-
-def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values as ``t`` in a given memory layout (DESIGN §5).
-
-    strided: every other element of a twice-as-wide buffer (``[..., ::2]``);
-    permuted: stored with the dims reversed and permuted back, so leading dims are transposed and
-    ``.view`` over them fails.
-    """
-    if layout == "contiguous" or t.dim() == 0:
-        return t.contiguous()
-    if layout == "strided":
-        buf = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
-        buf[..., ::2] = t
-        return buf[..., ::2]
-    if layout == "permuted":
-        dims = list(range(t.dim()))[::-1]
-        return t.permute(dims).contiguous().permute(dims)
-    raise ValueError(layout)
 
 
 def leaf(t: torch.Tensor, requires_grad: bool = True, layout: str = "contiguous") -> torch.Tensor:

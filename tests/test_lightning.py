@@ -173,16 +173,7 @@ def test_regression_task_logs_mse_and_r2(tmp_path):
 def _params_after(impl, steps=30):
     L.seed_everything(0)
     model = MLPModule([64, 32, 10], impl=impl, optimizer="sgd", lr=0.1, momentum=0.9)
-    trainer = L.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        accelerator="cpu",
-        limit_val_batches=0,
-    )
+    trainer = _trainer(None, max_steps=steps, max_epochs=-1, limit_val_batches=0)
     trainer.fit(model, DigitsDataModule(batch_size=32))
     return [p.detach().clone() for p in model.parameters()]
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 
-__all__ = ["verify", "Report", "CheckResult", "DEFAULT_CHECKS", "OPTIONAL_CHECKS"]
+__all__ = ["verify", "Report", "CheckResult", "DEFAULT_CHECKS", "OPTIONAL_CHECKS", "laid_out"]
 
 DEFAULT_CHECKS = (
     "gradcheck",
@@ -147,7 +147,7 @@ class _Subject:
         out = []
         for i, x in enumerate(self.inputs):
             if isinstance(x, torch.Tensor):
-                t = _laid_out(x.detach().clone(), layout)
+                t = laid_out(x.detach().clone(), layout)
                 out.append(t.requires_grad_(i in requires))
             else:
                 out.append(x)
@@ -173,14 +173,19 @@ def _to_float(x, dtype):
     return x
 
 
-def _laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """strided: every other element of a wider buffer; permuted: stored with dims reversed."""
+def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in another memory layout: ``contiguous``; ``strided`` (every other element of a
+    twice-as-wide buffer, ``[..., ::2]``); ``permuted`` (stored with the dims reversed and permuted back,
+    so ``.view`` across leading dims fails).
+    """
     if layout == "contiguous" or t.dim() == 0:
         return t.contiguous()
     if layout == "strided":
         buf = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
         buf[..., ::2] = t
         return buf[..., ::2]
+    if layout != "permuted":
+        raise ValueError(f"unknown layout {layout!r}: expected 'contiguous', 'strided' or 'permuted'")
     dims = list(range(t.dim()))[::-1]
     return t.permute(dims).contiguous().permute(dims)
 
@@ -385,7 +390,7 @@ class _Checker:
             try:
                 largs = self.s.leaves(layout=layout)
                 louts = self.s.outputs(largs)
-                lv = [_laid_out(g.clone(), layout) for g in self.v]
+                lv = [laid_out(g.clone(), layout) for g in self.v]
                 grads = _vjp(self.s, largs, louts, lv)
             except Exception as e:  # e.g. .view on a permuted grad_output
                 return CheckResult(
@@ -408,7 +413,7 @@ class _Checker:
         for layout in ("contiguous", "strided", "permuted"):
             args = self.s.leaves(layout=layout)
             outs = self.s.outputs(args)
-            v = [_laid_out(g.clone(), layout) for g in self.v]
+            v = [laid_out(g.clone(), layout) for g in self.v]
             before = [g.clone() for g in v]
             try:
                 _vjp(self.s, args, outs, v, fresh=False)
