@@ -41,7 +41,7 @@ def apply(fn: Twins, *args):
     """``fn.eager.apply(*args)``, or its jvp-free twin while Dynamo traces."""
     if torch.compiler.is_compiling():
         return fn.compiled.apply(*args)
-    if torch._C._are_functorch_transforms_active():
+    if _unwrap_dead is None or torch._C._are_functorch_transforms_active():
         return fn.eager.apply(*args)
     # NOTE: Function.apply re-binds default arguments with inspect.signature on every call (~35 µs per
     # call in torch 2.13, measured: a third of a small MLP's step). Our wrappers always pass every
@@ -50,7 +50,8 @@ def apply(fn: Twins, *args):
     return super(torch.autograd.Function, fn.eager).apply(*_unwrap_dead(args))
 
 
-_unwrap_dead = torch._functorch.utils.unwrap_dead_wrappers
+# Present in the torch versions we support; if a future torch drops it, apply() takes the public path.
+_unwrap_dead = getattr(getattr(torch._functorch, "utils", None), "unwrap_dead_wrappers", None)
 
 
 def _device_type(args) -> str:
