@@ -32,6 +32,7 @@ from torch import nn
 
 import torchderiv.functional as TF
 from torchderiv.nn import MLP
+from torchderiv.testing import saved_bytes
 
 OUT = Path(__file__).resolve().parent / "out"
 TORCH_ACT = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -63,21 +64,6 @@ def interleaved(fns: dict, rounds: int, inner: int, device) -> dict[str, list[fl
 def ratio_stats(num: list[float], den: list[float]) -> dict:
     r = [a / b for a, b in zip(num, den)]
     return {"median": statistics.median(r), "min": min(r), "max": max(r)}
-
-
-def saved_bytes(step, params) -> int:
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step(backward=False)
-    return sum(seen.values())
 
 
 def build(sizes, batch, activation, device, dtype):

@@ -7,6 +7,7 @@ from helpers import LAYOUTS, check_parity, full_check, leaf, needs_grad_combinat
 
 import torchderiv.functional as TF
 from torchderiv.functional.activations import ACTIVATIONS
+from torchderiv.testing import saved_bytes
 
 SIZES = [4, 6, 5, 3]
 
@@ -79,22 +80,6 @@ def test_every_needs_input_grad(requires):
     )
 
 
-def _saved_bytes(fn, x, params):
-    """Unique storages saved for backward, parameters and the input excluded (DESIGN §6)."""
-    seen = {}
-    skip = {p.untyped_storage().data_ptr() for p in params}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("activation, limit", [("gelu", 0.6), ("silu", 0.6), ("relu", 1.0), ("tanh", 1.0)])
 def test_saved_activation_bytes(activation, limit):
     """gelu/silu: keep Z only (autograd keeps Z and H); relu/tanh: keep H, as autograd does."""
@@ -104,9 +89,9 @@ def test_saved_activation_bytes(activation, limit):
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
         layers += [torch.randn(n_out, n_in, requires_grad=True), torch.randn(n_out, requires_grad=True)]
     x = torch.randn(128, 64)
-    params = layers
-    ours_bytes = _saved_bytes(lambda: ours(x, *layers, activation=activation), x, params)
-    theirs_bytes = _saved_bytes(lambda: torch_mlp(x, *layers, activation=activation), x, params)
+
+    ours_bytes = saved_bytes(lambda: ours(x, *layers, activation=activation), exclude=layers)
+    theirs_bytes = saved_bytes(lambda: torch_mlp(x, *layers, activation=activation), exclude=layers)
     assert ours_bytes <= limit * theirs_bytes, (ours_bytes, theirs_bytes)
 
 

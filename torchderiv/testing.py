@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 
-__all__ = ["verify", "Report", "CheckResult", "DEFAULT_CHECKS", "OPTIONAL_CHECKS", "laid_out"]
+__all__ = ["verify", "Report", "CheckResult", "DEFAULT_CHECKS", "OPTIONAL_CHECKS", "laid_out", "saved_bytes"]
 
 DEFAULT_CHECKS = (
     "gradcheck",
@@ -188,6 +188,26 @@ def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
         raise ValueError(f"unknown layout {layout!r}: expected 'contiguous', 'strided' or 'permuted'")
     dims = list(range(t.dim()))[::-1]
     return t.permute(dims).contiguous().permute(dims)
+
+
+def saved_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the unique storages autograd saves for backward while ``fn()`` runs (DESIGN §6).
+
+    Storages of ``exclude`` (typically the parameters, which exist anyway) are not counted; a storage
+    saved by several nodes (relu's output that is also the next layer's input) counts once.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
 
 
 def _random_like(ts: Iterable[torch.Tensor], seed: int) -> list[torch.Tensor]:
