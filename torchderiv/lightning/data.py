@@ -73,10 +73,6 @@ class ArrayDataModule(LightningDataModule):
         """Return ``(X, y)``: features ``(n, d)`` and targets ``(n,)``."""
         raise NotImplementedError
 
-    @property
-    def num_features(self) -> int:
-        return self.load()[0].shape[1]
-
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
