@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Twins", "compile_twin", "apply", "autocast_apply", "check_reduction", "shape_str"]
+__all__ = ["Twins", "compile_twin", "apply", "autocast_apply", "scratch", "check_reduction", "shape_str"]
 
 
 class Twins(NamedTuple):
@@ -52,6 +52,21 @@ def apply(fn: Twins, *args):
 
 # Present in the torch versions we support; if a future torch drops it, apply() takes the public path.
 _unwrap_dead = getattr(getattr(torch._functorch, "utils", None), "unwrap_dead_wrappers", None)
+
+
+def scratch(grad: torch.Tensor | None = None) -> bool:
+    """Whether a derivative may overwrite temporaries it created: nothing is recording these ops.
+
+    True in a plain backward (grad mode off); False when backward is itself differentiated
+    (``create_graph=True``: autograd may need the overwritten values) or runs under a vmap (which
+    cannot write a batched result into an unbatched temporary). ``grad`` is the incoming gradient:
+    gradcheck's ``check_batched_grad`` batches it with the legacy vmap, which sets no transform flag.
+    """
+    if torch.compiler.is_compiling():  # the compiler plans buffers itself
+        return False
+    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+        return False
+    return grad is None or not torch._C._functorch.is_legacy_batchedtensor(grad)
 
 
 def _device_type(args) -> str:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._core import autocast_apply, compile_twin
+from ._core import autocast_apply, compile_twin, scratch
 
 __all__ = [
     "Activation",
@@ -45,9 +45,12 @@ class Activation(NamedTuple):
     Attributes:
         name: the name used by ``activation=`` arguments.
         value: ``(z, *params) -> g(z)``.
-        backprop: ``(d, s, *params) -> d ⊙ g'(z)``, where ``s`` is what ``saves_output`` selects.
+        backprop: ``(d, s, *params, owned=False) -> d ⊙ g'(z)``, where ``s`` is what ``saves_output``
+            selects; ``owned=True`` lets it overwrite ``d`` (a buffer nobody else holds).
         saves_output: ``(*params) -> bool``; True when ``g'(z)`` is cheap and exact from ``h = g(z)``.
         derivative: the formula, for docstrings and the derivation doc.
+        value_: ``(z, *params) -> g(z)`` written over ``z``, for a caller that owns ``z`` and keeps only
+            ``h`` (an activation that ``saves_output``); None where there is none.
 
     A NamedTuple rather than a dataclass: Dynamo can trace through it.
     """
@@ -57,6 +60,7 @@ class Activation(NamedTuple):
     backprop: Callable
     saves_output: Callable[..., bool]
     derivative: str
+    value_: Callable | None = None
 
 
 def _always(*_):
@@ -67,21 +71,38 @@ def _never(*_):
     return False
 
 
-def _relu_backprop(d, h):
-    # g'(z) = 1[z > 0], read off h = relu(z) ≥ 0: h ≠ 0 exactly where z > 0, and h is NaN (nonzero, so
-    # True) where z is NaN, where torch's threshold_backward passes the gradient too. 0 at the kink.
-    # NOTE: masked_fill(h <= 0, 0) says the same, but its bool-mask kernel is ~4x slower on CPU here
-    # (4.6 ms vs 1.2 ms on 512 x 2048, median of 15 interleaved rounds). One difference remains: an
-    # incoming gradient of inf/NaN at a unit with h = 0 gives NaN here (0 · inf), where torch gives 0.
-    return d * h.bool()
+# NOTE on speed (DESIGN §6): on CPU, a fresh logits- or activation-sized buffer costs page faults each
+# time glibc hands freed memory back to the system, and a float × bool multiply takes a slow casting
+# path. So every derivative below uses float ops only, and when nothing differentiates them
+# (``scratch()``: a plain backward) builds g'(z) in one buffer of its own, in place, and multiplies it
+# into ``d`` in place when the caller owns ``d`` (``owned=True``: a fresh GEMM result).
 
 
-def _leaky_relu_backprop(d, s, negative_slope):
+def _times(d, factor, ok, owned):
+    """``d ⊙ factor``; in place (into ``d`` if owned, else into the fresh ``factor``) when ``ok``."""
+    if not ok:
+        return d * factor
+    return d.mul_(factor) if owned else factor.mul_(d)
+
+
+def _relu_backprop(d, h, owned=False):
+    # g'(z) = 1[z > 0], read off h = relu(z) ≥ 0 as 1 − 1[h ≤ 0]: 0 at the kink and below, and 1 where
+    # z (hence h) is NaN, where torch's threshold_backward passes the gradient too.
+    # NOTE: 1[h ≤ 0] is written as floats (torch.le with a float out=) and subtracted by one addcmul:
+    # d · h.bool() or masked_fill go through bool kernels that were 2-8x slower here. One difference
+    # remains: an incoming gradient of inf/NaN at a unit with h = 0 gives NaN (inf − inf), torch 0.
+    if not scratch(d):
+        return d.masked_fill(h <= 0, 0)
+    off = torch.le(h, 0, out=torch.empty_like(h, dtype=d.dtype))  # 1[h ≤ 0]
+    return d.addcmul_(d, off, value=-1) if owned else torch.addcmul(d, d, off, value=-1)
+
+
+def _leaky_relu_backprop(d, s, negative_slope, owned=False):
     # s is h when negative_slope >= 0 (then h > 0 exactly where z > 0), z otherwise.
     return torch.where(s > 0, d, d * negative_slope)
 
 
-def _elu_backprop(d, s, alpha):
+def _elu_backprop(d, s, alpha, owned=False):
     # For alpha >= 0 we keep h, and h + alpha = alpha·exp(z) on z <= 0 reuses it; for alpha < 0
     # h <= 0 no longer marks z <= 0, so we keep z.
     # NOTE: the test is `s > 0`, so a NaN input gets a NaN gradient, as torch's vectorised elu_backward
@@ -91,16 +112,17 @@ def _elu_backprop(d, s, alpha):
     return torch.where(s > 0, d, d * (alpha * torch.exp(s)))
 
 
-def _softplus_backprop(d, z, beta, threshold):
+def _softplus_backprop(d, z, beta, threshold, owned=False):
     # g'(z) = σ(βz); above the threshold torch returns z itself, whose derivative is 1.
     bz = z * beta
     return torch.where(bz > threshold, d, d * torch.sigmoid(bz))
 
 
-_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+_SQRT1_2 = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def _gelu_backprop(d, z, approximate):
+def _gelu_backprop(d, z, approximate, owned=False):
     if approximate == "tanh":
         # g = ½ z (1 + tanh u),  u = √(2/π)(z + c z³)
         # g' = ½ (1 + tanh u) + ½ z (1 − tanh² u) √(2/π)(1 + 3c z²)
@@ -108,43 +130,64 @@ def _gelu_backprop(d, z, approximate):
         t = torch.tanh(_SQRT_2_OVER_PI * z * (1 + _GELU_TANH_C * z2))
         du = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_C * z2)
         return d * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * du)
-    # g = z Φ(z)  ⇒  g' = Φ(z) + z φ(z),  φ(z) = exp(−z²/2 − log √(2π)).
-    # NOTE: ndtr is Φ in one pass and addcmul folds a multiply into an add: 5 passes over z in all,
-    # which is what decides the race with torch's single fused gelu_backward (DESIGN §6).
-    pdf = torch.exp(torch.addcmul(z.new_tensor(-_LOG_SQRT_2PI), z, z, value=-0.5))
-    return d * torch.addcmul(torch.special.ndtr(z), z, pdf)
+    # g = z Φ(z)  ⇒  g' = Φ(z) + z φ(z),  Φ(z) = ½ erfc(−z/√2),  φ(z) = exp(−z²/2) / √(2π).
+    # NOTE: erfc, not torch.special.ndtr: ndtr is one call but ran 3-13x slower than erfc on 512 x 2048
+    # here (1.5-6.9 ms vs 0.5 ms, CPU, 2 threads).
+    ok = scratch(d)
+    q = z * -_SQRT1_2  # −z/√2
+    sq = q * q  # z²/2
+    pdf = torch.exp(sq.neg_(), out=sq) if ok else torch.exp(-sq)  # √(2π) φ(z)
+    cdf = torch.special.erfc(q, out=q if ok else None)  # 2 Φ(z)
+    if ok:
+        factor = cdf.mul_(0.5).addcmul_(z, pdf, value=_INV_SQRT_2PI)
+    else:
+        factor = torch.addcmul(0.5 * cdf, z, pdf, value=_INV_SQRT_2PI)
+    return _times(d, factor, ok, owned)
 
 
-def _silu_backprop(d, z):
-    # g = z σ(z)  ⇒  g' = σ(z) (1 + z (1 − σ(z))) = σ + σ · (z − z σ), in four passes over z.
+def _silu_backprop(d, z, owned=False):
+    # g = z σ(z)  ⇒  g' = σ(z) (1 + z (1 − σ(z))) = σ + σ · (z − z σ).
+    ok = scratch(d)
     s = torch.sigmoid(z)
-    return d * torch.addcmul(s, s, torch.addcmul(z, z, s, value=-1))
+    t = torch.addcmul(z, z, s, value=-1)  # z − z σ
+    factor = s.addcmul_(s, t) if ok else torch.addcmul(s, s, t)
+    return _times(d, factor, ok, owned)
 
 
-def _sigmoid_backprop(d, h):
+def _sigmoid_backprop(d, h, owned=False):
     # g' = h (1 − h) = h − h·h
-    return d * torch.addcmul(h, h, h, value=-1)
+    ok = scratch(d)
+    return _times(d, torch.addcmul(h, h, h, value=-1), ok, owned)
 
 
-def _tanh_backprop(d, h):
+def _tanh_backprop(d, h, owned=False):
     # g' = 1 − h²
-    return d * torch.addcmul(h.new_tensor(1.0), h, h, value=-1)
+    ok = scratch(d)
+    return _times(d, torch.addcmul(h.new_ones(()), h, h, value=-1), ok, owned)
 
 
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
-        Activation("sigmoid", torch.sigmoid, _sigmoid_backprop, _always, "h (1 − h)"),
-        Activation("tanh", torch.tanh, _tanh_backprop, _always, "1 − h²"),
-        Activation("relu", torch.relu, _relu_backprop, _always, "1[z > 0]"),
+        Activation("sigmoid", torch.sigmoid, _sigmoid_backprop, _always, "h (1 − h)", torch.sigmoid_),
+        Activation("tanh", torch.tanh, _tanh_backprop, _always, "1 − h²", torch.tanh_),
+        Activation("relu", torch.relu, _relu_backprop, _always, "1[z > 0]", torch.relu_),
         Activation(
             "leaky_relu",
             lambda z, a: F.leaky_relu(z, a),
             _leaky_relu_backprop,
             lambda a: a >= 0,
             "1 if z > 0 else a",
+            lambda z, a: F.leaky_relu_(z, a),
         ),
-        Activation("elu", lambda z, a: F.elu(z, a), _elu_backprop, lambda a: a >= 0, "1 if z > 0 else h + α"),
+        Activation(
+            "elu",
+            lambda z, a: F.elu(z, a),
+            _elu_backprop,
+            lambda a: a >= 0,
+            "1 if z > 0 else h + α",
+            lambda z, a: F.elu_(z, a),
+        ),
         Activation(
             "softplus",
             lambda z, beta, threshold: F.softplus(z, beta, threshold),

@@ -60,7 +60,7 @@ def _chunk_error(x, w, b, t, class_weight, ignore_index, eps, upcast, need_loss)
     log_p = _chunk_logits(x, w, b, upcast).log_softmax(1)  # the logits themselves are freed at once
     # log_p stands in for the logits below: the helpers read only its shape and dtype when given log_p.
     loss = _ce_loss(log_p, t, class_weight, ignore_index, eps, log_p=log_p)[0] if need_loss else None
-    grad_z = _ce_grads(log_p, t, class_weight, ignore_index, eps, log_p=log_p, consume_log_p=True)[0]
+    grad_z = _ce_grads(log_p, t, class_weight, ignore_index, eps, log_p=log_p)[0]
     return loss, grad_z.to(x.dtype)
 
 

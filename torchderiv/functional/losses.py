@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._core import autocast_apply, check_reduction, compile_twin, shape_str
+from ._core import autocast_apply, check_reduction, compile_twin, scratch, shape_str
 
 __all__ = ["mse_loss", "huber_loss", "binary_cross_entropy_with_logits", "cross_entropy"]
 
@@ -310,15 +310,21 @@ def _ce_loss(input, target, weight, ignore_index, eps, log_p=None):
     return loss, divisor
 
 
-def _ce_grads(input, target, weight, ignore_index, eps, log_p=None, consume_log_p=False):
-    """``∂ℓ/∂z`` per row (zero for ignored rows), ``∂ℓ/∂t`` for probability targets (else None), divisor.
+def _ce_grads(input, target, weight, ignore_index, eps, grad_output=None, reduction="sum", log_p=None, inplace=None):
+    """Gradients of ``J = reduce(ℓ)`` times ``s = grad_output`` (1 if None): ``(∂J/∂z, ∂J/∂t or None)``.
 
-    Class indices: ``∂ℓ/∂z = a p − (1 − ε) w_y e_y − (ε/C) w`` with ``a = (1 − ε) w_y + (ε/C) Σ_c w_c``;
-    probabilities: ``∂ℓ/∂z = (Σ_c w_c t'_c) p − w ⊙ t'``, ``∂ℓ/∂t = −(1 − ε) w ⊙ log p`` (DESIGN §2).
+    Class indices: ``∂ℓ/∂z = a p − (1 − ε) w_y e_y − (ε/C) w`` with ``a = (1 − ε) w_y + (ε/C) Σ_c w_c``,
+    zero for rows equal to ``ignore_index``; probabilities: ``∂ℓ/∂z = (Σ_c w_c t'_c) p − w ⊙ t'``,
+    ``∂ℓ/∂t = −(1 − ε) w ⊙ log p`` (DESIGN §2). "mean" divides by ``D`` (``Σ w_y`` over rows not ignored,
+    or the row count); "none" takes ``s`` per row.
+    ``log_p`` (if given) is used instead of recomputing ``log_softmax(input)``; with ``inplace`` (default:
+    when nothing differentiates these ops) the result is built in the buffer of ``p = softmax(z)``, which
+    is then ``log_p`` itself when given: one logits-sized buffer instead of five.
     """
     c = _class_dim(input)
     n_classes = input.shape[c]
     w = _class_weight(weight, input, c)
+    inplace = scratch(grad_output) if inplace is None else inplace
     if target.is_floating_point():
         log_p = input.log_softmax(c) if log_p is None else log_p
         p = log_p.exp()
@@ -326,39 +332,59 @@ def _ce_grads(input, target, weight, ignore_index, eps, log_p=None, consume_log_
         wt = t if w is None else t * w
         grad_z = wt.sum(c, keepdim=True) * p - wt
         grad_t = -(1 - eps) * (log_p if w is None else log_p * w)
-        return grad_z, grad_t, (input.numel() // n_classes if n_classes else 0)
-    # When nothing differentiates these ops (plain backward, or forward of the fused linear + CE), p is a
-    # fresh buffer of ours and is turned into ∂ℓ/∂z in place: one logits-sized buffer instead of five.
-    inplace = not torch.is_grad_enabled()
+        scale = _row_scale(grad_output, reduction, input.numel() // n_classes if n_classes else 0, c)
+        return (grad_z, grad_t) if scale is None else (grad_z * scale, grad_t * scale)
     if log_p is None:
         p = input.softmax(c)
     else:
-        p = log_p.exp_() if (inplace and consume_log_p) else log_p.exp()
-    valid, idx = _index_rows(target, ignore_index, c)
-    w_y = weight[idx.squeeze(c)].unsqueeze(c) if weight is not None else None  # (N, 1, d1, …)
-    one_hot_scale = (1 - eps) if w_y is None else (1 - eps) * w_y
-    grad_z = p
+        p = log_p.exp_() if inplace else log_p.exp()
+    # Per-row factors first, shaped (N, 1, d1, …): the logits-sized buffer p is then touched by one
+    # multiply, one scatter and, with smoothing, one more pass.
+    target = target.unsqueeze(c)
+    valid = target != ignore_index
+    idx = target.where(valid, 0)
+    idx = idx if idx.dtype == torch.long else idx.long()
+    w_y = weight[idx] if weight is not None else None
+    divisor = None
+    if reduction == "mean":
+        divisor = valid.sum() if w_y is None else w_y.where(valid, 0).sum()
+    scale = _row_scale(grad_output, reduction, divisor, c)
+    # NOTE: ignored rows get 0 by a multiply with the mask (a bool where/masked_fill is ~4x slower on
+    # CPU); an ignored row whose logits hold +inf/NaN therefore gets NaN here, where torch gives 0.
+    m = valid.to(p.dtype) if scale is None else valid * scale  # 1[not ignored] · s / D
+    m = m if m.dtype == p.dtype else m.to(p.dtype)
+    mw = m if w_y is None else m * w_y
     if eps > 0:
-        a = one_hot_scale + (eps / n_classes) * (weight.sum() if weight is not None else n_classes)
-        smooth = (eps / n_classes) * (w if w is not None else 1)
-        grad_z = grad_z.mul_(a).sub_(smooth) if inplace else a * grad_z - smooth
-    elif w_y is not None:
-        grad_z = grad_z.mul_(w_y) if inplace else grad_z * w_y
-    src = -one_hot_scale if w_y is not None else torch.full(idx.shape, -(1 - eps), dtype=p.dtype, device=p.device)
+        a = (1 - eps) * mw + (eps / n_classes) * (weight.sum() if weight is not None else n_classes) * m
+        src = -(1 - eps) * mw
+    else:
+        a, src = mw, -mw
+    grad_z = p.mul_(a) if inplace else p * a
     grad_z = grad_z.scatter_add_(c, idx, src) if inplace else grad_z.scatter_add(c, idx, src)
-    # NOTE: rows equal to ignore_index get 0 by a multiply with the (broadcast) bool mask: 4x faster on CPU
-    # than where/masked_fill. An ignored row whose logits hold +inf/NaN gets NaN here, where torch gives 0.
-    grad_z = grad_z.mul_(valid.unsqueeze(c)) if inplace else grad_z * valid.unsqueeze(c)
-    divisor = w_y.squeeze(c).where(valid, 0).sum() if w_y is not None else valid.sum().to(input.dtype)
-    return grad_z, None, divisor
+    if eps > 0:  # − (ε/C) m w_c
+        w_c = w if w is not None else m.new_ones(())
+        k = -eps / n_classes
+        grad_z = grad_z.addcmul_(m, w_c, value=k) if inplace else grad_z.addcmul(m, w_c, value=k)
+    return grad_z, None
+
+
+def _row_scale(grad_output, reduction, divisor, c):
+    """``s / D`` ("mean"), ``s`` ("sum"), or ``s`` per row ("none"), broadcastable along the class dim."""
+    if grad_output is None:
+        return None if reduction != "mean" else 1 / _mean_divisor(divisor)
+    if reduction == "none":
+        return grad_output.unsqueeze(c)
+    return grad_output / _mean_divisor(divisor) if reduction == "mean" else grad_output
 
 
 def _mean_divisor(divisor):
     # NOTE: a divisor of 0 means every row is ignored (or there are none): the loss is 0/0 = NaN as in
     # torch, but every row's ∂ℓ/∂z is exactly 0 and torch's gradient is 0, so the gradient divides by 1.
-    if isinstance(divisor, torch.Tensor):
-        return torch.where(divisor == 0, 1, divisor)
-    return max(divisor, 1)
+    if not isinstance(divisor, torch.Tensor):
+        return max(divisor, 1)
+    if not divisor.is_floating_point():
+        return divisor.clamp_min(1)  # a row count
+    return torch.where(divisor == 0, 1, divisor)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -376,6 +402,11 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, target, weight, reduction, ignore_index, label_smoothing):
+        c = _class_dim(input)
+        if label_smoothing == 0 and not target.is_floating_point():
+            # −w_y log p_y per row (0 where ignored), reduced: torch's nll_loss on log softmax computes
+            # exactly this value, in one kernel.
+            return F.nll_loss(input.log_softmax(c), target, weight, ignore_index=ignore_index, reduction=reduction)
         loss, divisor = _ce_loss(input, target, weight, ignore_index, label_smoothing)
         return _reduce(loss, reduction, divisor)
 
@@ -393,25 +424,21 @@ class CrossEntropyFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if not (needs[0] or needs[1]):
             return None, None, None, None, None, None
-        grad_z, grad_t, divisor = _ce_grads(input, target, weight, ignore_index, label_smoothing)
-        scale = grad_output.unsqueeze(_class_dim(input)) if reduction == "none" else grad_output
-        if reduction == "mean":
-            scale = scale / _mean_divisor(divisor)
-        grad_input = scale * grad_z if needs[0] else None
-        grad_target = scale * grad_t if (needs[1] and grad_t is not None) else None
-        return grad_input, grad_target, None, None, None, None
+        grad_z, grad_t = _ce_grads(input, target, weight, ignore_index, label_smoothing, grad_output, reduction)
+        return (grad_z if needs[0] else None), (grad_t if needs[1] else None), None, None, None, None
 
     @staticmethod
     def jvp(ctx, d_input, d_target, *_):
         input, target, weight = ctx.saved_tensors
         reduction, ignore_index, label_smoothing = ctx.config
-        grad_z, grad_t, divisor = _ce_grads(input, target, weight, ignore_index, label_smoothing)
+        grad_z, grad_t = _ce_grads(input, target, weight, ignore_index, label_smoothing, None, reduction)
         dl = torch.zeros_like(grad_z)
         if d_input is not None:
             dl = dl + grad_z * d_input
         if d_target is not None and grad_t is not None:
             dl = dl + grad_t * d_target
-        return _reduce(dl.sum(_class_dim(input)), reduction, divisor)
+        dl = dl.sum(_class_dim(input))
+        return dl if reduction == "none" else dl.sum()
 
 
 CROSS_ENTROPY = compile_twin(CrossEntropyFunction)

@@ -37,10 +37,12 @@ class MLPFunction(torch.autograd.Function):
     def forward(input, activation, act_params, *layers):
         act = get_activation(activation)
         keep_h = act.saves_output(*act_params)
+        # When only H is kept, g is applied in place: Z is our own fresh GEMM result, needed no more.
+        value = act.value_ if keep_h else act.value
         h, kept = input, []
         for k in range(0, len(layers) - 2, 2):
             z = linear_forward(h, layers[k], layers[k + 1])
-            h = act.value(z, *act_params)
+            h = value(z, *act_params)
             kept.append(h if keep_h else z)
         return (linear_forward(h, layers[-2], layers[-1]), *kept)
 
@@ -90,9 +92,11 @@ class MLPFunction(torch.autograd.Function):
                 break
             # A gradient may also arrive for the kept S⁽ᵏ⁾ itself (e.g. in double backward): add it in.
             g_kept = grad_kept[k - 1]
+            owned = gi is not None  # a fresh GEMM result (or sum), which the product may overwrite
             if keep_h and g_kept is not None:
                 gi = g_kept if gi is None else gi + g_kept
-            delta = None if gi is None else act.backprop(gi, kept[k - 1], *params)  # Δ⁽ᵏ⁻¹⁾ = (Δ W) ⊙ g'(Z)
+            # Δ⁽ᵏ⁻¹⁾ = (Δ W) ⊙ g'(Z)
+            delta = None if gi is None else act.backprop(gi, kept[k - 1], *params, owned=owned)
             if not keep_h and g_kept is not None:
                 delta = g_kept if delta is None else delta + g_kept
         return (grad_input, None, None, *grads)
