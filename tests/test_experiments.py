@@ -1,0 +1,39 @@
+"""The experiment scripts start, agree with autograd where they check it, and write what they promise."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, tmp_path, timeout=300):
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT / "experiments"
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_overhead_floor_runs_and_its_bare_functions_match_autograd(tmp_path):
+    # The script asserts that all four contenders produce autograd's gradients before timing them.
+    out = _run(["overhead_floor.py", "--rounds", "1", "--inner", "1"], tmp_path)
+    for name in ("autograd", "torchderiv", "floor, two nodes", "floor, one node"):
+        assert name in out
+
+
+def test_benchmark_quick_writes_its_tables(tmp_path):
+    _run(["benchmark.py", "--quick", "--no-lce", "--rounds", "7", "--inner", "1", "--out", str(tmp_path)], tmp_path)
+    rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
+    assert [(r["net"], r["activation"]) for r in rows] == [
+        ("large", "relu"),
+        ("large", "gelu"),
+        ("small", "relu"),
+        ("small", "gelu"),
+    ]
+    by = {(r["net"], r["activation"]): r for r in rows}
+    # Saved bytes are deterministic: relu keeps what autograd keeps, gelu only Z per layer.
+    assert by["large", "relu"]["saved_ratio"] <= 1.0
+    assert by["large", "gelu"]["saved_ratio"] < 0.6
+    assert "| large 1024-2048-2048-10 ×512 | gelu |" in (tmp_path / "benchmark.md").read_text()
