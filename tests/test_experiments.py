@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(args, tmp_path, timeout=300):
+def _run(args, timeout=300):
     proc = subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT / "experiments"
     )
@@ -16,15 +16,15 @@ def _run(args, tmp_path, timeout=300):
     return proc.stdout
 
 
-def test_overhead_floor_runs_and_its_bare_functions_match_autograd(tmp_path):
+def test_overhead_floor_runs_and_its_bare_functions_match_autograd():
     # The script asserts that all four contenders produce autograd's gradients before timing them.
-    out = _run(["overhead_floor.py", "--rounds", "1", "--inner", "1"], tmp_path)
+    out = _run(["overhead_floor.py", "--rounds", "1", "--inner", "1"])
     for name in ("autograd", "torchderiv", "floor, two nodes", "floor, one node"):
         assert name in out
 
 
 def test_benchmark_quick_writes_its_tables(tmp_path):
-    _run(["benchmark.py", "--quick", "--no-lce", "--rounds", "7", "--inner", "1", "--out", str(tmp_path)], tmp_path)
+    _run(["benchmark.py", "--quick", "--no-lce", "--rounds", "7", "--inner", "1", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
     assert [(r["net"], r["activation"]) for r in rows] == [
         ("large", "relu"),

@@ -231,6 +231,11 @@ def test_all_ignored_mean_is_nan_like_torch():
     x = leaf(torch.randn(3, 4))
     t = torch.full((3,), -100)
     check_parity(TF.cross_entropy, F.cross_entropy, [x, t])
+    # forward mode: the tangent of 0/0 is NaN too (backward's gradient is 0, as torch's)
+    v = torch.randn(3, 4)
+    ours = torch.func.jvp(lambda a: TF.cross_entropy(a, t), (x.detach(),), (v,))
+    theirs = torch.func.jvp(lambda a: F.cross_entropy(a, t), (x.detach(),), (v,))
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
 
 
 @pytest.mark.parametrize("legacy", [dict(size_average=False), dict(reduce=False), dict(size_average=True, reduce=True)])

@@ -22,7 +22,7 @@ import torch
 
 from ._core import apply, check_reduction, compile_twin
 from .linear import linear
-from .losses import _ce_grads, _ce_loss, _index_rows, _mean_divisor, _reduce, cross_entropy
+from .losses import _ce_grads, _ce_loss, _divisor, _index_rows, _mean_divisor, _reduce, cross_entropy
 
 __all__ = ["LinearCrossEntropyFunction", "linear_cross_entropy", "default_chunk_size"]
 
@@ -38,12 +38,10 @@ def default_chunk_size(n_rows: int, n_classes: int, element_size: int = 4) -> in
     return max(1, min(n_rows, _CHUNK_BYTES // max(1, n_classes * element_size)))
 
 
-def _divisor(target, class_weight, ignore_index):
+def _batch_divisor(target, class_weight, ignore_index):
     """The mean's divisor for the whole batch, from the targets alone (no logits needed)."""
     valid, idx = _index_rows(target, ignore_index, 0)
-    if class_weight is None:
-        return valid.sum()  # an integer count; callers cast it to the loss's dtype
-    return class_weight[idx.squeeze(0)].where(valid, 0).sum()
+    return _divisor(valid, class_weight[idx.squeeze(0)] if class_weight is not None else None)
 
 
 def _chunks(n: int, size: int):
@@ -118,7 +116,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 if b is not None:
                     gb = delta.sum(0) if gb is None else gb.add_(delta.sum(0))
         loss = torch.cat(losses) if losses else input.new_zeros(0, dtype=torch.float32 if upcast else input.dtype)
-        out = _reduce(loss, reduction, _divisor(target, class_weight, ignore_index).to(loss.dtype))
+        out = _reduce(loss, reduction, _batch_divisor(target, class_weight, ignore_index).to(loss.dtype))
         empty = input.new_empty(0)
         if not precompute:
             return out, empty, empty, empty
@@ -149,7 +147,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             scale = grad_loss
             if reduction == "mean":
-                scale = scale / _mean_divisor(_divisor(target, class_weight, ctx.config[1]).to(grad_loss.dtype))
+                scale = scale / _mean_divisor(_batch_divisor(target, class_weight, ctx.config[1]).to(grad_loss.dtype))
             scale = scale.to(input.dtype)
             if ctx.precomputed and not torch.is_grad_enabled():
                 return (
@@ -179,7 +177,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dl = torch.cat(parts) if parts else input.new_zeros(0)
         if upcast:
             dl = dl.float()
-        d_out = _reduce(dl, reduction, _divisor(target, class_weight, ignore_index).to(dl.dtype))
+        d_out = _reduce(dl, reduction, _batch_divisor(target, class_weight, ignore_index).to(dl.dtype))
         return d_out, None, None, None
 
 

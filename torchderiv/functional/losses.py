@@ -285,6 +285,11 @@ def _index_rows(target, ignore_index, c):
     return valid, target.where(valid, 0).long().unsqueeze(c)
 
 
+def _divisor(valid, w_y):
+    """The mean's divisor ``D``: the count of rows not ignored, or ``Σ w_y`` over them."""
+    return valid.sum() if w_y is None else w_y.where(valid, 0).sum()
+
+
 def _ce_loss(input, target, weight, ignore_index, eps, log_p=None):
     """Per-row loss ``ℓ`` and the mean's divisor. ``log p = log_softmax(z)``: stable for any logits."""
     c = _class_dim(input)
@@ -306,8 +311,7 @@ def _ce_loss(input, target, weight, ignore_index, eps, log_p=None):
         smooth = -(log_p * w).sum(c) if w is not None else -log_p.sum(c)
         loss = loss + (eps / n_classes) * smooth
     loss = loss.where(valid, 0)
-    divisor = w_y.where(valid, 0).sum() if w_y is not None else valid.sum().to(input.dtype)
-    return loss, divisor
+    return loss, _divisor(valid, w_y)
 
 
 def _ce_grads(input, target, weight, ignore_index, eps, grad_output=None, reduction="sum", log_p=None, inplace=None):
@@ -340,15 +344,10 @@ def _ce_grads(input, target, weight, ignore_index, eps, grad_output=None, reduct
         p = log_p.exp_() if inplace else log_p.exp()
     # Per-row factors first, shaped (N, 1, d1, …): the logits-sized buffer p is then touched by one
     # multiply, one scatter and, with smoothing, one more pass.
-    target = target.unsqueeze(c)
-    valid = target != ignore_index
-    idx = target.where(valid, 0)
-    idx = idx if idx.dtype == torch.long else idx.long()
+    valid, idx = _index_rows(target, ignore_index, c)
+    valid = valid.unsqueeze(c)
     w_y = weight[idx] if weight is not None else None
-    divisor = None
-    if reduction == "mean":
-        divisor = valid.sum() if w_y is None else w_y.where(valid, 0).sum()
-    scale = _row_scale(grad_output, reduction, divisor, c)
+    scale = _row_scale(grad_output, reduction, _divisor(valid, w_y) if reduction == "mean" else None, c)
     # NOTE: ignored rows get 0 by a multiply with the mask (a bool where/masked_fill is ~4x slower on
     # CPU); an ignored row whose logits hold +inf/NaN therefore gets NaN here, where torch gives 0.
     m = valid.to(p.dtype) if scale is None else valid * scale  # 1[not ignored] · s / D
@@ -402,11 +401,11 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, target, weight, reduction, ignore_index, label_smoothing):
-        c = _class_dim(input)
         if label_smoothing == 0 and not target.is_floating_point():
             # −w_y log p_y per row (0 where ignored), reduced: torch's nll_loss on log softmax computes
             # exactly this value, in one kernel.
-            return F.nll_loss(input.log_softmax(c), target, weight, ignore_index=ignore_index, reduction=reduction)
+            log_p = input.log_softmax(_class_dim(input))
+            return F.nll_loss(log_p, target, weight, ignore_index=ignore_index, reduction=reduction)
         loss, divisor = _ce_loss(input, target, weight, ignore_index, label_smoothing)
         return _reduce(loss, reduction, divisor)
 
@@ -431,14 +430,16 @@ class CrossEntropyFunction(torch.autograd.Function):
     def jvp(ctx, d_input, d_target, *_):
         input, target, weight = ctx.saved_tensors
         reduction, ignore_index, label_smoothing = ctx.config
-        grad_z, grad_t = _ce_grads(input, target, weight, ignore_index, label_smoothing, None, reduction)
+        # Per-row derivatives, reduced afterwards by the true divisor: a mean over no rows is 0/0 = NaN,
+        # its tangent too (as torch's), where backward's gradient is 0.
+        grad_z, grad_t = _ce_grads(input, target, weight, ignore_index, label_smoothing)
         dl = torch.zeros_like(grad_z)
         if d_input is not None:
             dl = dl + grad_z * d_input
         if d_target is not None and grad_t is not None:
             dl = dl + grad_t * d_target
-        dl = dl.sum(_class_dim(input))
-        return dl if reduction == "none" else dl.sum()
+        divisor = _ce_loss(input, target, weight, ignore_index, label_smoothing)[1] if reduction == "mean" else 1
+        return _reduce(dl.sum(_class_dim(input)), reduction, divisor)
 
 
 CROSS_ENTROPY = compile_twin(CrossEntropyFunction)
