@@ -10,6 +10,8 @@ Method (DESIGN §6): every contender runs in this one process, interleaved (A B 
 median of the per-round ratios with their spread (min–max). Ratios < 1 mean torchderiv is faster or
 smaller.
 
+* torchderiv: ``MLP.cross_entropy`` — network and loss in one Function, one autograd node per step.
+  "two Functions" is the same network as ``MLP`` then ``cross_entropy`` (two nodes), shown alongside.
 * autograd: the same network as an ``nn.Sequential`` of torch modules, same weights, same loss.
 * 3-GEMM limit: per layer the forward GEMM, the weight-gradient GEMM and the input-gradient GEMM (none
   for the first layer), the same shapes and transposes, no elementwise work.
@@ -82,18 +84,30 @@ def build(sizes, batch, activation, device, dtype):
     return ours, theirs, x, target
 
 
-def make_step(model, loss_fn, x, target):
-    params = list(model.parameters())
+def make_step(params, loss_fn, x, target):
+    """One training step's forward + backward: clear the gradients of ``params``, ``loss_fn(x, target)``."""
+    params = list(params)
 
     def step(backward=True):
         for p in params:
             p.grad = None
-        loss = loss_fn(model(x), target)
+        loss = loss_fn(x, target)
         if backward:
             loss.backward()
         return loss
 
     return step
+
+
+def steps(ours, theirs):
+    """The loss functions compared: torchderiv's network + cross-entropy as one Function
+    (``MLP.cross_entropy``) and as two (``MLP`` then ``cross_entropy``); autograd's ``nn.Sequential``
+    then ``F.cross_entropy``."""
+    return {
+        "torchderiv": lambda x, target: ours.cross_entropy(x, target)[0],
+        "two": lambda x, target: TF.cross_entropy(ours(x), target),
+        "autograd": lambda x, target: F.cross_entropy(theirs(x), target),
+    }
 
 
 def gemm_limit(sizes, batch, device, dtype):
@@ -116,20 +130,29 @@ def gemm_limit(sizes, batch, device, dtype):
 def bench_mlp(net: str, activation: str, args, device, dtype, compiled: bool = False) -> dict:
     sizes, batch = NETS[net]
     ours, theirs, x, target = build(sizes, batch, activation, device, dtype)
-    ours_step = make_step(ours, TF.cross_entropy, x, target)
-    theirs_step = make_step(theirs, F.cross_entropy, x, target)
+    loss = steps(ours, theirs)
+    ours_p, theirs_p = list(ours.parameters()), list(theirs.parameters())
     row = {"net": net, "sizes": sizes, "batch": batch, "activation": activation, "compiled": compiled}
     if compiled:
         torch._dynamo.reset()
-        c_ours, c_theirs = torch.compile(ours), torch.compile(theirs)
-        ours_step = make_step(c_ours, TF.cross_entropy, x, target)
-        theirs_step = make_step(c_theirs, F.cross_entropy, x, target)
-        times = interleaved({"torchderiv": ours_step, "autograd": theirs_step}, args.rounds, args.inner, device)
+        fns = {
+            "torchderiv": make_step(ours_p, torch.compile(loss["torchderiv"]), x, target),
+            "autograd": make_step(theirs_p, torch.compile(loss["autograd"]), x, target),
+        }
+        times = interleaved(fns, args.rounds, args.inner, device)
     else:
-        fns = {"torchderiv": ours_step, "autograd": theirs_step, "gemm": gemm_limit(sizes, batch, device, dtype)}
+        ours_step = make_step(ours_p, loss["torchderiv"], x, target)
+        theirs_step = make_step(theirs_p, loss["autograd"], x, target)
+        fns = {
+            "torchderiv": ours_step,
+            "autograd": theirs_step,
+            "gemm": gemm_limit(sizes, batch, device, dtype),
+            "two": make_step(ours_p, loss["two"], x, target),
+        }
         times = interleaved(fns, args.rounds, args.inner, device)
         row["vs_gemm"] = ratio_stats(times["torchderiv"], times["gemm"])
         row["autograd_vs_gemm"] = ratio_stats(times["autograd"], times["gemm"])
+        row["two_vs_autograd"] = ratio_stats(times["two"], times["autograd"])
         params = list(ours.parameters()) + list(theirs.parameters())
         row["saved_bytes"] = {
             "torchderiv": saved_bytes(ours_step, params),
@@ -151,8 +174,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"median of {meta['rounds']} interleaved rounds (min–max).",
         "",
         "| net | g | compiled | torchderiv ms | autograd ms | time vs autograd | time vs 3-GEMM "
-        "| autograd vs 3-GEMM | saved bytes vs autograd |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| autograd vs 3-GEMM | saved bytes vs autograd | two Functions vs autograd |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("kind") == "linear_cross_entropy":
@@ -168,6 +191,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             fmt(r["vs_gemm"]) if "vs_gemm" in r else "–",
             fmt(r["autograd_vs_gemm"]) if "autograd_vs_gemm" in r else "–",
             f"{r['saved_ratio']:.2f}" if "saved_ratio" in r else "–",
+            fmt(r["two_vs_autograd"]) if "two_vs_autograd" in r else "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lce = [r for r in rows if r.get("kind") == "linear_cross_entropy"]
@@ -210,7 +234,8 @@ def main() -> None:
             rows.append(row)
             print(
                 f"{net:5} {activation:5} time vs autograd {fmt(row['vs_autograd'])}  vs 3-GEMM {fmt(row['vs_gemm'])}  "
-                f"(autograd vs 3-GEMM {fmt(row['autograd_vs_gemm'])})  saved bytes {row['saved_ratio']:.2f}",
+                f"(autograd vs 3-GEMM {fmt(row['autograd_vs_gemm'])})  saved bytes {row['saved_ratio']:.2f}  "
+                f"two Functions vs autograd {fmt(row['two_vs_autograd'])}",
                 flush=True,
             )
     if not args.quick and not args.no_compile:

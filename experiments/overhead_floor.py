@@ -5,10 +5,11 @@ To run:
 
 On the digits-scale MLP (64-128-128-10, batch 64, relu, cross-entropy) a training step is a few hundred
 µs and most of it is per-call overhead, not arithmetic. This script times, side by side and interleaved
-(as experiments/benchmark.py does), four ways to run the same forward + backward:
+(as experiments/benchmark.py does), five ways to run the same forward + backward:
 
 * autograd: ``nn.Sequential`` + ``F.cross_entropy`` (torch's C++ backward nodes);
-* torchderiv: ``torchderiv.nn.MLP`` + ``torchderiv.functional.cross_entropy``;
+* torchderiv, two: ``torchderiv.nn.MLP`` + ``torchderiv.functional.cross_entropy`` (two Functions);
+* torchderiv, one: ``MLP.cross_entropy``, network and loss in one Function;
 * floor, two nodes: the same formulas as two bare Functions (network, loss) with none of torchderiv's
   generality: no argument checks, no autocast, no jvp/vmap/compile plumbing, no class weights, no
   ``ignore_index``, 2-D only;
@@ -26,9 +27,7 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from benchmark import build, interleaved, make_step, ratio_stats
-
-import torchderiv.functional as TF
+from benchmark import build, interleaved, make_step, ratio_stats, steps
 
 
 def _relu_mask_(d, h):
@@ -115,13 +114,15 @@ def main() -> None:
 
         return run
 
+    loss = steps(ours, theirs)
     fns = {
-        "autograd": make_step(theirs, F.cross_entropy, x, target),
-        "torchderiv": make_step(ours, TF.cross_entropy, x, target),
+        "autograd": make_step(theirs.parameters(), loss["autograd"], x, target),
+        "torchderiv, two": make_step(params, loss["two"], x, target),
+        "torchderiv, one": make_step(params, loss["torchderiv"], x, target),
         "floor, two nodes": step(lambda: BareCrossEntropy.apply(BareNet.apply(x, *params), target)),
         "floor, one node": step(lambda: BareNetCrossEntropy.apply(x, target, *params)),
     }
-    # The four must compute the same gradients, or the timings compare different work.
+    # All must compute the same gradients, or the timings compare different work.
     grads = {}
     for name, fn in fns.items():
         fn()

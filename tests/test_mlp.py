@@ -142,3 +142,180 @@ def test_bad_shapes():
         TF.mlp(torch.randn(2, 5), [w1])
     with pytest.raises(ValueError, match="one bias"):
         TF.mlp(torch.randn(2, 4), [w1], [None, None])
+
+
+# --- the network and its cross-entropy in one Function (mlp_cross_entropy) ---------------------------
+
+N_CLASSES = SIZES[-1]
+
+
+def _targets(kind, dtype, batched=True):
+    """(target, ignore_index): rows ignored or not, ignore_index negative or a class, or probabilities."""
+    if kind == "probs":
+        shape = (6, N_CLASSES) if batched else (N_CLASSES,)
+        return leaf(torch.randn(shape, dtype=dtype).softmax(-1)), -100
+    if not batched:
+        return torch.tensor(2), -100
+    rows = {
+        "all": ([0, 2, 2, 1, 1, 0], -100),  # nothing ignored: the short path on CPU
+        "ignored": ([0, 2, -100, 1, -100, 0], -100),
+        "ignore-class": ([0, 2, 1, 1, 2, 0], 1),  # ignore_index is a class that occurs
+        "ignore-absent": ([0, 2, 0, 2, 2, 0], 1),
+    }[kind]
+    return torch.tensor(rows[0]), rows[1]
+
+
+def _fused_and_composed(activation, weight, reduction, label_smoothing, ignore_index):
+    kw = dict(weight=weight, reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index)
+
+    def fused(x, target, *layers):
+        loss, logits = TF.mlp_cross_entropy(x, list(layers[::2]), list(layers[1::2]), target, activation, **kw)
+        return torch.cat([loss.reshape(-1), logits.reshape(-1)])  # a gradient reaches both outputs
+
+    def composed(x, target, *layers):
+        logits = torch_mlp(x, *layers, activation=activation)
+        return torch.cat([F.cross_entropy(logits, target, **kw).reshape(-1), logits.reshape(-1)])
+
+    return fused, composed
+
+
+FUSED_CASES = [
+    (kind, reduction, ls, weighted)
+    for kind in ("all", "ignored", "ignore-class", "ignore-absent", "probs")
+    for reduction in ("mean", "sum", "none")
+    for ls in (0.0, 0.2)
+    for weighted in (False, True)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kind, reduction, ls, weighted", FUSED_CASES, ids=lambda v: str(v))
+def test_mlp_cross_entropy_matches_torch(kind, reduction, ls, weighted, dtype):
+    target, ignore_index = _targets(kind, dtype)
+    weight = torch.rand(N_CLASSES, dtype=dtype) + 0.1 if weighted else None
+    fused, composed = _fused_and_composed("tanh", weight, reduction, ls, ignore_index)
+    x = leaf(torch.randn(6, SIZES[0], dtype=dtype))
+    check_parity(fused, composed, [x, target, *_layers(dtype)])
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "sigmoid", "softplus"])
+@pytest.mark.parametrize("kind", ["all", "ignored", "probs"])
+def test_mlp_cross_entropy_activations(activation, kind):
+    target, ignore_index = _targets(kind, torch.float64)
+    fused, composed = _fused_and_composed(activation, None, "mean", 0.0, ignore_index)
+    x = leaf(torch.randn(6, SIZES[0], dtype=torch.float64))
+    check_parity(fused, composed, [x, target, *_layers()])
+
+
+@pytest.mark.parametrize("kind", ["all", "ignored", "probs"])
+def test_mlp_cross_entropy_unbatched_and_empty(kind):
+    target, ignore_index = _targets("probs" if kind == "probs" else "all", torch.float64, batched=False)
+    fused, composed = _fused_and_composed("silu", None, "mean", 0.1, ignore_index)
+    check_parity(fused, composed, [leaf(torch.randn(SIZES[0], dtype=torch.float64)), target, *_layers()])
+    empty_t = torch.empty(0, N_CLASSES, dtype=torch.float64) if kind == "probs" else torch.empty(0, dtype=torch.long)
+    for reduction in ("sum", "none"):  # ("mean" over no rows is NaN in both, checked with CE's own tests)
+        fused, composed = _fused_and_composed("silu", None, reduction, 0.0, -100)
+        check_parity(fused, composed, [leaf(torch.empty(0, SIZES[0], dtype=torch.float64)), empty_t, *_layers()])
+
+
+@pytest.mark.parametrize(
+    "kind, reduction, ls, weighted",
+    [
+        ("ignored", "mean", 0.2, True),
+        ("all", "mean", 0.0, False),
+        ("probs", "sum", 0.2, True),
+        ("all", "none", 0.0, True),
+    ],
+    ids=str,
+)
+def test_mlp_cross_entropy_gradcheck(kind, reduction, ls, weighted):
+    """Backward, double backward, forward AD and their vmapped forms, in float64 (DESIGN §5)."""
+    target, ignore_index = _targets(kind, torch.float64)
+    weight = torch.rand(N_CLASSES, dtype=torch.float64) + 0.1 if weighted else None
+    fused, _ = _fused_and_composed("gelu", weight, reduction, ls, ignore_index)
+    x = leaf(torch.randn(6, SIZES[0], dtype=torch.float64))
+    layers = [t for t in _layers() if t is not None]
+
+    if target.is_floating_point():  # probabilities are differentiable too
+        full_check(lambda x, t, w1, b1, w2, w3, b3: fused(x, t, w1, b1, w2, None, w3, b3), (x, target, *layers))
+    else:
+        full_check(lambda x, w1, b1, w2, w3, b3: fused(x, target, w1, b1, w2, None, w3, b3), (x, *layers))
+
+
+def test_mlp_cross_entropy_frozen_layers_and_target():
+    """Only some inputs need gradients; class-index targets get none."""
+    target, ignore_index = _targets("ignored", torch.float64)
+    fused, composed = _fused_and_composed("relu", None, "mean", 0.0, ignore_index)
+    x = leaf(torch.randn(6, SIZES[0], dtype=torch.float64), requires_grad=False)
+    w1, b1, w2, _, w3, b3 = _layers()
+    w2.requires_grad_(False)
+    w3.requires_grad_(False)
+    check_parity(fused, composed, [x, target, w1, b1, w2, None, w3, b3])
+
+
+def test_mlp_cross_entropy_transforms():
+    """torch.func (hessian, vmap of grad) and a compiled step agree with the composed ops."""
+    target, _ = _targets("ignored", torch.float64)
+    layers = _layers(requires=False)
+    w, b = list(layers[::2]), list(layers[1::2])
+    f = lambda x: TF.mlp_cross_entropy(x, w, b, target, "silu")[0]
+    g = lambda x: F.cross_entropy(torch_mlp(x, *layers, activation="silu"), target)
+    x = torch.randn(6, SIZES[0], dtype=torch.float64)
+    torch.testing.assert_close(torch.func.hessian(f)(x), torch.func.hessian(g)(x))
+    per_row = lambda fn: torch.func.vmap(torch.func.grad(lambda xr, tr: fn(xr, tr)))(x, target.clamp_min(0))
+    torch.testing.assert_close(
+        per_row(lambda xr, tr: TF.mlp_cross_entropy(xr, w, b, tr, "silu")[0]),
+        per_row(lambda xr, tr: F.cross_entropy(torch_mlp(xr, *layers, activation="silu"), tr)),
+    )
+
+    torch._dynamo.reset()
+    layers32 = _layers(torch.float32)
+    params = [t for t in layers32 if t is not None]
+    x32 = torch.randn(6, SIZES[0])
+    step = torch.compile(
+        lambda x, *ls: TF.mlp_cross_entropy(x, list(ls[::2]), list(ls[1::2]), target, "gelu", label_smoothing=0.1)[0],
+        backend="aot_eager",
+        fullgraph=True,
+    )
+    out = step(x32, *layers32)
+    ref = F.cross_entropy(torch_mlp(x32, *layers32, activation="gelu"), target, label_smoothing=0.1)
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(torch.autograd.grad(out, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_mlp_cross_entropy_autocast_dtypes_match_torch():
+    """Under autocast the logits come in the autocast dtype (as F.linear), the loss in float32 (as F.cross_entropy)."""
+    x = torch.randn(6, SIZES[0])
+    layers = _layers(torch.float32)
+    params = [t for t in layers if t is not None]
+    probs = torch.randn(6, N_CLASSES).softmax(1)
+    for target in (torch.tensor([0, 2, -100, 1, 1, 0]), probs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, logits = TF.mlp_cross_entropy(x, list(layers[::2]), list(layers[1::2]), target, "relu")
+            ref_logits = torch_mlp(x, *layers)
+            ref = F.cross_entropy(ref_logits, target)
+        assert (loss.dtype, logits.dtype) == (ref.dtype, ref_logits.dtype) == (torch.float32, torch.bfloat16)
+        torch.testing.assert_close(logits, ref_logits)
+        torch.testing.assert_close(loss, ref)
+        grads, ref_grads = torch.autograd.grad(loss, params), torch.autograd.grad(ref, params)
+        for a, r in zip(grads, ref_grads):
+            assert a.dtype == r.dtype == torch.float32
+            torch.testing.assert_close(a, r, atol=1e-2, rtol=1e-2)  # bf16 GEMMs: ~3 significant digits
+
+
+def test_mlp_cross_entropy_bad_input():
+    w = [torch.randn(6, 4), torch.randn(3, 6)]
+    with pytest.raises(RuntimeError, match=r"mlp_cross_entropy: expected input of shape \(n_0,\) or \(N, n_0\)"):
+        TF.mlp_cross_entropy(torch.randn(2, 5, 4), w, None, torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"mlp_cross_entropy: expected class-index target of shape \(2,\)"):
+        TF.mlp_cross_entropy(torch.randn(2, 4), w, None, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"mlp_cross_entropy layer 2: expected a weight of shape \(out_features, 6"):
+        TF.mlp_cross_entropy(torch.randn(2, 4), [w[0], torch.randn(3, 5)], None, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"label_smoothing in \[0.0, 1.0\], got -0.5"):
+        TF.mlp_cross_entropy(torch.randn(2, 4), w, None, torch.zeros(2, dtype=torch.long), label_smoothing=-0.5)
+    with pytest.raises(ValueError, match="is not a valid value for reduction"):
+        TF.mlp_cross_entropy(torch.randn(2, 4), w, None, torch.zeros(2, dtype=torch.long), reduction="avg")
+    with pytest.raises(IndexError):  # a class out of range: torch's own nll_loss error
+        TF.mlp_cross_entropy(torch.randn(2, 4), w, None, torch.tensor([0, 3]))

@@ -82,6 +82,22 @@ def test_mlp_matches_sequential(activation):
     assert graph_functions(out) == {"MLPFunctionBackward", "AccumulateGrad"}  # one Function, whole network
 
 
+def test_mlp_cross_entropy_is_one_node_with_torch_numbers():
+    """MLP.cross_entropy: the loss of F.cross_entropy(MLP(x)) and its logits, from a single Function."""
+    torch.manual_seed(0)
+    ours = tnn.MLP([6, 8, 7, 3], activation="relu")
+    x, y = torch.randn(10, 6), torch.tensor([0, 1, 2, -100, 1, 0, 2, 2, 1, 0])
+    loss, logits = ours.cross_entropy(x, y, label_smoothing=0.1)
+    assert graph_functions(loss) == {"MLPFunctionBackward", "AccumulateGrad"}
+    ref_logits = ours(x)
+    ref = torch.nn.functional.cross_entropy(ref_logits, y, label_smoothing=0.1)
+    assert_close(logits, ref_logits)
+    assert_close(loss, ref)
+    params = list(ours.parameters())
+    for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref, params)):
+        assert_close(a, b)
+
+
 def test_mlp_bad_sizes():
     with pytest.raises(ValueError, match=r"at least two positive widths, got \[4\]"):
         tnn.MLP([4])

@@ -225,4 +225,4 @@ def test_check_command_on_builtins(capsys):
 
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert "CrossEntropy[probs]" in out and "LinearCrossEntropy" in out and "19 passed, 0 failed" in out
+    assert "CrossEntropy[probs]" in out and "LinearCrossEntropy" in out and "20 passed, 0 failed" in out

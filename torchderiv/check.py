@@ -43,6 +43,11 @@ def builtin_cases():
             ((5, 4), (6, 4), (6,), (3, 6)),
         ),
         (
+            "MLPFunction[silu, cross-entropy]",
+            lambda x, w1, b1, w2: TF.mlp_cross_entropy(x, [w1, w2], [b1, None], idx, "silu", label_smoothing=0.1)[0],
+            ((3, 4), (6, 4), (6,), (4, 6)),
+        ),
+        (
             "LinearCrossEntropy",
             lambda x, w, b: TF.linear_cross_entropy(
                 x, w, idx[:2].repeat(3), linear_bias=b, label_smoothing=0.1, chunk_size=4

@@ -8,7 +8,7 @@ from .fused import dense
 from .linear import linear
 from .linear_cross_entropy import linear_cross_entropy
 from .losses import binary_cross_entropy_with_logits, cross_entropy, huber_loss, mse_loss
-from .mlp import mlp
+from .mlp import mlp, mlp_cross_entropy
 
 __all__ = [
     "ACTIVATIONS",
@@ -24,6 +24,7 @@ __all__ = [
     "silu",
     "dense",
     "mlp",
+    "mlp_cross_entropy",
     "mse_loss",
     "huber_loss",
     "binary_cross_entropy_with_logits",

@@ -46,7 +46,8 @@ class Activation(NamedTuple):
         name: the name used by ``activation=`` arguments.
         value: ``(z, *params) -> g(z)``.
         backprop: ``(d, s, *params, owned=False) -> d ⊙ g'(z)``, where ``s`` is what ``saves_output``
-            selects; ``owned=True`` lets it overwrite ``d`` (a buffer nobody else holds).
+            selects; ``owned=True`` lets it overwrite ``d``: the caller holds the only reference to ``d``
+            and has checked that nothing differentiates this product (:func:`~._core.scratch`).
         saves_output: ``(*params) -> bool``; True when ``g'(z)`` is cheap and exact from ``h = g(z)``.
         derivative: the formula, for docstrings and the derivation doc.
         value_: ``(z, *params) -> g(z)`` written over ``z``, for a caller that owns ``z`` and keeps only
@@ -91,9 +92,9 @@ def _relu_backprop(d, h, owned=False):
     # NOTE: 1[h ≤ 0] is written as floats (torch.le with a float out=) and subtracted by one addcmul:
     # d · h.bool() or masked_fill go through bool kernels that were 2-8x slower here. One difference
     # remains: an incoming gradient of inf/NaN at a unit with h = 0 gives NaN (inf − inf), torch 0.
-    if not scratch(d):
+    if not (owned or scratch(d)):
         return d.masked_fill(h <= 0, 0)
-    off = torch.le(h, 0, out=torch.empty_like(h, dtype=d.dtype))  # 1[h ≤ 0]
+    off = torch.le(h, 0, out=torch.empty_like(d))  # 1[h ≤ 0]
     return d.addcmul_(d, off, value=-1) if owned else torch.addcmul(d, d, off, value=-1)
 
 
@@ -133,7 +134,7 @@ def _gelu_backprop(d, z, approximate, owned=False):
     # g = z Φ(z)  ⇒  g' = Φ(z) + z φ(z),  Φ(z) = ½ erfc(−z/√2),  φ(z) = exp(−z²/2) / √(2π).
     # NOTE: erfc, not torch.special.ndtr: ndtr is one call but ran 3-13x slower than erfc on 512 x 2048
     # here (1.5-6.9 ms vs 0.5 ms, CPU, 2 threads).
-    ok = scratch(d)
+    ok = owned or scratch(d)
     q = z * -_SQRT1_2  # −z/√2
     sq = q * q  # z²/2
     pdf = torch.exp(sq.neg_(), out=sq) if ok else torch.exp(-sq)  # √(2π) φ(z)
@@ -147,7 +148,7 @@ def _gelu_backprop(d, z, approximate, owned=False):
 
 def _silu_backprop(d, z, owned=False):
     # g = z σ(z)  ⇒  g' = σ(z) (1 + z (1 − σ(z))) = σ + σ · (z − z σ).
-    ok = scratch(d)
+    ok = owned or scratch(d)
     s = torch.sigmoid(z)
     t = torch.addcmul(z, z, s, value=-1)  # z − z σ
     factor = s.addcmul_(s, t) if ok else torch.addcmul(s, s, t)
@@ -156,13 +157,13 @@ def _silu_backprop(d, z, owned=False):
 
 def _sigmoid_backprop(d, h, owned=False):
     # g' = h (1 − h) = h − h·h
-    ok = scratch(d)
+    ok = owned or scratch(d)
     return _times(d, torch.addcmul(h, h, h, value=-1), ok, owned)
 
 
 def _tanh_backprop(d, h, owned=False):
     # g' = 1 − h²
-    ok = scratch(d)
+    ok = owned or scratch(d)
     return _times(d, torch.addcmul(h.new_ones(()), h, h, value=-1), ok, owned)
 
 

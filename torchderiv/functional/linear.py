@@ -33,13 +33,14 @@ def linear_backward(needs, delta, input, weight, bias):
     ``∂J/∂b = Σ_rows Δ`` (bias: erratum 7). Each GEMM runs only when ``needs`` asks for it.
     """
     grad_input = grad_weight = grad_bias = None
+    flat = delta.dim() == 2
     if needs[0]:
         # NOTE: mm for the common 2-D case: matmul's dispatch costs ~10 µs more a call (measured).
-        grad_input = delta.mm(weight) if delta.dim() == 2 else delta.matmul(weight)  # (*, n_in)
+        grad_input = delta.mm(weight) if flat else delta.matmul(weight)  # (*, n_in)
     if needs[1] or (bias is not None and needs[2]):
-        d = _rows(delta)  # (N, n_out)
+        d = delta if flat else _rows(delta)  # (N, n_out)
         if needs[1]:
-            grad_weight = d.t().mm(_rows(input))  # (n_out, n_in)
+            grad_weight = d.t().mm(input if flat else _rows(input))  # (n_out, n_in)
         if bias is not None and needs[2]:
             grad_bias = d.sum(0)  # (n_out,)
     return grad_input, grad_weight, grad_bias

@@ -1,40 +1,51 @@
-"""The whole seed network in one Function: forward propagation (§2) and the full backward pass (§3.6).
+"""The whole seed network in one Function: forward propagation (§2), the loss, and the backward pass (§3).
 
 Holding every layer in one Function lets backward choose what to keep: for activations whose
 derivative needs ``z`` (gelu, silu, softplus) only ``Z⁽ᵏ⁾`` is kept and ``H⁽ᵏ⁾ = g(Z⁽ᵏ⁾)`` is recomputed
 when the next layer's weight gradient needs it, where autograd keeps both ``Z⁽ᵏ⁾`` and ``H⁽ᵏ⁾``.
+With the cross-entropy folded in (:func:`mlp_cross_entropy`), a training step is one autograd node, as
+in the seed's backprop, which starts from the loss (§3.1) and runs to the first layer (§3.6).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._core import autocast_apply, compile_twin
+from ._core import apply, autocast_apply, check_reduction, compile_twin, scratch
 from .activations import DEFAULT_PARAMS, get_activation
 from .linear import check_linear_args, linear_backward, linear_forward, linear_jvp
+from .losses import _ce_grads, _ce_jvp, _ce_value, check_cross_entropy_args
 
-__all__ = ["MLPFunction", "mlp"]
+__all__ = ["MLPFunction", "mlp", "mlp_cross_entropy"]
+
+_LAYERS = 6  # index of W⁽¹⁾ among MLPFunction's inputs
 
 
 class MLPFunction(torch.autograd.Function):
-    """``Z⁽ᵏ⁾ = H⁽ᵏ⁻¹⁾ W⁽ᵏ⁾ᵀ + b⁽ᵏ⁾``, ``H⁽ᵏ⁾ = g(Z⁽ᵏ⁾)`` for k = 1 … L, then the linear output ``Z⁽ᴸ⁺¹⁾``.
+    """``Z⁽ᵏ⁾ = H⁽ᵏ⁻¹⁾ W⁽ᵏ⁾ᵀ + b⁽ᵏ⁾``, ``H⁽ᵏ⁾ = g(Z⁽ᵏ⁾)`` for k = 1 … L, the linear output ``Z⁽ᴸ⁺¹⁾``,
+    and optionally the cross-entropy ``J(Z⁽ᴸ⁺¹⁾, T)``.
 
-    Inputs: ``(X, activation, act_params, W⁽¹⁾, b⁽¹⁾, …, W⁽ᴸ⁺¹⁾, b⁽ᴸ⁺¹⁾)`` (biases may be None).
-    Outputs: ``(Z⁽ᴸ⁺¹⁾, S⁽¹⁾, …, S⁽ᴸ⁾)`` where ``S⁽ᵏ⁾`` is what backward keeps of layer k — ``H⁽ᵏ⁾`` when
-    ``g'`` is exact from the output (relu, tanh, sigmoid, …), ``Z⁽ᵏ⁾`` otherwise. They are outputs so
-    that they can be saved (DESIGN §4); they stay differentiable, and a gradient arriving for one is
-    added in.
+    Inputs: ``(X, T, w, activation, act_params, loss, W⁽¹⁾, b⁽¹⁾, …, W⁽ᴸ⁺¹⁾, b⁽ᴸ⁺¹⁾)`` (biases may be
+    None). ``loss`` is None (no loss; T and the class weights w are None) or
+    ``(reduction, ignore_index, label_smoothing, upcast)``, ``upcast`` asking for the loss in float32
+    from half-precision logits (torch's autocast policy for cross_entropy).
+    Outputs: ``(Z⁽ᴸ⁺¹⁾, S⁽¹⁾, …, S⁽ᴸ⁾)``, or ``(J, Z⁽ᴸ⁺¹⁾, S⁽¹⁾, …, S⁽ᴸ⁾)`` with a loss, where ``S⁽ᵏ⁾``
+    is what backward keeps of layer k — ``H⁽ᵏ⁾`` when ``g'`` is exact from the output (relu, tanh,
+    sigmoid, …), ``Z⁽ᵏ⁾`` otherwise. They are outputs so that they can be saved (DESIGN §4); they stay
+    differentiable, and a gradient arriving for one is added in.
 
-    backward (seed §3.6, batched), for k = L+1 … 1 with ``Δ⁽ᴸ⁺¹⁾ = ∂J/∂Z⁽ᴸ⁺¹⁾``:
-    ``∂J/∂W⁽ᵏ⁾ = Δ⁽ᵏ⁾ᵀ H⁽ᵏ⁻¹⁾``, ``∂J/∂b⁽ᵏ⁾ = Σ_rows Δ⁽ᵏ⁾``, ``Δ⁽ᵏ⁻¹⁾ = (Δ⁽ᵏ⁾ W⁽ᵏ⁾) ⊙ g'(Z⁽ᵏ⁻¹⁾)``,
-    and ``∂J/∂X = Δ⁽¹⁾ W⁽¹⁾``.
-    jvp: ``dZ⁽ᵏ⁾ = dH⁽ᵏ⁻¹⁾ W⁽ᵏ⁾ᵀ + H⁽ᵏ⁻¹⁾ dW⁽ᵏ⁾ᵀ + db⁽ᵏ⁾``, ``dH⁽ᵏ⁾ = g'(Z⁽ᵏ⁾) ⊙ dZ⁽ᵏ⁾``.
+    backward (seed §3.1 and §3.6, batched): ``Δ⁽ᴸ⁺¹⁾ = ∂J/∂Z⁽ᴸ⁺¹⁾`` — with the loss, ``s (p − y) / D``
+    (class weights and smoothing as in :func:`~torchderiv.functional.cross_entropy`) — then for
+    k = L+1 … 1: ``∂J/∂W⁽ᵏ⁾ = Δ⁽ᵏ⁾ᵀ H⁽ᵏ⁻¹⁾``, ``∂J/∂b⁽ᵏ⁾ = Σ_rows Δ⁽ᵏ⁾``,
+    ``Δ⁽ᵏ⁻¹⁾ = (Δ⁽ᵏ⁾ W⁽ᵏ⁾) ⊙ g'(Z⁽ᵏ⁻¹⁾)``, and ``∂J/∂X = Δ⁽¹⁾ W⁽¹⁾``.
+    jvp: ``dZ⁽ᵏ⁾ = dH⁽ᵏ⁻¹⁾ W⁽ᵏ⁾ᵀ + H⁽ᵏ⁻¹⁾ dW⁽ᵏ⁾ᵀ + db⁽ᵏ⁾``, ``dH⁽ᵏ⁾ = g'(Z⁽ᵏ⁾) ⊙ dZ⁽ᵏ⁾``, then
+    ``dJ = reduce(Σ_c ∂ℓ/∂z_c dz_c + ∂ℓ/∂t_c dt_c)``.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, activation, act_params, *layers):
+    def forward(input, target, weight, activation, act_params, loss, *layers):
         act = get_activation(activation)
         keep_h = act.saves_output(*act_params)
         # When only H is kept, g is applied in place: Z is our own fresh GEMM result, needed no more.
@@ -44,47 +55,62 @@ class MLPFunction(torch.autograd.Function):
             z = linear_forward(h, layers[k], layers[k + 1])
             h = value(z, *act_params)
             kept.append(h if keep_h else z)
-        return (linear_forward(h, layers[-2], layers[-1]), *kept)
+        z = linear_forward(h, layers[-2], layers[-1])
+        if loss is None:
+            return (z, *kept)
+        return (_ce_value(_loss_logits(z, loss), target, weight, *loss[:3]), z, *kept)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, activation, act_params, *layers = inputs
-        ctx.activation, ctx.act_params, ctx.n_layers = activation, act_params, len(layers) // 2
+        input, target, weight, activation, act_params, loss, *layers = inputs
+        ctx.activation, ctx.act_params, ctx.loss, ctx.n_layers = activation, act_params, loss, len(layers) // 2
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(input, *layers, *output[1:])
-        ctx.save_for_forward(input, *layers, *output[1:])
+        kept = output if loss is None else output[1:]  # Z⁽ᴸ⁺¹⁾ (kept only with a loss), S⁽¹⁾ … S⁽ᴸ⁾
+        ctx.save_for_backward(input, target, weight, *layers, *kept[loss is None :])
+        ctx.save_for_forward(input, target, weight, *layers, *kept[loss is None :])
 
     @staticmethod
     def _unpack(ctx):
         saved = ctx.saved_tensors
         n = ctx.n_layers
         act = get_activation(ctx.activation)
-        return act, saved[0], saved[1 : 1 + 2 * n], list(saved[1 + 2 * n :])
+        layers, rest = saved[3 : 3 + 2 * n], saved[3 + 2 * n :]
+        z = None if ctx.loss is None else rest[0]
+        return act, saved[0], saved[1], saved[2], layers, z, rest[ctx.loss is not None :]
 
     @staticmethod
-    def _layer_inputs(act, input, kept, act_params):
-        """``H⁽⁰⁾ … H⁽ᴸ⁾``: kept directly, or recomputed from the kept ``Z`` (cheap next to a GEMM)."""
-        keep_h = act.saves_output(*act_params)
-        return [input] + [s if keep_h else act.value(s, *act_params) for s in kept]
-
-    @staticmethod
-    def backward(ctx, grad_output, *grad_kept):
-        act, input, layers, kept = MLPFunction._unpack(ctx)
-        params = ctx.act_params
+    def backward(ctx, *grads):
+        act, input, target, weight, layers, z, kept = MLPFunction._unpack(ctx)
+        params, loss, needs, n = ctx.act_params, ctx.loss, ctx.needs_input_grad, ctx.n_layers
         keep_h = act.saves_output(*params)
-        needs = ctx.needs_input_grad
-        n = ctx.n_layers
-        grads = [None] * (2 * n)
+        # Whether this backward may overwrite buffers it creates (a plain backward): asked once here.
+        ok = scratch(grads[0] if grads[0] is not None else next((g for g in grads if g is not None), None))
+        grad_target = None
+        if loss is None:
+            delta, grad_kept = grads[0], grads[1:]
+        else:
+            # Δ⁽ᴸ⁺¹⁾ = ∂J/∂Z⁽ᴸ⁺¹⁾ (§3.1), plus whatever gradient reached the logits output itself.
+            grad_loss, delta, grad_kept = grads[0], grads[1], grads[2:]
+            if grad_loss is not None:
+                logits = _loss_logits(z, loss)
+                g_z, grad_target = _ce_grads(logits, target, weight, loss[1], loss[2], grad_loss, loss[0], inplace=ok)
+                g_z = g_z if g_z.dtype == z.dtype else g_z.to(z.dtype)
+                delta = g_z if delta is None else g_z + delta
+        layer_grads = [None] * (2 * n)
         grad_input = None
-        # Layer k (0-based) needs Δ⁽ᵏ⁾ W⁽ᵏ⁾ if anything before it needs a gradient.
-        upstream = [needs[0] or any(needs[3 : 3 + 2 * k]) for k in range(n)]
-        delta = grad_output
+        # Layer k (0-based) needs Δ⁽ᵏ⁾ W⁽ᵏ⁾ if anything before it needs a gradient: if k > lowest, the
+        # lowest layer with a parameter needing one (-1 when the input itself does).
+        lowest = -1 if needs[0] else n
+        for k in range(n if lowest == n else 0):
+            if needs[_LAYERS + 2 * k] or needs[_LAYERS + 1 + 2 * k]:
+                lowest = k
+                break
         for k in range(n - 1, -1, -1):
             gi = None
             if delta is not None:
                 h_prev = input if k == 0 else (kept[k - 1] if keep_h else act.value(kept[k - 1], *params))
-                layer_needs = (upstream[k], needs[3 + 2 * k], needs[4 + 2 * k])
-                gi, grads[2 * k], grads[2 * k + 1] = linear_backward(
+                layer_needs = (k > lowest, needs[_LAYERS + 2 * k], needs[_LAYERS + 1 + 2 * k])
+                gi, layer_grads[2 * k], layer_grads[2 * k + 1] = linear_backward(
                     layer_needs, delta, h_prev, *layers[2 * k : 2 * k + 2]
                 )
             if k == 0:
@@ -92,31 +118,64 @@ class MLPFunction(torch.autograd.Function):
                 break
             # A gradient may also arrive for the kept S⁽ᵏ⁾ itself (e.g. in double backward): add it in.
             g_kept = grad_kept[k - 1]
-            owned = gi is not None  # a fresh GEMM result (or sum), which the product may overwrite
+            owned = ok and gi is not None  # a fresh GEMM result (or sum), which the product may overwrite
             if keep_h and g_kept is not None:
                 gi = g_kept if gi is None else gi + g_kept
             # Δ⁽ᵏ⁻¹⁾ = (Δ W) ⊙ g'(Z)
             delta = None if gi is None else act.backprop(gi, kept[k - 1], *params, owned=owned)
             if not keep_h and g_kept is not None:
                 delta = g_kept if delta is None else delta + g_kept
-        return (grad_input, None, None, *grads)
+        grad_target = grad_target if needs[1] else None
+        return (grad_input, grad_target, None, None, None, None, *layer_grads)
 
     @staticmethod
-    def jvp(ctx, d_input, _activation, _act_params, *d_layers):
-        act, input, layers, kept = MLPFunction._unpack(ctx)
-        params = ctx.act_params
+    def jvp(ctx, d_input, d_target, _weight, _activation, _act_params, _loss, *d_layers):
+        act, input, target, weight, layers, z, kept = MLPFunction._unpack(ctx)
+        params, loss = ctx.act_params, ctx.loss
         keep_h = act.saves_output(*params)
-        hs = MLPFunction._layer_inputs(act, input, kept, params)
-        dh, d_kept = d_input, []
+        h, dh, d_kept = input, d_input, []
         for k in range(ctx.n_layers):
-            dz = linear_jvp(hs[k], layers[2 * k], layers[2 * k + 1], dh, d_layers[2 * k], d_layers[2 * k + 1])
+            dz = linear_jvp(h, layers[2 * k], layers[2 * k + 1], dh, d_layers[2 * k], d_layers[2 * k + 1])
             if k == ctx.n_layers - 1:
-                return (dz, *d_kept)
+                break
+            h = kept[k] if keep_h else act.value(kept[k], *params)  # H⁽ᵏ⁺¹⁾, the next layer's input
             dh = act.backprop(dz, kept[k], *params)  # dH = g'(Z) ⊙ dZ
             d_kept.append(dh if keep_h else dz)
+        if loss is None:
+            return (dz, *d_kept)
+        logits = _loss_logits(z, loss)
+        d_loss = _ce_jvp(logits, target, weight, *loss[:3], _loss_logits(dz, loss), d_target)
+        return (d_loss, dz, *d_kept)
+
+
+def _loss_logits(z, loss):
+    """The logits the loss sees: float32 under autocast when ``z`` is half precision (``loss[3]``)."""
+    return z.float() if loss[3] and z.dtype in (torch.float16, torch.bfloat16) else z
 
 
 MLP_FUNCTION = compile_twin(MLPFunction)
+
+
+def _layers(input, weights, biases, name):
+    """Check the network's arguments; return ``[W⁽¹⁾, b⁽¹⁾, …]`` as MLPFunction takes them."""
+    biases = [None] * len(weights) if biases is None else list(biases)
+    if len(biases) != len(weights) or not weights:
+        raise ValueError(
+            f"{name}: expected one bias (or None) per weight, got {len(weights)} weights and {len(biases)} biases"
+        )
+    check_linear_args(input, weights[0], biases[0], name=f"{name} layer 1")
+    for k in range(1, len(weights)):
+        w, b, n_prev = weights[k], biases[k], weights[k - 1].shape[0]
+        if w.dim() != 2 or w.shape[1] != n_prev:
+            raise RuntimeError(
+                f"{name} layer {k + 1}: expected a weight of shape (out_features, {n_prev}) to follow "
+                f"layer {k}'s {n_prev} outputs, got shape {tuple(w.shape)}"
+            )
+        if b is not None and b.shape != (w.shape[0],):
+            raise RuntimeError(
+                f"{name} layer {k + 1}: expected bias of shape ({w.shape[0]},), got shape {tuple(b.shape)}"
+            )
+    return [t for pair in zip(weights, biases) for t in pair]
 
 
 def mlp(
@@ -138,21 +197,67 @@ def mlp(
         ``(*, n_out)``, in the autocast dtype under autocast (as ``F.linear``).
     """
     get_activation(activation)
-    biases = [None] * len(weights) if biases is None else list(biases)
-    if len(biases) != len(weights) or not weights:
-        raise ValueError(
-            f"mlp: expected one bias (or None) per weight, got {len(weights)} weights and {len(biases)} biases"
+    layers = _layers(input, weights, biases, "mlp")
+    params = tuple(act_params or DEFAULT_PARAMS[activation])
+    return autocast_apply(MLP_FUNCTION, "lower", input, None, None, activation, params, None, *layers)[0]
+
+
+def mlp_cross_entropy(
+    input: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None] | None,
+    target: torch.Tensor,
+    activation: str = "relu",
+    *act_params,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cross_entropy(mlp(input, …), target, …)`` as one Function; returns ``(loss, logits)``.
+
+    The same values and gradients as the two calls, with one autograd node instead of two: on small
+    networks, where a step is mostly per-call overhead, that is what brings a Python backward to
+    autograd's speed (README, Performance). ``logits`` are returned for metrics and stay differentiable.
+
+    Args:
+        input: ``(n_0,)`` or ``(N, n_0)``.
+        weights, biases, activation, *act_params: as :func:`mlp`.
+        target: class indices ``()`` / ``(N,)`` or class probabilities of the logits' shape.
+        weight, ignore_index, reduction, label_smoothing: as :func:`torch.nn.functional.cross_entropy`.
+
+    Returns:
+        ``(loss, logits)``: the loss as ``F.cross_entropy`` gives it (float32 under autocast), and
+        ``(n_out,)`` / ``(N, n_out)`` logits as ``F.linear`` gives them (the autocast dtype under autocast).
+    """
+    name = "mlp_cross_entropy"
+    get_activation(activation)
+    reduction = check_reduction(reduction)
+    layers = _layers(input, weights, biases, name)
+    if input.dim() > 2:
+        raise RuntimeError(
+            f"{name}: expected input of shape (n_0,) or (N, n_0) (logits with classes last), got shape "
+            f"{tuple(input.shape)}; flatten the leading dimensions first"
         )
-    check_linear_args(input, weights[0], biases[0], name="mlp layer 1")
-    for k in range(1, len(weights)):
-        w, b, n_prev = weights[k], biases[k], weights[k - 1].shape[0]
-        if w.dim() != 2 or w.shape[1] != n_prev:
-            raise RuntimeError(
-                f"mlp layer {k + 1}: expected a weight of shape (out_features, {n_prev}) to follow "
-                f"layer {k}'s {n_prev} outputs, got shape {tuple(w.shape)}"
-            )
-        if b is not None and b.shape != (w.shape[0],):
-            raise RuntimeError(f"mlp layer {k + 1}: expected bias of shape ({w.shape[0]},), got shape {tuple(b.shape)}")
-    params = act_params or DEFAULT_PARAMS[activation]
-    layers = [t for pair in zip(weights, biases) for t in pair]
-    return autocast_apply(MLP_FUNCTION, "lower", input, activation, tuple(params), *layers)[0]
+    logits_shape = input.shape[:-1] + (weights[-1].shape[0],)
+    check_cross_entropy_args(logits_shape, target, weight, ignore_index, label_smoothing, name)
+    params = tuple(act_params or DEFAULT_PARAMS[activation])
+    device_type = input.device.type
+    upcast = torch.is_autocast_enabled(device_type)
+    if upcast:
+        # torch's autocast policies, per argument: the network's GEMMs in the autocast dtype (F.linear),
+        # the loss in float32 (F.cross_entropy). The casts happen here, where autograd differentiates them.
+        low = torch.get_autocast_dtype(device_type)
+        input, layers = _cast(input, low), [_cast(t, low) for t in layers]
+        target, weight = _cast(target, torch.float32), _cast(weight, torch.float32)
+    loss = (reduction, int(ignore_index), float(label_smoothing), upcast)
+    if not upcast:
+        return tuple(apply(MLP_FUNCTION, input, target, weight, activation, params, loss, *layers)[:2])
+    with torch.autocast(device_type, enabled=False):
+        return tuple(apply(MLP_FUNCTION, input, target, weight, activation, params, loss, *layers)[:2])
+
+
+def _cast(t, dtype):
+    if t is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+        return t
+    return t.to(dtype)
