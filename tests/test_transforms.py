@@ -167,6 +167,10 @@ def _autocast_cases(device):
             lambda: TF.cross_entropy(TF.linear(x, w, b), t),
             lambda: F.cross_entropy(F.linear(x, w, b), t),
         ),
+        "mlp_cross_entropy": (
+            lambda: TF.mlp_cross_entropy(x, [w], [b], t)[0],
+            lambda: F.cross_entropy(F.linear(x, w, b), t),
+        ),
         "mse_loss": (lambda: TF.mse_loss(TF.linear(x, w, b), y), lambda: F.mse_loss(F.linear(x, w, b), y)),
         "huber_loss": (lambda: TF.huber_loss(TF.linear(x, w, b), y), lambda: F.huber_loss(F.linear(x, w, b), y)),
         "bce": (
