@@ -141,3 +141,17 @@ def test_gelu_derivative_keeps_its_digits_in_the_lower_tail():
         # float32 there; the cancellation this test guards against is a 100% error.
         rtol = 2e-5 if dtype == torch.float32 else 1e-12
         torch.testing.assert_close(ours.double(), ref, rtol=rtol, atol=0, msg=f"{dtype}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_backward_twice_with_retain_graph(case):
+    """A plain backward builds g'(z) in place in buffers of its own: the saved h or z stays untouched."""
+    _, ours, theirs, kw = case
+    x = leaf(torch.randn(4, 5))
+    out = ours(x, **kw)
+    g = torch.randn_like(out)
+    (first,) = torch.autograd.grad(out, x, g, retain_graph=True)
+    (second,) = torch.autograd.grad(out, x, g)
+    (ref,) = torch.autograd.grad(theirs(x, **kw), x, g)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, ref)

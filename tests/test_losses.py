@@ -338,3 +338,16 @@ def test_legacy_reduction_arguments(legacy):
 def test_bad_input_messages(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("target", [[0, 4, 2, 1], [0, -100, 2, 1]], ids=["none-ignored", "ignored"])
+def test_cross_entropy_backward_twice_with_retain_graph(target):
+    """Both backward paths (no row ignored, and the general one) leave the saved logits untouched."""
+    x = leaf(torch.randn(4, 5))
+    t = torch.tensor(target)
+    loss = TF.cross_entropy(x, t)
+    (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, x)
+    (ref,) = torch.autograd.grad(F.cross_entropy(x, t), x)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, ref)

@@ -319,3 +319,24 @@ def test_mlp_cross_entropy_bad_input():
         TF.mlp_cross_entropy(torch.randn(2, 4), w, None, torch.zeros(2, dtype=torch.long), reduction="avg")
     with pytest.raises(IndexError):  # a class out of range: torch's own nll_loss error
         TF.mlp_cross_entropy(torch.randn(2, 4), w, None, torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu", "silu"])
+@pytest.mark.parametrize("fused", [False, True], ids=["mlp", "mlp_cross_entropy"])
+def test_backward_twice_with_retain_graph(activation, fused):
+    """A plain backward works in place on buffers it owns: saved tensors must come out untouched."""
+    x = torch.randn(6, SIZES[0])
+    layers = _layers(torch.float32)
+    params = [t for t in layers if t is not None]
+    target = torch.tensor([0, 2, 2, 1, -100, 0])
+    if fused:
+        loss = TF.mlp_cross_entropy(x, list(layers[::2]), list(layers[1::2]), target, activation)[0]
+        ref = F.cross_entropy(torch_mlp(x, *layers, activation=activation), target)
+    else:
+        loss = ours(x, *layers, activation=activation).square().sum()
+        ref = torch_mlp(x, *layers, activation=activation).square().sum()
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    second = torch.autograd.grad(loss, params)
+    for a, b, r in zip(first, second, torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, r)
