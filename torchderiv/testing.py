@@ -306,6 +306,16 @@ class _Checker:
         err, where, ok = _compare(actual, expected, labels or self.labels, self.atol, self.rtol, what)
         return CheckResult(name, "pass" if ok else "FAIL", max_error=err, where="" if ok else where)
 
+    def _outputs_and_grads(self, name, outs, grads, ref_outs, ref_grads):
+        """Compare outputs and input gradients with a reference's; a missing gradient counts as zeros."""
+        zero = lambda g, i: torch.zeros_like(self.s.inputs[i]) if g is None else g
+        return self._result(
+            name,
+            list(outs) + [zero(g, i) for g, i in zip(grads, self.s.diff)],
+            [o.detach() for o in ref_outs] + [zero(g, i) for g, i in zip(ref_grads, self.s.diff)],
+            [f"output {k}" for k in range(len(outs))] + [f"{lab} gradient" for lab in self.labels],
+        )
+
     def gradcheck(self):
         args = self.s.leaves()
         grads = _vjp(self.s, args, self.s.outputs(args), self.v)
@@ -497,13 +507,7 @@ class _Checker:
         ]
         grads = _vjp(self.s, cargs, outs, self.v)
         torch._dynamo.reset()
-        zero = lambda g, i: torch.zeros_like(self.s.inputs[i]) if g is None else g
-        return self._result(
-            "compile",
-            list(outs) + [zero(g, i) for g, i in zip(grads, self.s.diff)],
-            [o.detach() for o in ref_outs] + [zero(g, i) for g, i in zip(ref_grads, self.s.diff)],
-            [f"output {k}" for k in range(len(outs))] + [f"{lab} gradient" for lab in self.labels],
-        )
+        return self._outputs_and_grads("compile", outs, grads, ref_outs, ref_grads)
 
     def autocast(self, reference):
         dtype = torch.bfloat16
@@ -547,13 +551,7 @@ class _Checker:
         rout = reference(*rargs[: self.s.n_call])
         routs = [o for o in (rout if isinstance(rout, (tuple, list)) else (rout,)) if isinstance(o, torch.Tensor)]
         rgrads = _vjp(self.s, rargs, routs, self.v)
-        zero = lambda g, i: torch.zeros_like(self.s.inputs[i]) if g is None else g
-        return self._result(
-            "reference",
-            list(outs) + [zero(g, i) for g, i in zip(grads, self.s.diff)],
-            [o.detach() for o in routs] + [zero(g, i) for g, i in zip(rgrads, self.s.diff)],
-            [f"output {k}" for k in range(len(outs))] + [f"{lab} gradient" for lab in self.labels],
-        )
+        return self._outputs_and_grads("reference", outs, grads, routs, rgrads)
 
 
 class _BackwardSpy:

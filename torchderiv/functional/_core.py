@@ -10,7 +10,16 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Twins", "compile_twin", "apply", "autocast_apply", "scratch", "check_reduction", "shape_str"]
+__all__ = [
+    "Twins",
+    "compile_twin",
+    "apply",
+    "autocast_apply",
+    "autocast_cast",
+    "scratch",
+    "check_reduction",
+    "shape_str",
+]
 
 
 class Twins(NamedTuple):
@@ -93,12 +102,16 @@ def autocast_apply(fn: Twins, policy: str | None, *args):
         return apply(fn, *args)
     if policy is not None:
         target = torch.get_autocast_dtype(device_type) if policy == "lower" else torch.float32
-        args = tuple(
-            a.to(target) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64 else a
-            for a in args
-        )
+        args = tuple(autocast_cast(a, target) for a in args)
     with torch.autocast(device_type, enabled=False):
         return apply(fn, *args)
+
+
+def autocast_cast(a, dtype: torch.dtype):
+    """``a`` in ``dtype`` if autocast would cast it: a floating tensor other than float64; else ``a``."""
+    if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64:
+        return a.to(dtype)
+    return a
 
 
 _REDUCTIONS = ("none", "mean", "sum")

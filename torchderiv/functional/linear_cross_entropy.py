@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ._core import apply, check_reduction, compile_twin
+from ._core import apply, autocast_cast, check_reduction, compile_twin
 from .linear import linear
 from .losses import _ce_grads, _ce_loss, _divisor, _index_rows, _mean_divisor, _reduce, cross_entropy
 
@@ -279,13 +279,9 @@ def linear_cross_entropy(
         bool(grads_wanted and reduction != "none"),
     )
     if upcast:
-        dtype = torch.get_autocast_dtype(x.device.type)
-        cast = lambda a: (
-            a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64 else a
-        )
-        args = (cast(x), cast(linear_weight), cast(linear_bias), t, None if weight is None else weight.float()) + args[
-            5:
-        ]
+        low = torch.get_autocast_dtype(x.device.type)
+        cast = [autocast_cast(a, low) for a in (x, linear_weight, linear_bias)]
+        args = (*cast, t, None if weight is None else weight.float()) + args[5:]
         with torch.autocast(x.device.type, enabled=False):
             loss = apply(LINEAR_CROSS_ENTROPY, *args)[0]
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._core import apply, autocast_apply, check_reduction, compile_twin, scratch
+from ._core import autocast_apply, autocast_cast, check_reduction, compile_twin, scratch
 from .activations import DEFAULT_PARAMS, get_activation
 from .linear import check_linear_args, linear_backward, linear_forward, linear_jvp
 from .losses import _ce_grads, _ce_jvp, _ce_value, check_cross_entropy_args
@@ -248,16 +248,8 @@ def mlp_cross_entropy(
         # torch's autocast policies, per argument: the network's GEMMs in the autocast dtype (F.linear),
         # the loss in float32 (F.cross_entropy). The casts happen here, where autograd differentiates them.
         low = torch.get_autocast_dtype(device_type)
-        input, layers = _cast(input, low), [_cast(t, low) for t in layers]
-        target, weight = _cast(target, torch.float32), _cast(weight, torch.float32)
+        input, layers = autocast_cast(input, low), [autocast_cast(t, low) for t in layers]
+        target, weight = autocast_cast(target, torch.float32), autocast_cast(weight, torch.float32)
     loss = (reduction, int(ignore_index), float(label_smoothing), upcast)
-    if not upcast:
-        return tuple(apply(MLP_FUNCTION, input, target, weight, activation, params, loss, *layers)[:2])
-    with torch.autocast(device_type, enabled=False):
-        return tuple(apply(MLP_FUNCTION, input, target, weight, activation, params, loss, *layers)[:2])
-
-
-def _cast(t, dtype):
-    if t is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
-        return t
-    return t.to(dtype)
+    out = autocast_apply(MLP_FUNCTION, None, input, target, weight, activation, params, loss, *layers)
+    return out[0], out[1]
