@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from helpers import LAYOUTS, check_parity, full_check, leaf
 
 import torchderiv.functional as TF
+from torchderiv.functional.activations import ACTIVATIONS
 
 # (name, torchderiv fn, torch fn, kwargs)
 CASES = [
@@ -155,3 +156,37 @@ def test_backward_twice_with_retain_graph(case):
     (ref,) = torch.autograd.grad(theirs(x, **kw), x, g)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     torch.testing.assert_close(first, ref)
+
+
+FACTOR_CASES = [("gelu", ("none",)), ("gelu", ("tanh",)), ("silu", ())]
+
+
+@pytest.mark.parametrize("value", [False, True], ids=["factor", "factor+value"])
+@pytest.mark.parametrize("ok", [False, True], ids=["graph", "scratch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name,params", FACTOR_CASES, ids=["gelu", "gelu-tanh", "silu"])
+def test_factor_gives_torch_derivative_and_value(name, params, dtype, ok, value):
+    """``Activation.factor``: g'(z) as torch's autograd has it, and g(z) as torch's forward, from shared parts."""
+    act = ACTIVATIONS[name]
+    z = torch.cat([torch.randn(64, dtype=dtype) * 3, KINKS.to(dtype), EXTREMES.to(dtype)])
+    before = z.clone()
+    factor, h = act.factor(z, *params, ok=ok, value=value)
+    zr = leaf(z.clone())
+    (ref,) = torch.autograd.grad(act.value(zr, *params).sum(), zr)
+    torch.testing.assert_close(factor, ref)
+    if value:
+        torch.testing.assert_close(h, act.value(z, *params))
+    else:
+        assert h is None
+    assert torch.equal(z, before), "factor must not write into z"
+
+
+@pytest.mark.parametrize("name,params", FACTOR_CASES, ids=["gelu", "gelu-tanh", "silu"])
+def test_factor_under_compile(name, params):
+    act = ACTIVATIONS[name]
+    z = torch.randn(50) * 3
+    compiled = torch.compile(lambda t: act.factor(t, *params, value=True), backend="aot_eager", fullgraph=True)
+    factor, h = compiled(z)
+    eager = act.factor(z, *params, value=True)
+    torch.testing.assert_close(factor, eager[0])
+    torch.testing.assert_close(h, eager[1])

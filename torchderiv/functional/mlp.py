@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ._core import autocast_apply, autocast_cast, check_reduction, compile_twin, scratch
-from .activations import DEFAULT_PARAMS, get_activation
+from ._core import apply, autocast_apply, autocast_cast, check_reduction, compile_twin, scratch
+from .activations import DEFAULT_PARAMS, _times, get_activation
 from .linear import check_linear_args, linear_backward, linear_forward, linear_jvp
 from .losses import _ce_grads, _ce_jvp, _ce_value, check_cross_entropy_args
 
@@ -106,10 +106,16 @@ class MLPFunction(torch.autograd.Function):
                 lowest = k
                 break
         for k in range(n - 1, -1, -1):
-            gi = None
+            gi = factor = None
             if delta is not None:
-                h_prev = input if k == 0 else (kept[k - 1] if keep_h else act.value(kept[k - 1], *params))
                 layer_needs = (k > lowest, needs[_LAYERS + 2 * k], needs[_LAYERS + 1 + 2 * k])
+                h_prev = input if k == 0 else kept[k - 1]
+                if k > 0 and not keep_h and layer_needs[1]:
+                    # H⁽ᵏ⁻¹⁾ = g(Z⁽ᵏ⁻¹⁾) again, for ∂J/∂W; with g'(Z⁽ᵏ⁻¹⁾) too when both share their costly part.
+                    if layer_needs[0] and act.factor is not None:
+                        factor, h_prev = act.factor(h_prev, *params, ok=ok, value=True)
+                    else:
+                        h_prev = act.value(h_prev, *params)
                 gi, layer_grads[2 * k], layer_grads[2 * k + 1] = linear_backward(
                     layer_needs, delta, h_prev, *layers[2 * k : 2 * k + 2]
                 )
@@ -122,7 +128,12 @@ class MLPFunction(torch.autograd.Function):
             if keep_h and g_kept is not None:
                 gi = g_kept if gi is None else gi + g_kept
             # Δ⁽ᵏ⁻¹⁾ = (Δ W) ⊙ g'(Z)
-            delta = None if gi is None else act.backprop(gi, kept[k - 1], *params, owned=owned)
+            if gi is None:
+                delta = None
+            elif factor is not None:
+                delta = _times(gi, factor, ok, owned)
+            else:
+                delta = act.backprop(gi, kept[k - 1], *params, owned=owned)
             if not keep_h and g_kept is not None:
                 delta = g_kept if delta is None else delta + g_kept
         grad_target = grad_target if needs[1] else None
@@ -251,5 +262,7 @@ def mlp_cross_entropy(
         input, layers = autocast_cast(input, low), [autocast_cast(t, low) for t in layers]
         target, weight = autocast_cast(target, torch.float32), autocast_cast(weight, torch.float32)
     loss = (reduction, int(ignore_index), float(label_smoothing), upcast)
-    out = autocast_apply(MLP_FUNCTION, None, input, target, weight, activation, params, loss, *layers)
+    args = (input, target, weight, activation, params, loss, *layers)
+    # autocast_apply with no policy of its own (the casts are done): only autocast is switched off.
+    out = autocast_apply(MLP_FUNCTION, None, *args) if upcast else apply(MLP_FUNCTION, *args)
     return out[0], out[1]
