@@ -13,11 +13,16 @@ On the digits-scale MLP (64-128-128-10, batch 64, relu, cross-entropy) a trainin
 * floor, two nodes: the same formulas as two bare Functions (network, loss) with none of torchderiv's
   generality: no argument checks, no autocast, no jvp/vmap/compile plumbing, no class weights, no
   ``ignore_index``, 2-D only;
-* floor, one node: network and loss as a single bare Function.
+* floor, one node: network and loss as a single bare Function;
+* with ``--cpp``: the one-node floor with its forward and backward bodies written in C++ (the same ATen
+  calls, built with ``torch.utils.cpp_extension.load_inline``; needs a C++ compiler and ninja, ~40 s to
+  build the first time). The Function stays a Python ``autograd.Function``; only the calls between
+  kernels leave Python.
 
 The floors are what a Python backward costs at best with these kernels; the gap between them and
 torchderiv is the price of torchderiv's generality, and the gap between the two floors is the price of
-a second Python backward node. Nothing here is used by the library.
+a second Python backward node. The C++ floor shows what compiled glue between kernels would buy.
+Nothing here is used by the library.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from benchmark import build, interleaved, make_step, ratio_stats, steps
 
 def _relu_mask_(d, h):
     # d ⊙ 1[h > 0] as torchderiv computes it (floats only; see activations._relu_backprop)
-    return d.addcmul_(d, torch.le(h, 0, out=torch.empty_like(h)), value=-1)
+    return d.mul_(torch.nan_to_num(h, nan=1.0).sign_())
 
 
 def _net_forward(x, w1, b1, w2, b2, w3, b3):
@@ -95,11 +100,63 @@ class BareNetCrossEntropy(torch.autograd.Function):
         return (None, None, *_net_backward(d, x, w1, w2, w3, h1, h2))
 
 
+# The one-node floor's two bodies in C++: every line is the ATen call the Python floor makes.
+_CPP_SOURCE = r"""
+#include <torch/extension.h>
+
+static at::Tensor relu_mask_(at::Tensor d, const at::Tensor& h) {
+  return d.mul_(at::nan_to_num(h, 1.0).sign_());
+}
+
+std::vector<at::Tensor> net_forward(at::Tensor x, at::Tensor target, at::Tensor w1, at::Tensor b1,
+                                    at::Tensor w2, at::Tensor b2, at::Tensor w3, at::Tensor b3) {
+  auto h1 = at::addmm(b1, x, w1.t()).relu_();
+  auto h2 = at::addmm(b2, h1, w2.t()).relu_();
+  auto z = at::addmm(b3, h2, w3.t());
+  return {at::nll_loss(z.log_softmax(1), target), z, h1, h2};
+}
+
+std::vector<at::Tensor> net_backward(at::Tensor s, at::Tensor x, at::Tensor target, at::Tensor w1,
+                                     at::Tensor w2, at::Tensor w3, at::Tensor h1, at::Tensor h2,
+                                     at::Tensor z) {
+  auto d = z.softmax(1);
+  d.scatter_(1, target.unsqueeze(1), -1.0, "add");
+  d.mul_(s.item<double>() / target.size(0));
+  auto g3 = d.t().mm(h2), gb3 = d.sum(0);
+  d = relu_mask_(d.mm(w3), h2);
+  auto g2 = d.t().mm(h1), gb2 = d.sum(0);
+  d = relu_mask_(d.mm(w2), h1);
+  return {d.t().mm(x), d.sum(0), g2, gb2, g3, gb3};
+}
+"""
+
+
+def cpp_floor():
+    """The one-node floor with its bodies compiled: a Function class, built on first use."""
+    from torch.utils.cpp_extension import load_inline
+
+    ext = load_inline("torchderiv_overhead_floor", _CPP_SOURCE, functions=["net_forward", "net_backward"])
+
+    class CppNetCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, target, w1, b1, w2, b2, w3, b3):
+            loss, z, h1, h2 = ext.net_forward(x, target, w1, b1, w2, b2, w3, b3)
+            ctx.save_for_backward(x, target, w1, w2, w3, h1, h2, z)
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return (None, None, *ext.net_backward(grad_output, *ctx.saved_tensors))
+
+    return CppNetCrossEntropy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--inner", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpp", action="store_true", help="also time the one-node floor with C++ bodies")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -122,6 +179,9 @@ def main() -> None:
         "floor, two nodes": step(lambda: BareCrossEntropy.apply(BareNet.apply(x, *params), target)),
         "floor, one node": step(lambda: BareNetCrossEntropy.apply(x, target, *params)),
     }
+    if args.cpp:
+        cpp = cpp_floor()
+        fns["floor, one node, C++"] = step(lambda: cpp.apply(x, target, *params))
     # All must compute the same gradients, or the timings compare different work.
     grads = {}
     for name, fn in fns.items():
@@ -135,7 +195,7 @@ def main() -> None:
     for name, t in times.items():
         r = ratio_stats(t, times["autograd"])
         print(
-            f"{name:17} {1e6 * statistics.median(t):7.1f} µs   vs autograd "
+            f"{name:21} {1e6 * statistics.median(t):7.1f} µs   vs autograd "
             f"{r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})"
         )
 

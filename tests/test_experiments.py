@@ -1,9 +1,13 @@
 """The experiment scripts start, agree with autograd where they check it, and write what they promise."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from torch.utils import cpp_extension
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +25,15 @@ def test_overhead_floor_runs_and_its_bare_functions_match_autograd():
     out = _run(["overhead_floor.py", "--rounds", "1", "--inner", "1"])
     for name in ("autograd", "torchderiv", "floor, two nodes", "floor, one node"):
         assert name in out
+
+
+@pytest.mark.skipif(
+    shutil.which("c++") is None or not cpp_extension.is_ninja_available(), reason="needs a C++ compiler and ninja"
+)
+def test_overhead_floor_cpp_body_builds_and_matches_autograd():
+    # Builds the C++ floor (~40 s the first time) and, as above, checks its gradients before timing.
+    out = _run(["overhead_floor.py", "--cpp", "--rounds", "1", "--inner", "1"], timeout=600)
+    assert "floor, one node, C++" in out
 
 
 def test_benchmark_quick_writes_its_tables(tmp_path):
