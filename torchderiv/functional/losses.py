@@ -347,8 +347,13 @@ def _ce_grads(input, target, weight, ignore_index, eps, grad_output=None, reduct
         # one multiply; the general path below spends ~8 more small ops on per-row masks and divisors,
         # each ~3 µs on CPU: a quarter of a small network's step (measured, DESIGN §6).
         grad_z = p.scatter_(c, target.long().unsqueeze(c), -1.0, reduce="add")
-        scale = _row_scale(grad_output, reduction, target.numel(), c)
-        return (grad_z if scale is None else grad_z.mul_(scale)), None
+        if reduction == "none":
+            return (grad_z if grad_output is None else grad_z.mul_(grad_output.unsqueeze(c))), None
+        # On CPU (see _none_ignored), so s may be read as a number: a 0-dim tensor division costs a
+        # kernel call of its own.
+        scale = 1.0 if grad_output is None else grad_output.item()
+        scale = scale / max(target.numel(), 1) if reduction == "mean" else scale
+        return grad_z.mul_(scale), None
     # Per-row factors first, shaped (N, 1, d1, …): the logits-sized buffer p is then touched by one
     # multiply, one scatter and, with smoothing, one more pass.
     valid, idx = _index_rows(target, ignore_index, c)

@@ -169,24 +169,26 @@ MLP_FUNCTION = compile_twin(MLPFunction)
 
 def _layers(input, weights, biases, name):
     """Check the network's arguments; return ``[W⁽¹⁾, b⁽¹⁾, …]`` as MLPFunction takes them."""
-    biases = [None] * len(weights) if biases is None else list(biases)
-    if len(biases) != len(weights) or not weights:
-        raise ValueError(
-            f"{name}: expected one bias (or None) per weight, got {len(weights)} weights and {len(biases)} biases"
-        )
+    n = len(weights)
+    biases = [None] * n if biases is None else biases
+    if len(biases) != n or not n:
+        raise ValueError(f"{name}: expected one bias (or None) per weight, got {n} weights and {len(biases)} biases")
     check_linear_args(input, weights[0], biases[0], name=f"{name} layer 1")
-    for k in range(1, len(weights)):
-        w, b, n_prev = weights[k], biases[k], weights[k - 1].shape[0]
-        if w.dim() != 2 or w.shape[1] != n_prev:
+    layers = [weights[0], biases[0]]
+    n_prev = weights[0].shape[0]
+    for k in range(1, n):
+        w, b = weights[k], biases[k]
+        shape = w.shape
+        if len(shape) != 2 or shape[1] != n_prev:
             raise RuntimeError(
                 f"{name} layer {k + 1}: expected a weight of shape (out_features, {n_prev}) to follow "
-                f"layer {k}'s {n_prev} outputs, got shape {tuple(w.shape)}"
+                f"layer {k}'s {n_prev} outputs, got shape {tuple(shape)}"
             )
-        if b is not None and b.shape != (w.shape[0],):
-            raise RuntimeError(
-                f"{name} layer {k + 1}: expected bias of shape ({w.shape[0]},), got shape {tuple(b.shape)}"
-            )
-    return [t for pair in zip(weights, biases) for t in pair]
+        n_prev = shape[0]
+        if b is not None and b.shape != (n_prev,):
+            raise RuntimeError(f"{name} layer {k + 1}: expected bias of shape ({n_prev},), got shape {tuple(b.shape)}")
+        layers += (w, b)
+    return layers
 
 
 def mlp(
