@@ -353,7 +353,7 @@ def _ce_grads(input, target, weight, ignore_index, eps, grad_output=None, reduct
         # kernel call of its own.
         scale = 1.0 if grad_output is None else grad_output.item()
         scale = scale / max(target.numel(), 1) if reduction == "mean" else scale
-        return grad_z.mul_(scale), None
+        return (grad_z if scale == 1 else grad_z.mul_(scale)), None
     # Per-row factors first, shaped (N, 1, d1, …): the logits-sized buffer p is then touched by one
     # multiply, one scatter and, with smoothing, one more pass.
     valid, idx = _index_rows(target, ignore_index, c)
