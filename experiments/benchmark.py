@@ -212,7 +212,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="reduced set, under a minute")
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 21; 7 with --quick)")
     parser.add_argument("--inner", type=int, default=0, help="passes per timing (default: by net size)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -223,7 +223,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    args.rounds = max(args.rounds, 7)
+    args.rounds = max(args.rounds or (7 if args.quick else 21), 7)
     rows = []
     activations = ["relu", "gelu"] if args.quick else ["relu", "tanh", "gelu", "silu"]
     for net in ("large", "small"):
