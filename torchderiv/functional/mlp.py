@@ -170,7 +170,7 @@ MLP_FUNCTION = compile_twin(MLPFunction)
 def _layers(input, weights, biases, name):
     """Check the network's arguments; return ``[W⁽¹⁾, b⁽¹⁾, …]`` as MLPFunction takes them."""
     n = len(weights)
-    biases = [None] * n if biases is None else biases
+    biases = [None] * n if biases is None else list(biases)
     if len(biases) != n or not n:
         raise ValueError(f"{name}: expected one bias (or None) per weight, got {n} weights and {len(biases)} biases")
     check_linear_args(input, weights[0], biases[0], name=f"{name} layer 1")
