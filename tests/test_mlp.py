@@ -64,8 +64,10 @@ def test_matches_torch(activation, layout, dtype):
     )
 
 
+# tanh keeps H; gelu and silu keep Z and recompute H, alone or with g' (Activation.factor) as needed.
+@pytest.mark.parametrize("activation", ["tanh", "gelu", "silu"])
 @pytest.mark.parametrize("requires", needs_grad_combinations(4), ids=str)
-def test_every_needs_input_grad(requires):
+def test_every_needs_input_grad(requires, activation):
     """Only some inputs need gradients (e.g. frozen layers): the others are still exact."""
     x = leaf(torch.randn(5, SIZES[0], dtype=torch.float64), requires[0])
     w1, b1, w2, _, w3, b3 = _layers()
@@ -74,8 +76,8 @@ def test_every_needs_input_grad(requires):
     for t in (w3, b3, b1):
         t.requires_grad_(requires[3])
     check_parity(
-        lambda *a: ours(*a, activation="tanh"),
-        lambda *a: torch_mlp(*a, activation="tanh"),
+        lambda *a: ours(*a, activation=activation),
+        lambda *a: torch_mlp(*a, activation=activation),
         [x, w1, b1, w2, None, w3, b3],
     )
 
