@@ -21,7 +21,7 @@ import math
 import torch
 
 from ._core import apply, autocast_cast, check_reduction, compile_twin
-from .linear import linear
+from .linear import linear, linear_backward, linear_forward, linear_jvp
 from .losses import _ce_grads, _ce_loss, _divisor, _index_rows, _mean_divisor, _reduce, cross_entropy
 
 __all__ = ["LinearCrossEntropyFunction", "linear_cross_entropy", "default_chunk_size"]
@@ -49,7 +49,7 @@ def _chunks(n: int, size: int):
 
 
 def _chunk_logits(x, w, b, upcast):
-    z = torch.addmm(b, x, w.t()) if b is not None else x.mm(w.t())
+    z = linear_forward(x, w, b)
     return z.float() if upcast else z
 
 
@@ -69,15 +69,13 @@ def _recompute(ctx, scale_rows, needs):
     gi_parts, gw, gb = [], None, None
     for s, e in _chunks(input.shape[0], chunk):
         _, delta = _chunk_error(input[s:e], w, b, target[s:e], class_weight, ignore_index, eps, upcast, False)
-        delta = delta * scale_rows(s, e)
-        if needs[0]:
-            gi_parts.append(delta.mm(w))
-        if needs[1]:
-            term = delta.t().mm(input[s:e])
-            gw = term if gw is None else gw + term
-        if b is not None and needs[2]:
-            term = delta.sum(0)
-            gb = term if gb is None else gb + term
+        gi_r, gw_r, gb_r = linear_backward(needs[:3], delta * scale_rows(s, e), input[s:e], w, b)
+        if gi_r is not None:
+            gi_parts.append(gi_r)
+        if gw_r is not None:
+            gw = gw_r if gw is None else gw + gw_r
+        if gb_r is not None:
+            gb = gb_r if gb is None else gb + gb_r
     gi = (torch.cat(gi_parts) if gi_parts else input.new_zeros(input.shape)) if needs[0] else None
     if needs[1] and gw is None:
         gw = torch.zeros_like(w)
@@ -166,13 +164,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         for s, e in _chunks(input.shape[0], chunk):
             x = input[s:e]
             _, delta = _chunk_error(x, w, b, target[s:e], class_weight, ignore_index, eps, upcast, False)
-            dz = torch.zeros_like(delta)
-            if d_input is not None:
-                dz = dz + d_input[s:e].mm(w.t())
-            if d_w is not None:
-                dz = dz + x.mm(d_w.t())
-            if b is not None and d_b is not None:
-                dz = dz + d_b
+            dz = linear_jvp(x, w, b, None if d_input is None else d_input[s:e], d_w, d_b)
             parts.append((delta * dz).sum(1))
         dl = torch.cat(parts) if parts else input.new_zeros(0)
         if upcast:

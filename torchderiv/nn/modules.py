@@ -104,12 +104,15 @@ class MLP(nn.Module):
             Linear(n_in, n_out, bias=bias, device=device, dtype=dtype) for n_in, n_out in zip(sizes[:-1], sizes[1:])
         )
 
-    def forward(self, input: Tensor) -> Tensor:
-        # One Function for the whole network (torchderiv.functional.mlp): it keeps only what backward needs.
+    def _weights_and_biases(self) -> tuple[list[Tensor], list[Tensor | None]]:
         # NOTE: read the parameters from each layer's _parameters dict: nn.Module.__getattr__ costs ~1 µs a
         # lookup, a measurable share of a small network's step.
         params = [m._parameters for m in self.layers._modules.values()]
-        return TF.mlp(input, [p["weight"] for p in params], [p["bias"] for p in params], self.activation)
+        return [p["weight"] for p in params], [p["bias"] for p in params]
+
+    def forward(self, input: Tensor) -> Tensor:
+        # One Function for the whole network (torchderiv.functional.mlp): it keeps only what backward needs.
+        return TF.mlp(input, *self._weights_and_biases(), self.activation)
 
     def cross_entropy(
         self,
@@ -126,11 +129,9 @@ class MLP(nn.Module):
         small network this is the faster way to train (:func:`torchderiv.functional.mlp_cross_entropy`).
         Input ``(n_0,)`` or ``(N, n_0)``; the other arguments as :func:`torch.nn.functional.cross_entropy`.
         """
-        params = [m._parameters for m in self.layers._modules.values()]
         return TF.mlp_cross_entropy(
             input,
-            [p["weight"] for p in params],
-            [p["bias"] for p in params],
+            *self._weights_and_biases(),
             target,
             self.activation,
             weight=weight,
