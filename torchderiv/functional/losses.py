@@ -290,6 +290,15 @@ def _divisor(valid, w_y):
     return valid.sum() if w_y is None else w_y.where(valid, 0).sum()
 
 
+def _ce_divisor(input, target, weight, ignore_index):
+    """The mean's divisor ``D`` alone, as :func:`_ce_loss` gives it, without a log-softmax."""
+    c = _class_dim(input)
+    if target.is_floating_point():
+        return input.numel() // input.shape[c] if input.shape[c] else 0
+    valid, idx = _index_rows(target, ignore_index, c)
+    return _divisor(valid, weight[idx.squeeze(c)] if weight is not None else None)
+
+
 def _ce_loss(input, target, weight, ignore_index, eps, log_p=None):
     """Per-row loss ``ℓ`` and the mean's divisor. ``log p = log_softmax(z)``: stable for any logits."""
     c = _class_dim(input)
@@ -429,7 +438,7 @@ def _ce_jvp(input, target, weight, reduction, ignore_index, label_smoothing, d_i
         dl = dl + grad_z * d_input
     if d_target is not None and grad_t is not None:
         dl = dl + grad_t * d_target
-    divisor = _ce_loss(input, target, weight, ignore_index, label_smoothing)[1] if reduction == "mean" else 1
+    divisor = _ce_divisor(input, target, weight, ignore_index) if reduction == "mean" else 1
     return _reduce(dl.sum(_class_dim(input)), reduction, divisor)
 
 
