@@ -5,7 +5,7 @@ To run:
     .venv/bin/python experiments/benchmark.py --quick    # reduced set, under a minute
     .venv/bin/python experiments/benchmark.py --device cuda --dtype bfloat16
 
-Method (DESIGN §6): every contender runs in this one process, interleaved (A B C A B C …) over
+Method (DESIGN §6): every contender runs in this one process, interleaved (A B C C B A …) over
 ``--rounds`` rounds; each round times ``--inner`` forward+backward passes of each; the table reports the
 median of the per-round ratios with their spread (min–max). Ratios < 1 mean torchderiv is faster or
 smaller.
@@ -52,8 +52,11 @@ def interleaved(fns: dict, rounds: int, inner: int, device) -> dict[str, list[fl
         fn()
         fn()
     times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(rounds):
+        # Every other round in reverse order, so that no contender always runs right after the same one.
+        for name in names if r % 2 == 0 else names[::-1]:
+            fn = fns[name]
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(inner):

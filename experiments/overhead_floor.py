@@ -1,7 +1,7 @@
 """How close can a Python-level backward get to autograd on a small network? The dispatch floor.
 
 To run:
-    .venv/bin/python experiments/overhead_floor.py          # ~1 minute on 2 CPU cores
+    .venv/bin/python experiments/overhead_floor.py          # ~30 s on 2 CPU cores
 
 On the digits-scale MLP (64-128-128-10, batch 64, relu, cross-entropy) a training step is a few hundred
 µs and most of it is per-call overhead, not arithmetic. This script times, side by side and interleaved
@@ -19,20 +19,36 @@ On the digits-scale MLP (64-128-128-10, batch 64, relu, cross-entropy) a trainin
   build the first time). The Function stays a Python ``autograd.Function``; only the calls between
   kernels leave Python.
 
+and, to split torchderiv's own cost into its parts:
+
+* torchderiv, one, no checks: ``MLPFunction`` applied to ready arguments (what ``MLP.cross_entropy`` and
+  ``mlp_cross_entropy`` add is their argument checks and packing);
+* floor backward / floor forward: ``MLPFunction`` with its backward (or forward) body replaced by the
+  floor's, everything else (arguments, outputs, setup_context) torchderiv's.
+
 The floors are what a Python backward costs at best with these kernels; the gap between them and
 torchderiv is the price of torchderiv's generality, and the gap between the two floors is the price of
 a second Python backward node. The C++ floor shows what compiled glue between kernels would buy.
+
+This machine is shared and its speed drifts by tens of percent within a minute, so the default is many
+short rounds (400 of 5 steps), each contender's time divided by autograd's in the same round, and the
+median ratio is given with a bootstrap 95% interval: differences of 2-3% are then resolved, where 21
+rounds of 100 steps could not tell 5% apart.
 Nothing here is used by the library.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 
 import torch
 import torch.nn.functional as F
 from benchmark import build, interleaved, make_step, ratio_stats, steps
+
+from torchderiv.functional._core import Twins, apply
+from torchderiv.functional.mlp import MLPFunction
 
 
 def _relu_mask_(d, h):
@@ -100,6 +116,32 @@ class BareNetCrossEntropy(torch.autograd.Function):
         return (None, None, *_net_backward(d, x, w1, w2, w3, h1, h2))
 
 
+class FloorForward(MLPFunction):
+    """torchderiv's MLPFunction (relu, cross-entropy, three layers with biases) with the floor's forward body."""
+
+    @staticmethod
+    def forward(x, target, weight, activation, act_params, loss, w1, b1, w2, b2, w3, b3):
+        z, h1, h2 = _net_forward(x, w1, b1, w2, b2, w3, b3)
+        return F.nll_loss(z.log_softmax(1), target), z, h1, h2
+
+
+class FloorBackward(MLPFunction):
+    """torchderiv's MLPFunction with the floor's backward body (same saved tensors, same gradients)."""
+
+    @staticmethod
+    def backward(ctx, grad_output, *_):
+        x, target, _w, w1, _b1, w2, _b2, w3, _b3, z, h1, h2 = ctx.saved_tensors
+        d = _ce_backward(z, target, grad_output)
+        return (None,) * 6 + _net_backward(d, x, w1, w2, w3, h1, h2)
+
+
+def median_ci(ratios: list[float], draws: int = 500) -> tuple[float, float]:
+    """A bootstrap 95% interval for the median of ``ratios``."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
+
+
 # The one-node floor's two bodies in C++: every line is the ATen call the Python floor makes.
 _CPP_SOURCE = r"""
 #include <torch/extension.h>
@@ -157,8 +199,8 @@ def cpp_floor():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=21)
-    parser.add_argument("--inner", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=400)
+    parser.add_argument("--inner", type=int, default=5, help="steps per contender per round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpp", action="store_true", help="also time the one-node floor with C++ bodies")
     args = parser.parse_args()
@@ -183,6 +225,11 @@ def main() -> None:
         "floor, two nodes": step(lambda: BareCrossEntropy.apply(BareNet.apply(x, *params), target)),
         "floor, one node": step(lambda: BareNetCrossEntropy.apply(x, target, *params)),
     }
+    # torchderiv in parts: its Function on ready arguments, then with one body swapped for the floor's.
+    ready = (x, target, None, "relu", (), ("mean", -100, 0.0, False), *params)
+    parts = {"no checks": MLPFunction, "floor forward": FloorForward, "floor backward": FloorBackward}
+    for name, fn in {k: Twins(cls, cls) for k, cls in parts.items()}.items():
+        fns[f"torchderiv, one, {name}"] = step(lambda fn=fn: apply(fn, *ready)[0])
     if args.cpp:
         cpp = cpp_floor()
         fns["floor, one node, C++"] = step(lambda: cpp.apply(x, target, *params))
@@ -195,15 +242,18 @@ def main() -> None:
         for a, b in zip(g, grads["autograd"]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"{name} disagrees with autograd")
     times = interleaved(fns, args.rounds, args.inner, device)
-    print(f"64-128-128-10, batch 64, relu, cross-entropy; median of {args.rounds} interleaved rounds (min–max)")
-    # The fastest round too: other tenants' load only ever adds time, so it is the least noisy estimate.
+    print(
+        f"64-128-128-10, batch 64, relu, cross-entropy; {args.rounds} interleaved rounds of {args.inner} steps; "
+        "time vs autograd in the same round: median [95% interval] (min–max)"
+    )
+    # The fastest round too: other tenants' load only ever adds time, so it is another low-noise estimate.
     fastest = min(times["autograd"])
     for name, t in times.items():
         r = ratio_stats(t, times["autograd"])
+        lo, hi = median_ci([a / b for a, b in zip(t, times["autograd"])])
         print(
-            f"{name:21} {1e6 * statistics.median(t):7.1f} µs   vs autograd "
-            f"{r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})   fastest round {1e6 * min(t):6.1f} µs "
-            f"({min(t) / fastest:.2f})"
+            f"{name:34} {1e6 * statistics.median(t):7.1f} µs   vs autograd {r['median']:.3f} [{lo:.3f}–{hi:.3f}] "
+            f"({r['min']:.2f}–{r['max']:.2f})   fastest round {min(t) / fastest:.2f}"
         )
 
 
