@@ -5,7 +5,7 @@ To run:
 
 On the digits-scale MLP (64-128-128-10, batch 64, relu, cross-entropy) a training step is a few hundred
 µs and most of it is per-call overhead, not arithmetic. This script times, side by side and interleaved
-(as experiments/benchmark.py does), five ways to run the same forward + backward:
+(as experiments/benchmark.py does), these ways to run the same forward + backward:
 
 * autograd: ``nn.Sequential`` + ``F.cross_entropy`` (torch's C++ backward nodes);
 * torchderiv, two: ``torchderiv.nn.MLP`` + ``torchderiv.functional.cross_entropy`` (two Functions);
@@ -17,7 +17,9 @@ On the digits-scale MLP (64-128-128-10, batch 64, relu, cross-entropy) a trainin
 * with ``--cpp``: the one-node floor with its forward and backward bodies written in C++ (the same ATen
   calls, built with ``torch.utils.cpp_extension.load_inline``; needs a C++ compiler and ninja, ~40 s to
   build the first time). The Function stays a Python ``autograd.Function``; only the calls between
-  kernels leave Python.
+  kernels leave Python. Also with ``--cpp``: the same bodies as a C++ autograd node
+  (``torch::autograd::Function``: no Python runs in backward at all), alone and behind torchderiv's own
+  argument checks — what a compiled hot path for ``MLP.cross_entropy`` would cost.
 
 and, to split torchderiv's own cost into its parts:
 
@@ -28,13 +30,13 @@ and, to split torchderiv's own cost into its parts:
 
 The floors are what a Python backward costs at best with these kernels; the gap between them and
 torchderiv is the price of torchderiv's generality, and the gap between the two floors is the price of
-a second Python backward node. The C++ floor shows what compiled glue between kernels would buy.
+a second Python backward node. The C++ floors show what compiled glue between kernels, or a node
+with no Python in it, would buy.
 
 This machine is shared and its speed drifts by tens of percent within a minute, so the default is many
 short rounds (400 of 5 steps), each contender's time divided by autograd's in the same round, and the
 median ratio is given with a bootstrap 95% interval: differences of 2-3% are then resolved, where 21
-rounds of 100 steps could not tell 5% apart.
-Nothing here is used by the library.
+rounds of 100 steps could not tell 5% apart. Nothing here is used by the library.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ import torch.nn.functional as F
 from benchmark import build, interleaved, make_step, ratio_stats, steps
 
 from torchderiv.functional._core import Twins, apply
-from torchderiv.functional.mlp import MLPFunction
+from torchderiv.functional.losses import check_cross_entropy_args
+from torchderiv.functional.mlp import MLPFunction, _layers
 
 
 def _relu_mask_(d, h):
@@ -170,17 +173,45 @@ std::vector<at::Tensor> net_backward(at::Tensor s, at::Tensor x, at::Tensor targ
   d = relu_mask_(d.mm(w2), h1);
   return {d.t().mm(x), d.sum(0), g2, gb2, g3, gb3};
 }
+
+// The same two bodies as a C++ autograd node: no Python at all between loss.backward() and the
+// gradients, as for torch's own nodes.
+struct NetCrossEntropy : public torch::autograd::Function<NetCrossEntropy> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor x, at::Tensor target,
+                            at::Tensor w1, at::Tensor b1, at::Tensor w2, at::Tensor b2, at::Tensor w3,
+                            at::Tensor b3) {
+    auto out = net_forward(x, target, w1, b1, w2, b2, w3, b3);
+    ctx->save_for_backward({x, target, w1, w2, w3, out[2], out[3], out[1]});
+    return out[0];
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    auto g = net_backward(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]);
+    return {at::Tensor(), at::Tensor(), g[0], g[1], g[2], g[3], g[4], g[5]};
+  }
+};
+
+at::Tensor net_node(at::Tensor x, at::Tensor target, at::Tensor w1, at::Tensor b1, at::Tensor w2,
+                    at::Tensor b2, at::Tensor w3, at::Tensor b3) {
+  return NetCrossEntropy::apply(x, target, w1, b1, w2, b2, w3, b3);
+}
 """
 
 
 def cpp_floor():
-    """The one-node floor with its bodies compiled: a Function class, built on first use."""
+    """The one-node floor with its bodies compiled, built on first use: ``(Function class, node)``, the
+    Function a Python ``autograd.Function`` calling the C++ bodies, ``node(x, target, *params)`` the C++
+    autograd node."""
     from torch.utils.cpp_extension import load_inline
 
     # NOTE: load_inline compiles without optimisation unless asked: at -O0 the glue between the ATen
     # calls (reference counting, argument packing) cost as much as Python's (measured ~1.00x vs ~0.88x).
     ext = load_inline(
-        "torchderiv_overhead_floor", _CPP_SOURCE, functions=["net_forward", "net_backward"], extra_cflags=["-O2"]
+        "torchderiv_overhead_floor",
+        _CPP_SOURCE,
+        functions=["net_forward", "net_backward", "net_node"],
+        extra_cflags=["-O2"],
     )
 
     class CppNetCrossEntropy(torch.autograd.Function):
@@ -194,7 +225,7 @@ def cpp_floor():
         def backward(ctx, grad_output):
             return (None, None, *ext.net_backward(grad_output, *ctx.saved_tensors))
 
-    return CppNetCrossEntropy
+    return CppNetCrossEntropy, ext.net_node
 
 
 def main() -> None:
@@ -225,14 +256,24 @@ def main() -> None:
         "floor, two nodes": step(lambda: BareCrossEntropy.apply(BareNet.apply(x, *params), target)),
         "floor, one node": step(lambda: BareNetCrossEntropy.apply(x, target, *params)),
     }
+    ws, bs = ours._weights_and_biases()
+
+    def checked(x, target):
+        """What ``MLP.cross_entropy`` checks and prepares before its Function runs (relu, mean, no options)."""
+        layers = _layers(x, ws, bs, "mlp_cross_entropy")
+        check_cross_entropy_args(x.shape[:-1] + (ws[-1].shape[0],), target, None, -100, 0.0, "mlp_cross_entropy")
+        return layers
+
     # torchderiv in parts: its Function on ready arguments, then with one body swapped for the floor's.
     ready = (x, target, None, "relu", (), ("mean", -100, 0.0, False), *params)
     parts = {"no checks": MLPFunction, "floor forward": FloorForward, "floor backward": FloorBackward}
     for name, fn in {k: Twins(cls, cls) for k, cls in parts.items()}.items():
         fns[f"torchderiv, one, {name}"] = step(lambda fn=fn: apply(fn, *ready)[0])
     if args.cpp:
-        cpp = cpp_floor()
+        cpp, node = cpp_floor()
         fns["floor, one node, C++"] = step(lambda: cpp.apply(x, target, *params))
+        fns["floor, C++ autograd node"] = step(lambda: node(x, target, *params))
+        fns["C++ node + torchderiv's checks"] = step(lambda: node(x, target, *checked(x, target)))
     # All must compute the same gradients, or the timings compare different work.
     grads = {}
     for name, fn in fns.items():
