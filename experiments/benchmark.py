@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from pathlib import Path
@@ -66,9 +67,16 @@ def interleaved(fns: dict, rounds: int, inner: int, device) -> dict[str, list[fl
     return times
 
 
+def median_interval(ratios: list[float], draws: int = 500) -> tuple[float, float]:
+    """A bootstrap 95% interval for the median of ``ratios``: how far this run's median may be trusted."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
+
+
 def ratio_stats(num: list[float], den: list[float]) -> dict:
     r = [a / b for a, b in zip(num, den)]
-    return {"median": statistics.median(r), "min": min(r), "max": max(r)}
+    return {"median": statistics.median(r), "min": min(r), "max": max(r), "interval": median_interval(r)}
 
 
 def build(sizes, batch, activation, device, dtype):
@@ -167,14 +175,17 @@ def bench_mlp(net: str, activation: str, args, device, dtype, compiled: bool = F
     return row
 
 
-def fmt(s: dict) -> str:
-    return f"{s['median']:.2f} ({s['min']:.2f}–{s['max']:.2f})"
+def fmt(s: dict, interval: bool = False) -> str:
+    """``median (min–max)``, or ``median [95% interval of the median] (min–max)``."""
+    ci = f" [{s['interval'][0]:.2f}–{s['interval'][1]:.2f}]" if interval else ""
+    return f"{s['median']:.2f}{ci} ({s['min']:.2f}–{s['max']:.2f})"
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Benchmark: {meta['device']}, {meta['dtype']}, {meta['threads']} threads, torch {meta['torch']}, "
-        f"median of {meta['rounds']} interleaved rounds (min–max).",
+        f"median of {meta['rounds']} interleaved rounds (min–max); time vs autograd also with the "
+        "median's bootstrap 95% interval [lo–hi].",
         "",
         "| net | g | compiled | torchderiv ms | autograd ms | time vs autograd | time vs 3-GEMM "
         "| autograd vs 3-GEMM | saved bytes vs autograd | two Functions vs autograd |",
@@ -190,7 +201,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "yes" if r["compiled"] else "no",
             f"{r['ms']['torchderiv']:.2f}",
             f"{r['ms']['autograd']:.2f}",
-            fmt(r["vs_autograd"]),
+            fmt(r["vs_autograd"], interval=True),
             fmt(r["vs_gemm"]) if "vs_gemm" in r else "–",
             fmt(r["autograd_vs_gemm"]) if "autograd_vs_gemm" in r else "–",
             f"{r['saved_ratio']:.2f}" if "saved_ratio" in r else "–",
@@ -238,7 +249,8 @@ def main() -> None:
             row = bench_mlp(net, activation, a, device, dtype)
             rows.append(row)
             print(
-                f"{net:5} {activation:5} time vs autograd {fmt(row['vs_autograd'])}  vs 3-GEMM {fmt(row['vs_gemm'])}  "
+                f"{net:5} {activation:5} time vs autograd {fmt(row['vs_autograd'], interval=True)}  "
+                f"vs 3-GEMM {fmt(row['vs_gemm'])}  "
                 f"(autograd vs 3-GEMM {fmt(row['autograd_vs_gemm'])})  saved bytes {row['saved_ratio']:.2f}  "
                 f"two Functions vs autograd {fmt(row['two_vs_autograd'])}",
                 flush=True,
@@ -248,7 +260,10 @@ def main() -> None:
             a = argparse.Namespace(rounds=args.rounds, inner=args.inner or 2)
             row = bench_mlp("large", activation, a, device, dtype, compiled=True)
             rows.append(row)
-            print(f"large {activation:5} compiled: time vs compiled autograd {fmt(row['vs_autograd'])}", flush=True)
+            print(
+                f"large {activation:5} compiled: time vs compiled autograd {fmt(row['vs_autograd'], interval=True)}",
+                flush=True,
+            )
     if not args.no_lce:
         from lce_memory import bench_linear_cross_entropy
 

@@ -42,7 +42,6 @@ rounds of 100 steps could not tell 5% apart. Nothing here is used by the library
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 
 import torch
@@ -136,13 +135,6 @@ class FloorBackward(MLPFunction):
         x, target, _w, w1, _b1, w2, _b2, w3, _b3, z, h1, h2 = ctx.saved_tensors
         d = _ce_backward(z, target, grad_output)
         return (None,) * 6 + _net_backward(d, x, w1, w2, w3, h1, h2)
-
-
-def median_ci(ratios: list[float], draws: int = 500) -> tuple[float, float]:
-    """A bootstrap 95% interval for the median of ``ratios``."""
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
-    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
 
 
 # The one-node floor's two bodies in C++: every line is the ATen call the Python floor makes.
@@ -291,7 +283,7 @@ def main() -> None:
     fastest = min(times["autograd"])
     for name, t in times.items():
         r = ratio_stats(t, times["autograd"])
-        lo, hi = median_ci([a / b for a, b in zip(t, times["autograd"])])
+        lo, hi = r["interval"]
         print(
             f"{name:34} {1e6 * statistics.median(t):7.1f} µs   vs autograd {r['median']:.3f} [{lo:.3f}–{hi:.3f}] "
             f"({r['min']:.2f}–{r['max']:.2f})   fastest round {min(t) / fastest:.2f}"
