@@ -51,3 +51,16 @@ def test_benchmark_quick_writes_its_tables(tmp_path):
     assert by["large", "relu"]["saved_ratio"] <= 1.0
     assert by["large", "gelu"]["saved_ratio"] < 0.6
     assert "| large 1024-2048-2048-10 ×512 | gelu |" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_ratio_stats_interval_brackets_the_median():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from benchmark import ratio_stats
+
+    same = ratio_stats([2.0] * 9, [1.0] * 9)
+    assert same["interval"] == (2.0, 2.0) and same["median"] == 2.0
+    num = [0.8, 0.9, 1.0, 1.1, 1.2, 0.95, 1.05, 1.0, 0.7, 1.3, 1.0]
+    s = ratio_stats(num, [1.0] * len(num))
+    lo, hi = s["interval"]
+    assert s["min"] <= lo <= s["median"] <= hi <= s["max"]
+    assert lo < hi  # the rounds disagree, so the median is not pinned down
