@@ -309,7 +309,7 @@ def _ce_loss(input, target, weight, ignore_index, eps, log_p=None):
         # Class probabilities: ℓ = −Σ_c w_c t'_c log p_c,  t' = (1 − ε) t + ε / C.
         t = target * (1 - eps) + eps / n_classes if eps > 0 else target
         wt = t if w is None else t * w
-        return -(wt * log_p).sum(c), (input.numel() // n_classes if n_classes else 0)
+        return -(wt * log_p).sum(c), _ce_divisor(input, target, weight, ignore_index)
     valid, idx = _index_rows(target, ignore_index, c)
     nll = -log_p.gather(c, idx).squeeze(c)  # −log p_y
     w_y = weight[idx.squeeze(c)] if weight is not None else None
@@ -345,7 +345,7 @@ def _ce_grads(input, target, weight, ignore_index, eps, grad_output=None, reduct
         wt = t if w is None else t * w
         grad_z = wt.sum(c, keepdim=True) * p - wt
         grad_t = -(1 - eps) * (log_p if w is None else log_p * w)
-        scale = _row_scale(grad_output, reduction, input.numel() // n_classes if n_classes else 0, c)
+        scale = _row_scale(grad_output, reduction, _ce_divisor(input, target, weight, ignore_index), c)
         return (grad_z, grad_t) if scale is None else (grad_z * scale, grad_t * scale)
     if log_p is None:
         p = input.softmax(c)
