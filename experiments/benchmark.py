@@ -4,6 +4,7 @@ To run:
     .venv/bin/python experiments/benchmark.py            # full table (a few minutes on 2 CPU cores)
     .venv/bin/python experiments/benchmark.py --quick    # reduced set, under a minute
     .venv/bin/python experiments/benchmark.py --device cuda --dtype bfloat16
+    .venv/bin/python experiments/benchmark.py --dp       # per-example clipping (DP-SGD) step: dp_benchmark.py
 
 Method (DESIGN §6): every contender runs in this one process, interleaved (A B C C B A …) over
 ``--rounds`` rounds; each round times ``--inner`` forward+backward passes of each; the table reports the
@@ -234,7 +235,15 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-lce", action="store_true", help="skip the linear + cross-entropy study")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument(
+        "--dp", action="store_true", help="only the per-example clipping (DP-SGD) study: dp_benchmark.py"
+    )
     args = parser.parse_args()
+    if args.dp:
+        from dp_benchmark import run
+
+        run(quick=args.quick, rounds=args.rounds, threads=args.threads, out=args.out)
+        return
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     args.rounds = max(args.rounds or (7 if args.quick else 21), 7)

@@ -64,3 +64,16 @@ def test_ratio_stats_interval_brackets_the_median():
     lo, hi = s["interval"]
     assert s["min"] <= lo <= s["median"] <= hi <= s["max"]
     assert lo < hi  # the rounds disagree, so the median is not pinned down
+
+
+def test_dp_benchmark_checks_its_clipping_and_writes_its_table(tmp_path):
+    # The script first compares per_sample's clipped gradient with torch.func's (and stops if they differ).
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import dp_benchmark
+
+    assert dp_benchmark.check_clipping("mlp_relu") < 1e-4
+    _run(["benchmark.py", "--dp", "--quick", "--rounds", "1", "--out", str(tmp_path)], timeout=600)
+    rows = json.loads((tmp_path / "dp_benchmark.json").read_text())["rows"]
+    assert [r["case"] for r in rows] == ["mlp_relu", "mlp_gelu", "seq_gelu"]
+    assert {"plain", "norms", "dp", "autograd"} <= set(rows[0]["ms"])
+    assert "per_sample(max_norm=1)" in (tmp_path / "dp_benchmark.md").read_text()

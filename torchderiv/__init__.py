@@ -5,7 +5,8 @@ the hand-derived formulas of the derivation in ``docs/derivation.md``.
 """
 
 from . import functional, nn
+from .clipping import PerSample, per_sample
 from .nn.convert import convert
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", "convert", "__version__"]
+__all__ = ["functional", "nn", "convert", "per_sample", "PerSample", "__version__"]

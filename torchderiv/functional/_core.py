@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import _per_sample
+
 __all__ = [
     "Twins",
     "compile_twin",
@@ -51,6 +53,11 @@ def apply(fn: Twins, *args):
     if torch.compiler.is_compiling():
         return fn.compiled.apply(*args)
     if _unwrap_if_dead is None or torch._C._are_functorch_transforms_active():
+        if _per_sample.current is not None and torch._C._are_functorch_transforms_active():
+            raise RuntimeError(
+                f"per_sample: torch.func transforms (vmap, grad, jvp) are not supported inside the context "
+                f"({fn.eager.__name__}); it already gives each example's gradient norm (and gradient)"
+            )
         return fn.eager.apply(*args)
     # NOTE: Function.apply re-binds default arguments with inspect.signature on every call (~35 µs per
     # call in torch 2.13, measured: a third of a small MLP's step). Our wrappers always pass every
@@ -102,7 +109,10 @@ def autocast_apply(fn: Twins, policy: str | None, *args):
         return apply(fn, *args)
     if policy is not None:
         target = torch.get_autocast_dtype(device_type) if policy == "lower" else torch.float32
-        args = tuple(autocast_cast(a, target) for a in args)
+        cast = tuple(autocast_cast(a, target) for a in args)
+        if _per_sample.current is not None:  # a tracked parameter now reaches the Function as a copy
+            _per_sample.current.alias(args, cast)
+        args = cast
     with torch.autocast(device_type, enabled=False):
         return apply(fn, *args)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _per_sample
 from ._core import autocast_apply, compile_twin
 from .activations import DEFAULT_PARAMS, get_activation
 from .linear import check_linear_args, linear_backward, linear_forward, linear_jvp
@@ -50,7 +51,10 @@ class DenseFunction(torch.autograd.Function):
         delta = None if grad_h is None else ctx.act.backprop(grad_h, saved, *ctx.params)
         if grad_z is not None:
             delta = grad_z if delta is None else delta + grad_z
-        grads = linear_backward(ctx.needs_input_grad, delta, input, weight, bias)
+        needs = ctx.needs_input_grad
+        if _per_sample.current is not None:  # per-example norms / clipping: the weight GEMM is deferred
+            needs = _per_sample.defer(needs, delta, input, weight, bias)
+        grads = linear_backward(needs, delta, input, weight, bias)
         return grads + (None,) * n_params
 
     @staticmethod

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from . import _per_sample
 from ._core import autocast_apply, compile_twin, shape_str
 
 __all__ = ["LinearFunction", "linear", "check_linear_args", "linear_backward", "linear_jvp"]
@@ -83,7 +84,10 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         input, weight, bias = ctx.saved_tensors
-        return linear_backward(ctx.needs_input_grad, grad_output, input, weight, bias)
+        needs = ctx.needs_input_grad
+        if _per_sample.current is not None:  # per-example norms / clipping: the weight GEMM is deferred
+            needs = _per_sample.defer(needs, grad_output, input, weight, bias)
+        return linear_backward(needs, grad_output, input, weight, bias)
 
     @staticmethod
     def jvp(ctx, d_input, d_weight, d_bias):

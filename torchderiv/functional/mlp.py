@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _per_sample
 from ._core import apply, autocast_apply, autocast_cast, check_reduction, compile_twin, scratch
 from .activations import DEFAULT_PARAMS, _times, get_activation
 from .linear import check_linear_args, linear_backward, linear_forward, linear_jvp
@@ -116,6 +117,8 @@ class MLPFunction(torch.autograd.Function):
                         factor, h_prev = act.factor(h_prev, *params, ok=ok, value=True)
                     else:
                         h_prev = act.value(h_prev, *params)
+                if _per_sample.current is not None:  # per-example norms / clipping: weight GEMMs deferred
+                    layer_needs = _per_sample.defer(layer_needs, delta, h_prev, *layers[2 * k : 2 * k + 2])
                 gi, layer_grads[2 * k], layer_grads[2 * k + 1] = linear_backward(
                     layer_needs, delta, h_prev, *layers[2 * k : 2 * k + 2]
                 )
@@ -261,7 +264,10 @@ def mlp_cross_entropy(
         # torch's autocast policies, per argument: the network's GEMMs in the autocast dtype (F.linear),
         # the loss in float32 (F.cross_entropy). The casts happen here, where autograd differentiates them.
         low = torch.get_autocast_dtype(device_type)
-        input, layers = autocast_cast(input, low), [autocast_cast(t, low) for t in layers]
+        input, cast = autocast_cast(input, low), [autocast_cast(t, low) for t in layers]
+        if _per_sample.current is not None:  # tracked parameters now reach the Function as copies
+            _per_sample.current.alias(layers, cast)
+        layers = cast
         target, weight = autocast_cast(target, torch.float32), autocast_cast(weight, torch.float32)
     loss = (reduction, int(ignore_index), float(label_smoothing), upcast)
     args = (input, target, weight, activation, params, loss, *layers)

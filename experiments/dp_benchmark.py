@@ -1,0 +1,388 @@
+"""Per-example clipping (DP-SGD) step: torchderiv.per_sample vs Opacus vs torch.func, side by side.
+
+To run:
+    .venv/bin/python experiments/dp_benchmark.py            # MLP 784-1024-1024-10 ×256 (relu, gelu) + sequence case
+    .venv/bin/python experiments/dp_benchmark.py --quick    # fewer rounds, no Opacus hooks / vmap (the slow ones)
+    .venv/bin/python experiments/benchmark.py --dp          # the same, from the main benchmark
+
+One step = zero the gradients, forward, loss, backward, (clip, noise), SGD update. Contenders:
+
+* ``plain``: torchderiv's non-private step (the base of every ratio).
+* ``norms``: the same inside ``torchderiv.per_sample(model)``: every example's gradient norm, no clipping.
+* ``dp``: inside ``per_sample(model, max_norm=C)``, plus Gaussian noise ``N(0, σ²C²)/B`` added to
+  ``.grad``: a full DP-SGD step.
+* ``autograd``: the same network as torch modules, non-private (for scale).
+* ``opacus_hooks``, ``opacus_ghost``: Opacus's ``GradSampleModule`` + ``DPOptimizer`` and its ghost
+  clipping (``GradSampleModuleFastGradientClipping``, two backward passes), when Opacus is installed.
+* ``vmap``: ``torch.func.vmap(grad)`` per-example gradients, clipped and summed by hand, noise added.
+
+Time: interleaved rounds in this process (DESIGN §6), median of per-round ratios to ``plain`` with
+min–max. Memory: the extra peak RSS of one step, each contender in a fresh process (VmHWM after the step
+minus VmRSS before it; before it: model, data and optimizer state, no gradients, the high-water mark
+reset after a warm-up step; large buffers mmapped, so that RSS follows the bytes in use), as a ratio to
+``plain``'s.
+Before timing, ``dp`` with σ = 0 is checked against ``vmap``'s clipped sum (the same numbers or no table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchderiv
+import torchderiv.functional as TF
+from torchderiv.nn import MLP
+
+OUT = Path(__file__).resolve().parent / "out"
+C, SIGMA, LR = 1.0, 1.0, 0.05
+CASES = {
+    "mlp_relu": dict(kind="mlp", sizes=[784, 1024, 1024, 10], batch=256, activation="relu"),
+    "mlp_gelu": dict(kind="mlp", sizes=[784, 1024, 1024, 10], batch=256, activation="gelu"),
+    "seq_gelu": dict(kind="seq", width=256, batch=32, length=128),
+}
+SLOW = ("opacus_hooks", "vmap")
+TORCH_ACT = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+def _have_opacus() -> bool:
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build(case: str):
+    """(torchderiv model, torch twin with the same weights, x, y, loss on (model output, y))."""
+    cfg = CASES[case]
+    torch.manual_seed(0)
+    if cfg["kind"] == "mlp":
+        ours = MLP(cfg["sizes"], cfg["activation"])
+        layers = []
+        for k, lin in enumerate(ours.layers):
+            ref = nn.Linear(lin.in_features, lin.out_features)
+            ref.load_state_dict(lin.state_dict())
+            layers += [ref] + ([TORCH_ACT[cfg["activation"]]()] if k < len(ours.layers) - 1 else [])
+        theirs = nn.Sequential(*layers)
+        x = torch.randn(cfg["batch"], cfg["sizes"][0])
+        y = torch.randint(0, cfg["sizes"][-1], (cfg["batch"],))
+    else:
+        n = cfg["width"]
+        theirs = nn.Sequential(nn.Linear(n, n), nn.GELU(), nn.Linear(n, n))
+        ours = torchderiv.convert(nn.Sequential(nn.Linear(n, n), nn.GELU(), nn.Linear(n, n)))
+        ours.load_state_dict(theirs.state_dict())
+        x = torch.randn(cfg["batch"], cfg["length"], n)
+        y = torch.randint(0, n, (cfg["batch"], cfg["length"]))
+    return ours, theirs, x, y
+
+
+def _flat_ce(ce):
+    # logits (B, [T,] C) and targets (B, [T]) -> mean over every position, as one cross-entropy
+    return lambda z, y: ce(z.reshape(-1, z.shape[-1]), y.reshape(-1))
+
+
+def make_steps(case: str, names) -> tuple[dict, dict]:
+    ours, theirs, x, y = build(case)
+    batch = x.shape[0]
+    td_loss = _flat_ce(TF.cross_entropy)
+    if CASES[case]["kind"] == "mlp":
+        forward_loss = lambda: ours.cross_entropy(x, y)[0]  # network and loss in one Function
+    else:
+        forward_loss = lambda: td_loss(ours(x), y)
+    opt = torch.optim.SGD(ours.parameters(), lr=LR)
+    opt_ref = torch.optim.SGD(theirs.parameters(), lr=LR)
+
+    def plain():
+        opt.zero_grad(set_to_none=True)
+        forward_loss().backward()
+        opt.step()
+
+    def norms():
+        opt.zero_grad(set_to_none=True)
+        with torchderiv.per_sample(ours):
+            forward_loss().backward()
+        opt.step()
+
+    def dp(sigma=SIGMA):
+        opt.zero_grad(set_to_none=True)
+        with torchderiv.per_sample(ours, max_norm=C):
+            forward_loss().backward()
+        if sigma:
+            for p in ours.parameters():  # noise on the clipped sum, in the mean's scale
+                p.grad.add_(torch.randn_like(p), alpha=sigma * C / batch)
+        opt.step()
+
+    def autograd():
+        opt_ref.zero_grad(set_to_none=True)
+        _flat_ce(F.cross_entropy)(theirs(x), y).backward()
+        opt_ref.step()
+
+    steps = {"plain": plain, "norms": norms, "dp": dp, "autograd": autograd}
+    if "vmap" in names:
+        steps["vmap"] = _vmap_step(theirs, x, y, opt_ref)
+    if "opacus_hooks" in names or "opacus_ghost" in names:
+        steps.update(_opacus_steps(case, names, x, y))
+    extra = {"ours": ours, "theirs": theirs, "x": x, "y": y, "dp": dp}
+    return {k: v for k, v in steps.items() if k in names}, extra
+
+
+def _vmap_clipped_sum(model, x, y):
+    """Σᵢ cᵢ gᵢ / B from torch.func: each example's gradient materialised, then clipped."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, xi, yi):
+        z = torch.func.functional_call(model, p, (xi.unsqueeze(0),))
+        return F.cross_entropy(z.reshape(-1, z.shape[-1]), yi.reshape(-1))
+
+    grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in grads.values()))
+    c = (C / (norms + 1e-6)).clamp(max=1)
+    return {k: (g * c.reshape(-1, *([1] * (g.dim() - 1)))).sum(0) / x.shape[0] for k, g in grads.items()}
+
+
+def _vmap_step(model, x, y, opt):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        for k, g in _vmap_clipped_sum(model, x, y).items():
+            p = model.get_parameter(k)
+            p.grad = g.add_(torch.randn_like(g), alpha=SIGMA * C / x.shape[0])
+        opt.step()
+
+    return step
+
+
+def _opacus_steps(case, names, x, y):
+    import copy
+
+    from opacus import GradSampleModule
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    _, theirs, _, _ = build(case)
+    batch = x.shape[0]
+    seq = CASES[case]["kind"] == "seq"
+    steps = {}
+    if "opacus_hooks" in names:
+        gsm = GradSampleModule(copy.deepcopy(theirs), loss_reduction="mean")
+        opt = DPOptimizer(
+            torch.optim.SGD(gsm.parameters(), lr=LR),
+            noise_multiplier=SIGMA,
+            max_grad_norm=C,
+            expected_batch_size=batch,
+            loss_reduction="mean",
+        )
+
+        def hooks():
+            opt.zero_grad(set_to_none=True)
+            _flat_ce(F.cross_entropy)(gsm(x), y).backward()
+            opt.step()
+
+        steps["opacus_hooks"] = hooks
+    if "opacus_ghost" in names:
+        ghost = GradSampleModuleFastGradientClipping(
+            copy.deepcopy(theirs), max_grad_norm=C, use_ghost_clipping=True, loss_reduction="mean"
+        )
+        gopt = DPOptimizerFastGradientClipping(
+            torch.optim.SGD(ghost.parameters(), lr=LR),
+            noise_multiplier=SIGMA,
+            max_grad_norm=C,
+            expected_batch_size=batch,
+            loss_reduction="mean",
+        )
+        crit = DPLossFastGradientClipping(ghost, gopt, nn.CrossEntropyLoss(), loss_reduction="mean")
+
+        def ghost_step():
+            gopt.zero_grad(set_to_none=True)
+            z = ghost(x)
+            loss = crit(z.reshape(-1, z.shape[-1]), y.reshape(-1), shape=z.shape if seq else None)
+            loss.backward()
+            gopt.step()
+
+        steps["opacus_ghost"] = ghost_step
+    return steps
+
+
+def check_clipping(case: str) -> float:
+    """Largest relative difference between ``dp`` (σ = 0, before the update) and torch.func's clipped sum."""
+    ours, theirs, x, y = build(case)
+    with torchderiv.per_sample(ours, max_norm=C):
+        (
+            ours.cross_entropy(x, y)[0] if CASES[case]["kind"] == "mlp" else _flat_ce(TF.cross_entropy)(ours(x), y)
+        ).backward()
+    ref = _vmap_clipped_sum(theirs, x, y)
+    worst = 0.0
+    for (_, p), (_, g) in zip(ours.named_parameters(), ref.items()):
+        worst = max(worst, ((p.grad - g).abs().max() / g.abs().max().clamp_min(1e-30)).item())
+    return worst
+
+
+def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
+    for fn in fns.values():
+        fn()
+        fn()
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(field)
+
+
+def child(case: str, name: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    fns, _ = make_steps(case, [name])
+    fns[name]()  # warm-up: optimizer state, one-time initialisation
+    # The state before a step: model, data, optimizer; no gradients (each step makes its own, and every
+    # contender's own per-sample buffers count as part of its step).
+    for obj in gc.get_objects():
+        if isinstance(obj, nn.Parameter):
+            obj.grad = None
+            for attr in ("grad_sample", "summed_grad"):
+                if getattr(obj, attr, None) is not None:
+                    setattr(obj, attr, None)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current RSS
+    before = _status_mib("VmRSS")
+    fns[name]()
+    print(json.dumps({"extra_peak_mib": _status_mib("VmHWM") - before}))
+
+
+def measure_memory(case: str, name: str, threads: int) -> float:
+    # Every allocation of 64 KiB or more gets its own mmap, returned to the system when freed: RSS then
+    # follows the bytes in use. With glibc's default (a threshold that grows as buffers are freed, and a
+    # heap that keeps freed memory) the extra peak of a step after warm-up was 3–8 MiB and swung with
+    # allocation order more than with what the step keeps.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", case, name, "--threads", str(threads)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra_peak_mib"]
+
+
+def bench(case: str, names, rounds: int, threads: int) -> dict:
+    err = check_clipping(case)
+    if err > 1e-4:
+        raise SystemExit(f"{case}: per_sample's clipped gradient differs from torch.func's by {err:.2e}")
+    fns, _ = make_steps(case, names)
+    times = interleaved(fns, rounds)
+    mem = {k: measure_memory(case, k, threads) for k in fns}
+    row = {"case": case, "clip_check_rel_err": err, "ms": {}, "time_vs_plain": {}, "mem_mib": mem, "mem_vs_plain": {}}
+    for k, t in times.items():
+        r = [a / b for a, b in zip(t, times["plain"])]
+        row["ms"][k] = 1e3 * statistics.median(t)
+        row["time_vs_plain"][k] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
+        row["mem_vs_plain"][k] = mem[k] / max(mem["plain"], 1e-9)
+    print(
+        json.dumps(
+            {
+                "case": case,
+                "time": {k: round(v["median"], 3) for k, v in row["time_vs_plain"].items()},
+                "mem": {k: round(v, 2) for k, v in row["mem_vs_plain"].items()},
+            }
+        ),
+        flush=True,
+    )
+    return row
+
+
+LABELS = {
+    "plain": "torchderiv, non-private (base)",
+    "norms": "torchderiv `per_sample`, norms only",
+    "dp": "torchderiv `per_sample(max_norm=1)` + noise",
+    "autograd": "torch autograd, non-private",
+    "opacus_hooks": "Opacus 1.6 hooks",
+    "opacus_ghost": "Opacus 1.6 ghost clipping",
+    "vmap": "`torch.func` vmap(grad) + clip + sum",
+}
+
+
+def markdown(rows, meta) -> str:
+    lines = [f"DP step benchmark: {meta}", ""]
+    for row in rows:
+        cfg = CASES[row["case"]]
+        title = (
+            f"MLP {'-'.join(map(str, cfg['sizes']))} {cfg['activation']}, batch {cfg['batch']}"
+            if cfg["kind"] == "mlp"
+            else f"Linear–GELU–Linear, width {cfg['width']}, on ({cfg['batch']}, {cfg['length']}, {cfg['width']})"
+        )
+        lines += [
+            f"**{title}** (clipped gradient vs torch.func: max rel. diff {row['clip_check_rel_err']:.1e})",
+            "",
+            "| contender | ms | time vs plain | extra peak MiB | memory vs plain |",
+            "|---|---|---|---|---|",
+        ]
+        for k in row["ms"]:
+            s = row["time_vs_plain"][k]
+            lines.append(
+                f"| {LABELS[k]} | {row['ms'][k]:.1f} | {s['median']:.2f} ({s['min']:.2f}–{s['max']:.2f}) | "
+                f"{row['mem_mib'][k]:.0f} | {row['mem_vs_plain'][k]:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run(quick: bool = False, rounds: int | None = None, threads: int = 2, out: str = str(OUT)) -> list[dict]:
+    torch.set_num_threads(threads)
+    rounds = rounds or (5 if quick else 7)
+    base = ["plain", "norms", "dp", "autograd"]
+    opacus = ["opacus_ghost"] + ([] if quick else ["opacus_hooks"]) if _have_opacus() else []
+    rows = []
+    for case in CASES:
+        names = base + opacus + ([] if quick or CASES[case]["kind"] == "seq" else ["vmap"])
+        if CASES[case]["kind"] == "seq":
+            names = [n for n in names if n != "opacus_hooks"]
+        rows.append(bench(case, names, rounds, threads))
+    meta = (
+        f"cpu, float32, {threads} threads, torch {torch.__version__}, median of {rounds} interleaved rounds (min–max)"
+    )
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "dp_benchmark.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = markdown(rows, meta)
+    (Path(out) / "dp_benchmark.md").write_text(md)
+    print(md)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "NAME"))
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child, args.threads)
+        return
+    run(args.quick, args.rounds, args.threads, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,380 @@
+"""torchderiv.per_sample: each example's gradient norm, clipped gradient and grad_sample, against ground truth.
+
+Ground truth (independent of torchderiv's backward): the same network built from torch's own modules,
+and for each example i one autograd backward of the batch loss in which every other example's output
+is detached — the gradient of example i's own term, the batch's divisor unchanged — times B for "mean".
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+import torchderiv
+import torchderiv.functional as TF
+import torchderiv.nn as tdnn
+from torchderiv.functional import _per_sample
+
+B, N_IN, N_OUT, T = 6, 5, 3, 5
+
+
+def _seq_net():
+    return nn.Sequential(nn.Linear(N_IN, 16), nn.GELU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, N_OUT))
+
+
+# name -> (torchderiv model, torch reference); built under the same seed, so the parameters agree.
+MODELS = {
+    "mlp": (
+        lambda: tdnn.MLP([N_IN, 7, 6, N_OUT], "tanh"),
+        lambda: nn.Sequential(nn.Linear(N_IN, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, N_OUT)),
+    ),
+    "mlp_gelu_nobias": (
+        lambda: tdnn.MLP([N_IN, 7, N_OUT], "gelu", bias=False),
+        lambda: nn.Sequential(nn.Linear(N_IN, 7, bias=False), nn.GELU(), nn.Linear(7, N_OUT, bias=False)),
+    ),
+    "linear_stack": (
+        lambda: nn.Sequential(tdnn.Linear(N_IN, 7), tdnn.ReLU(), tdnn.Linear(7, N_OUT, bias=False)),
+        lambda: nn.Sequential(nn.Linear(N_IN, 7), nn.ReLU(), nn.Linear(7, N_OUT, bias=False)),
+    ),
+    "dense": (
+        lambda: nn.Sequential(tdnn.Dense(N_IN, 7, "silu"), tdnn.Linear(7, N_OUT)),
+        lambda: nn.Sequential(nn.Linear(N_IN, 7), nn.SiLU(), nn.Linear(7, N_OUT)),
+    ),
+    # Sequences (B, T, n): the Gram form (2T² < n_in n_out) for the first two layers, the explicit
+    # Δᵢᵀ Hᵢ for the last (2T² = 50 ≥ 16·3).
+    "converted_seq": (lambda: torchderiv.convert(_seq_net()), _seq_net),
+}
+SEQUENCE = {"converted_seq"}
+
+
+# name -> (loss(z, y) on logits (*, C), target maker, reduction)
+def _ce(**kw):
+    return lambda z, y: F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), **kw)
+
+
+def _class_targets(shape, ignore=False):
+    y = torch.randint(0, N_OUT, shape)
+    if ignore:
+        y.view(-1)[::3] = -100  # every third row is ignored: a zero-gradient example when all its rows are
+    return y
+
+
+LOSSES = {
+    "ce_mean": (_ce(), lambda s: _class_targets(s), "mean"),
+    "ce_sum": (_ce(reduction="sum"), lambda s: _class_targets(s), "sum"),
+    "ce_ignore": (_ce(), lambda s: _class_targets(s, ignore=True), "mean"),
+    "ce_weight_smooth": (
+        _ce(weight=torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64), label_smoothing=0.1),
+        lambda s: _class_targets(s),
+        "mean",
+    ),
+    "mse_mean": (lambda z, y: F.mse_loss(z, y), lambda s: torch.randn(*s, N_OUT, dtype=torch.float64), "mean"),
+    "bce_sum": (
+        lambda z, y: F.binary_cross_entropy_with_logits(z, y, reduction="sum"),
+        lambda s: torch.rand(*s, N_OUT, dtype=torch.float64),
+        "sum",
+    ),
+}
+
+# torchderiv's twin of each loss above, as used inside the context
+TD_LOSSES = {
+    "ce_mean": lambda z, y: TF.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1)),
+    "ce_sum": lambda z, y: TF.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), reduction="sum"),
+    "ce_ignore": lambda z, y: TF.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1)),
+    "ce_weight_smooth": lambda z, y: TF.cross_entropy(
+        z.reshape(-1, z.shape[-1]),
+        y.reshape(-1),
+        weight=torch.tensor([0.5, 2.0, 1.0], dtype=z.dtype),
+        label_smoothing=0.1,
+    ),
+    "mse_mean": lambda z, y: TF.mse_loss(z, y),
+    "bce_sum": lambda z, y: TF.binary_cross_entropy_with_logits(z, y, reduction="sum"),
+}
+
+
+def build(name, dtype):
+    ours_fn, ref_fn = MODELS[name]
+    torch.manual_seed(1)
+    ours = ours_fn().to(dtype)
+    torch.manual_seed(1)
+    ref = ref_fn().to(dtype)
+    for (a, pa), (b, pb) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert_close(pa, pb, rtol=0, atol=0, msg=f"{a} vs {b}: the two builds must start equal")
+    return ours, ref
+
+
+def ground_truth(ref, x, y, loss_fn, reduction):
+    """Each example's gradient ``(B, *p.shape)`` per trainable parameter of ``ref``, by one backward each."""
+    params = [p for p in ref.parameters() if p.requires_grad]
+    z = ref(x)
+    rows = torch.arange(x.shape[0]).reshape(-1, *([1] * (z.dim() - 1)))
+    per = [[] for _ in params]
+    for i in range(x.shape[0]):
+        zi = torch.where(rows == i, z, z.detach())
+        grads = torch.autograd.grad(loss_fn(zi, y), params, retain_graph=True, allow_unused=True)
+        for k, (g, p) in enumerate(zip(grads, params)):
+            g = torch.zeros_like(p) if g is None else g
+            per[k].append(g * (x.shape[0] if reduction == "mean" else 1))
+    return [torch.stack(g) if g else torch.zeros(0, *p.shape, dtype=p.dtype) for g, p in zip(per, params)]
+
+
+def clipped_sum(per, norms, max_norm, reduction):
+    c = (max_norm / (norms + 1e-6)).clamp(max=1)
+    n = norms.shape[0]
+    return [(g * c.reshape(-1, *([1] * (g.dim() - 1)))).sum(0) / (n if reduction == "mean" else 1) for g in per]
+
+
+def _inputs(name, dtype, batch=B):
+    lead = (batch, T) if name in SEQUENCE else (batch,)
+    return torch.randn(*lead, N_IN, dtype=dtype), lead
+
+
+def run_case(model_name, loss_name, dtype, *, max_norm=0.7, frozen=(), via_mlp_ce=False, batch=B):
+    ours, ref = build(model_name, dtype)
+    for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+        if n in frozen:
+            p.requires_grad_(False)
+            q.requires_grad_(False)
+    x, lead = _inputs(model_name, dtype, batch)
+    loss_fn, make_target, reduction = LOSSES[loss_name]
+    y = make_target(lead)
+    if y.is_floating_point():
+        y = y.to(dtype)
+    per = ground_truth(ref, x, y, loss_fn, reduction)
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per))
+
+    with torchderiv.per_sample(ours, max_norm=max_norm, grad_sample=True, loss_reduction=reduction) as ps:
+        if via_mlp_ce:
+            kw = (
+                {"weight": torch.tensor([0.5, 2.0, 1.0], dtype=dtype), "label_smoothing": 0.1}
+                if (loss_name == "ce_weight_smooth")
+                else {}
+            )
+            loss, _ = ours.cross_entropy(x, y, reduction=reduction, **kw)
+        else:
+            loss = TD_LOSSES[loss_name](ours(x), y)
+        loss.backward()
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    assert ps.norms.shape == (batch,)
+    assert_close(ps.norms, norms, **tol)
+    expected = (
+        clipped_sum(per, norms, max_norm, reduction)
+        if max_norm is not None
+        else [g.sum(0) / (batch if reduction == "mean" else 1) for g in per]
+    )
+    trainable = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
+    assert len(trainable) == len(per)
+    for (n, p), g, gs in zip(trainable, expected, per):
+        assert p.grad is not None, n
+        assert_close(p.grad, g, msg=lambda m, n=n: f"{n}.grad: {m}", **tol)
+        assert_close(p.grad_sample, gs, msg=lambda m, n=n: f"{n}.grad_sample: {m}", **tol)
+    for n, p in ours.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None and not hasattr(p, "grad_sample"), n
+    return ps
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_matches_ground_truth_float64(model_name, loss_name):
+    run_case(model_name, loss_name, torch.float64)
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_matches_ground_truth_float32(model_name):
+    run_case(model_name, "ce_mean", torch.float32)
+    run_case(model_name, "mse_mean", torch.float32, max_norm=None)
+
+
+@pytest.mark.parametrize("loss_name", ["ce_mean", "ce_sum", "ce_ignore", "ce_weight_smooth"])
+def test_mlp_cross_entropy_one_function(loss_name):
+    run_case("mlp", loss_name, torch.float64, via_mlp_ce=True)
+    run_case("mlp_gelu_nobias", loss_name, torch.float64, via_mlp_ce=True, max_norm=None)
+
+
+def test_norms_only_leaves_ordinary_gradient():
+    # max_norm=None: .grad is exactly the ordinary batch gradient (checked in run_case) and norms are set.
+    ps = run_case("linear_stack", "ce_mean", torch.float64, max_norm=None)
+    assert ps.norms.dtype == torch.float64
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "linear_stack", "converted_seq"])
+def test_frozen_parameters_excluded(model_name):
+    ours, _ = build(model_name, torch.float64)
+    first = next(n for n, _ in ours.named_parameters())
+    run_case(model_name, "ce_mean", torch.float64, frozen=(first,))
+
+
+def test_ignored_example_has_zero_norm():
+    ours, _ = build("mlp", torch.float64)
+    x, y = torch.randn(4, N_IN, dtype=torch.float64), torch.tensor([1, -100, 2, 0])
+    with torchderiv.per_sample(ours, max_norm=1.0) as ps:
+        ours.cross_entropy(x, y)[0].backward()
+    assert ps.norms[1] == 0 and (ps.norms[[0, 2, 3]] > 0).all()
+
+
+def test_empty_batch():
+    run_case("mlp", "ce_sum", torch.float64, batch=0)
+
+
+def test_accumulates_over_backward_calls():
+    ours, _ = build("linear_stack", torch.float64)
+    x, y = torch.randn(B, N_IN, dtype=torch.float64), _class_targets((B,))
+    with torchderiv.per_sample(ours, max_norm=0.5) as ps:
+        TF.cross_entropy(ours(x[:3]), y[:3]).backward()
+        first = [p.grad.clone() for p in ours.parameters()]
+        TF.cross_entropy(ours(x[3:]), y[3:]).backward()
+    assert ps.norms.shape == (3,)
+    ours2, _ = build("linear_stack", torch.float64)
+    with torchderiv.per_sample(ours2, max_norm=0.5):
+        TF.cross_entropy(ours2(x[3:]), y[3:]).backward()
+    for p, f, q in zip(ours.parameters(), first, ours2.parameters()):
+        assert_close(p.grad, f + q.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_outside_the_context_nothing_changes():
+    ours, ref = build("mlp", torch.float64)
+    x, y = torch.randn(B, N_IN, dtype=torch.float64), _class_targets((B,))
+    with torchderiv.per_sample(ours, max_norm=0.1):
+        TF.cross_entropy(ours(x), y).backward()
+    assert _per_sample.current is None
+    ours.zero_grad(set_to_none=True)
+    TF.cross_entropy(ours(x), y).backward()
+    F.cross_entropy(ref(x), y).backward()
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+    # the foreign-gradient hooks are gone: a direct use of a parameter is ordinary again
+    (ours.layers[0].weight.sum() + TF.cross_entropy(ours(x), y)).backward()
+
+
+def test_autocast_norms_in_float32():
+    ours, ref = build("mlp", torch.float32)
+    x, y = torch.randn(B, N_IN), _class_targets((B,))
+    per = ground_truth(ref, x, y, LOSSES["ce_mean"][0], "mean")
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torchderiv.per_sample(ours, max_norm=0.5) as ps:
+        loss, logits = ours.cross_entropy(x, y)
+        assert logits.dtype == torch.bfloat16
+        loss.backward()
+    assert ps.norms.dtype == torch.float32
+    # bf16 GEMMs: ~3 significant digits
+    assert_close(ps.norms, norms, rtol=3e-2, atol=1e-3)
+    for p, g in zip(ours.parameters(), clipped_sum(per, norms, 0.5, "mean")):
+        assert p.grad.dtype == torch.float32
+        assert_close(p.grad, g, rtol=5e-2, atol=5e-3)
+
+
+# --- what it refuses ---------------------------------------------------------------------------------
+
+
+def _refuses(model, match, x=None, loss=None):
+    x = torch.randn(B, N_IN) if x is None else x
+    with pytest.raises(RuntimeError, match=match):
+        with torchderiv.per_sample(model):
+            out = model(x)
+            (out.sum() if loss is None else loss(out)).backward()
+
+
+def test_refuses_unconverted_linear():
+    _refuses(nn.Sequential(nn.Linear(N_IN, 3)), r"parameter 0\.weight of Linear .*torchderiv\.convert")
+
+
+def test_refuses_other_trainable_parameters_unless_frozen():
+    model = nn.Sequential(tdnn.Linear(N_IN, 4), nn.LayerNorm(4), tdnn.Linear(4, 2))
+    _refuses(model, r"parameter 1\.weight of LayerNorm is not computed")
+    model[1].requires_grad_(False)
+    with torchderiv.per_sample(model) as ps:
+        model(torch.randn(B, N_IN)).sum().backward()
+    assert ps.norms.shape == (B,)
+
+
+def test_refuses_batchnorm_in_training():
+    model = nn.Sequential(tdnn.Linear(N_IN, 4), nn.BatchNorm1d(4, affine=False))
+    _refuses(model, r"1 \(BatchNorm1d\) is in training mode")
+    model.eval()
+    with torchderiv.per_sample(model):
+        model(torch.randn(B, N_IN)).sum().backward()
+
+
+def test_refuses_tied_weights():
+    a, b = tdnn.Linear(N_IN, N_IN), tdnn.Linear(N_IN, N_IN)
+    b.weight = a.weight
+    _refuses(nn.Sequential(a, b), r"parameter 1\.weight is also 0\.weight \(tied weights\)")
+
+
+def test_refuses_module_called_twice():
+    layer = tdnn.Linear(N_IN, N_IN)
+    with pytest.raises(RuntimeError, match=r"parameter weight was used more than once"):
+        with torchderiv.per_sample(layer):
+            layer(layer(torch.randn(B, N_IN))).sum().backward()
+
+
+def test_refuses_foreign_use_of_a_parameter():
+    layer = tdnn.Linear(N_IN, 3)
+    with pytest.raises(RuntimeError, match=r"parameter weight received a gradient from an op"):
+        with torchderiv.per_sample(layer):
+            (layer(torch.randn(B, N_IN)).sum() + layer.weight.square().sum()).backward()
+
+
+def test_refuses_create_graph_and_transforms():
+    layer = tdnn.Linear(N_IN, 3)
+    with pytest.raises(RuntimeError, match="create_graph=True is not supported"):
+        with torchderiv.per_sample(layer):
+            layer(torch.randn(B, N_IN)).sum().backward(create_graph=True)
+    with pytest.raises(RuntimeError, match="torch.func transforms"):
+        with torchderiv.per_sample(layer):
+            torch.func.vmap(layer)(torch.randn(2, B, N_IN))
+
+
+def test_refuses_unbatched_input_and_nesting_and_bad_arguments():
+    layer = tdnn.Linear(N_IN, 3)
+    _refuses(layer, r"expected examples along dim 0", x=torch.randn(N_IN))
+    with torchderiv.per_sample(layer):
+        with pytest.raises(RuntimeError, match="do not nest"):
+            torchderiv.per_sample(copy.deepcopy(layer)).__enter__()
+    with pytest.raises(ValueError, match="max_norm"):
+        torchderiv.per_sample(layer, max_norm=0)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        torchderiv.per_sample(layer, loss_reduction="none")
+
+
+# --- against Opacus, the library DP-SGD users run today -------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_matches_opacus(mode, reduction):
+    pytest.importorskip("opacus")
+    from opacus import GradSampleModule
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    max_norm = 0.8
+    ours, ref = build("mlp", torch.float32)
+    x, y = torch.randn(B, N_IN), _class_targets((B,))
+    kw = dict(noise_multiplier=0.0, max_grad_norm=max_norm, expected_batch_size=B, loss_reduction=reduction)
+    if mode == "hooks":
+        gsm = GradSampleModule(ref, loss_reduction=reduction)
+        opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=0.0), **kw)
+        F.cross_entropy(gsm(x), y, reduction=reduction).backward()
+        per = [p.grad_sample for p in gsm.parameters()]
+    else:
+        gsm = GradSampleModuleFastGradientClipping(ref, max_grad_norm=max_norm, loss_reduction=reduction)
+        opt = DPOptimizerFastGradientClipping(torch.optim.SGD(gsm.parameters(), lr=0.0), **kw)
+        crit = DPLossFastGradientClipping(gsm, opt, nn.CrossEntropyLoss(reduction=reduction), reduction)
+        crit(gsm(x), y).backward()
+        per = None
+    opt.pre_step()  # clip, sum, add (zero) noise, scale by the expected batch size for "mean"
+    with torchderiv.per_sample(ours, max_norm=max_norm, grad_sample=True, loss_reduction=reduction) as ps:
+        TF.cross_entropy(ours(x), y, reduction=reduction).backward()
+    for p, q in zip(ours.parameters(), gsm.parameters()):
+        assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    if per is not None:
+        assert_close(ps.norms, torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per)), rtol=1e-5, atol=1e-6)
+        for p, g in zip(ours.parameters(), per):
+            assert_close(p.grad_sample, g, rtol=1e-5, atol=1e-6)

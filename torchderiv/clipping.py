@@ -1,0 +1,153 @@
+"""``torchderiv.per_sample(model)``: each example's gradient norm, gradient and flat clipping, in one backward.
+
+Inside the context, one ordinary ``loss.backward()`` of a model built from torchderiv's modules also
+gives every example's gradient norm (``ps.norms``), optionally clips each example's gradient before the
+sum that lands in ``.grad`` (``max_norm``), and optionally stores each example's gradient
+(``p.grad_sample``). The formulas and where they run are in ``docs/derivation.md`` §"Per-example
+gradients" and :mod:`torchderiv.functional._per_sample`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .functional import _per_sample
+from .nn.modules import Linear
+
+__all__ = ["per_sample", "PerSample"]
+
+
+def _check_model(model: nn.Module) -> dict:
+    """``{id(p): (p, name)}`` of the parameters to track; a clear error for what cannot be done exactly."""
+    tracked: dict[int, tuple[torch.Tensor, str]] = {}
+    owner: dict[int, str] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise RuntimeError(
+                f"per_sample: {mod_name or 'the model'} ({type(module).__name__}) is in training mode: batch "
+                f"statistics mix the examples, so no example has a gradient of its own; use GroupNorm/LayerNorm "
+                f"or call .eval() on it"
+            )
+        for p_name, p in module._parameters.items():
+            if p is None or not p.requires_grad:
+                continue
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            if id(p) in owner:
+                raise RuntimeError(
+                    f"per_sample: parameter {name} is also {owner[id(p)]} (tied weights): each example's gradient "
+                    f"is then a sum whose norm the per-layer factors do not give; not supported"
+                )
+            owner[id(p)] = name
+            if not (isinstance(module, Linear) and p_name in ("weight", "bias")):
+                hint = (
+                    "convert the model first with torchderiv.convert(model)"
+                    if type(module) is nn.Linear
+                    else "freeze it (requires_grad_(False)) or leave it out of the model"
+                )
+                raise RuntimeError(
+                    f"per_sample: parameter {name} of {type(module).__name__} is not computed by torchderiv's "
+                    f"Functions (Linear, Dense, MLP), so its per-example gradient is unknown; {hint}"
+                )
+            tracked[id(p)] = (p, name)
+    return tracked
+
+
+class PerSample:
+    """The context :func:`per_sample` returns; after each backward inside it:
+
+    Attributes:
+        norms: ``(B,)``, each example's gradient norm over the tracked parameters (float32, or float64
+            for a float64 model), from the latest backward pass; None before the first.
+        max_norm, grad_sample, loss_reduction: as given.
+    """
+
+    def __init__(self, model: nn.Module, max_norm, grad_sample, loss_reduction):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"per_sample: expected an nn.Module, got {type(model).__name__}")
+        if max_norm is not None and not (
+            isinstance(max_norm, (int, float)) and max_norm > 0 and math.isfinite(max_norm)
+        ):
+            raise ValueError(f"per_sample: expected max_norm to be a positive finite number or None, got {max_norm!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"per_sample: expected loss_reduction 'mean' or 'sum', got {loss_reduction!r}")
+        self.model = model
+        self.max_norm = None if max_norm is None else float(max_norm)
+        self.grad_sample = bool(grad_sample)
+        self.loss_reduction = loss_reduction
+        self._recorder: _per_sample.Recorder | None = None
+        self._hooks: list = []
+
+    @property
+    def norms(self) -> torch.Tensor | None:
+        return None if self._recorder is None else self._recorder.norms
+
+    def __enter__(self) -> PerSample:
+        if _per_sample.current is not None:
+            raise RuntimeError("per_sample: contexts do not nest; one is already active")
+        tracked = _check_model(self.model)
+        self._recorder = _per_sample.Recorder(tracked, self.max_norm, self.grad_sample, self.loss_reduction)
+        for p, name in tracked.values():
+            # A gradient reaching a tracked parameter by autograd means an op other than torchderiv's
+            # Functions used it (torchderiv's defer theirs and return None): its norm would be missed.
+            self._hooks.append(p.register_hook(_foreign(name)))
+        _per_sample.current = self._recorder
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _per_sample.current = None
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
+def _foreign(name: str):
+    def hook(grad):
+        if grad is not None:
+            raise RuntimeError(
+                f"per_sample: parameter {name} received a gradient from an op that is not one of torchderiv's "
+                f"Functions (a direct use of the parameter, a torch op, a parametrization), so its per-example "
+                f"gradient is unknown"
+            )
+
+    return hook
+
+
+def per_sample(
+    model: nn.Module, *, max_norm: float | None = None, grad_sample: bool = False, loss_reduction: str = "mean"
+) -> PerSample:
+    """Per-example gradient norms, flat clipping and per-example gradients in the ordinary backward.
+
+    Inside ``with torchderiv.per_sample(model, ...) as ps:`` one ``loss.backward()`` of a model built from
+    torchderiv's ``Linear``, ``Dense`` and ``MLP`` (with any of its activations and losses, or a model
+    after :func:`torchderiv.convert`) also gives, for every example i along dim 0 of the input:
+
+    - ``ps.norms[i] = ‖gᵢ‖``, the norm over every parameter of ``model`` that requires grad of example
+      i's gradient ``gᵢ``: the gradient of example i's own term of the batch loss (the batch's divisor
+      kept), times B for ``loss_reduction="mean"`` (Opacus's convention);
+    - with ``max_norm=C``: ``.grad`` receives ``Σᵢ cᵢ gᵢ`` (divided by B for "mean"),
+      ``cᵢ = min(1, C / (‖gᵢ‖ + 1e-6))``, instead of the unclipped ``Σᵢ gᵢ`` (/ B);
+    - with ``grad_sample=True``: ``p.grad_sample``, ``(B, *p.shape)``, each example's (unclipped) ``gᵢ``.
+
+    Per layer, ``‖gᵢ‖²`` takes ``‖δᵢ‖² ‖hᵢ‖²`` (or the Gram form for inputs ``(B, T, n)``) plus the bias's
+    ``‖Σ_t δᵢₜ‖²``, and the clipped gradient is the ordinary GEMM with scaled rows ``(c ⊙ Δ)ᵀ H``: one
+    backward pass. Refused with a clear error: parameters that torchderiv's Functions do not compute (unless
+    frozen), parameters used twice in one forward (tied weights, a module called twice), BatchNorm in
+    training mode, ``create_graph=True`` and torch.func transforms inside the context.
+
+    Args:
+        model: the module whose trainable parameters are clipped.
+        max_norm: C, or None for norms (and ``grad_sample``) only.
+        grad_sample: also store ``p.grad_sample``.
+        loss_reduction: how the loss reduces over the batch, ``"mean"`` or ``"sum"``.
+
+    Example::
+
+        >>> with torchderiv.per_sample(model, max_norm=1.0) as ps:
+        ...     F.cross_entropy(model(x), y).backward()
+        >>> ps.norms.shape
+        torch.Size([B])
+    """
+    return PerSample(model, max_norm, grad_sample, loss_reduction)

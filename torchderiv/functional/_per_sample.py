@@ -1,0 +1,198 @@
+"""Per-example gradients from the factors the backward already holds (DESIGN §9).
+
+The seed differentiates the loss of one example and only then averages (§3: ``J = 1/n Σ Loss``). In a
+dense layer the gradient of example i's own term is an outer product of the two factors the backward
+has in hand, its error rows and its input rows (§3.2–3.5):
+
+    ∂Lossᵢ/∂W = Δᵢᵀ Hᵢ,    ∂Lossᵢ/∂b = Σ_t δᵢₜ
+
+with ``Δᵢ: (T, n_out)`` and ``Hᵢ: (T, n_in)`` the rows of example i (``T = 1`` for a 2-D input). Its
+squared norm needs no outer product:
+
+    T = 1:  ‖δᵢ hᵢᵀ‖² = ‖δᵢ‖² ‖hᵢ‖²
+    T > 1:  ‖Δᵢᵀ Hᵢ‖² = ⟨Δᵢ Δᵢᵀ, Hᵢ Hᵢᵀ⟩      (two T×T Gram matrices; or Δᵢᵀ Hᵢ itself when smaller)
+
+With every layer's term summed into ``‖gᵢ‖²``, flat clipping scales example i by
+``cᵢ = min(1, C / (‖gᵢ‖ + 1e-6))`` and the clipped gradient is the ordinary weight GEMM with the rows
+of Δ scaled, ``(c ⊙ Δ)ᵀ H``. The factors ``cᵢ`` are known only once the last layer's error is, so a
+Function that holds a tracked parameter hands its ``(Δ, H)`` to :data:`current` instead of computing
+the weight GEMM, and the GEMMs run once, at the end of the backward pass (:meth:`Recorder.finish`).
+
+This module holds only that state and the arithmetic; ``torchderiv.per_sample`` (above ``nn``) decides
+which parameters are tracked. Outside the context :data:`current` is None and nothing here runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["Recorder", "current", "defer"]
+
+# The active Recorder, or None. A module global (not thread-local), like autograd's own grad mode flag
+# is not: one per_sample context at a time in a process.
+current: Recorder | None = None
+
+
+def _by_sample(t: torch.Tensor) -> torch.Tensor:
+    """``(B, *, n) -> (B, T, n)`` with ``T = prod(*)`` (1 for a 2-D tensor)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
+
+
+class Recorder:
+    """Collects ``(Δ, H)`` of every tracked layer during one backward pass, then finishes it.
+
+    Args:
+        names: ``{id(parameter): (parameter, qualified name)}`` of the parameters to track.
+        max_norm: C of flat clipping, or None (norms only).
+        grad_sample: also store each example's gradient as ``p.grad_sample``, ``(B, *p.shape)``.
+        loss_reduction: ``"mean"`` (example i's gradient is B × its share of the batch gradient, as
+            Opacus scales it) or ``"sum"``.
+    """
+
+    def __init__(self, names: dict, max_norm: float | None, grad_sample: bool, loss_reduction: str):
+        self.names = names
+        self.max_norm = max_norm
+        self.grad_sample = grad_sample
+        self.loss_reduction = loss_reduction
+        self.aliases: dict[int, tuple[torch.Tensor, torch.Parameter]] = {}
+        self.pending: list[tuple] = []
+        self.queued = False
+        self.norms: torch.Tensor | None = None
+
+    # --- forward side: a tracked parameter may reach a Function as a cast copy (autocast) ----------
+
+    def alias(self, originals, casts) -> None:
+        """Remember that ``casts[k]`` stands for the tracked parameter ``originals[k]`` (autocast casts)."""
+        for p, c in zip(originals, casts):
+            if c is not p and isinstance(p, torch.Tensor) and id(p) in self.names:
+                self.aliases[id(c)] = (c, p)
+
+    def param(self, t: torch.Tensor | None):
+        """The tracked parameter that ``t`` is (or is a cast of), or None."""
+        if t is None:
+            return None
+        entry = self.names.get(id(t))
+        if entry is not None and entry[0] is t:
+            return t
+        entry = self.aliases.get(id(t))
+        return entry[1] if entry is not None and entry[0] is t else None
+
+    def name(self, p) -> str:
+        return self.names[id(p)][1]
+
+    # --- backward side -------------------------------------------------------------------------------
+
+    def take(self, needs, delta, input, weight, bias):
+        """Keep ``(Δ, H)`` for the tracked ``weight``/``bias``; return ``needs`` without their GEMMs."""
+        w = self.param(weight) if needs[1] else None
+        b = self.param(bias) if bias is not None and needs[2] else None
+        if w is None and b is None:
+            return needs
+        who = self.name(w if w is not None else b)
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"per_sample: backward with create_graph=True is not supported inside the context "
+                f"(parameter {who}); take the double backward outside it"
+            )
+        if torch._C._are_functorch_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(delta):
+            raise RuntimeError(
+                f"per_sample: torch.func transforms (vmap, grad, jvp) are not supported inside "
+                f"the context (parameter {who})"
+            )
+        if delta.dim() < 2:
+            raise RuntimeError(
+                f"per_sample: parameter {who} was used on an input of shape {tuple(input.shape)}; expected "
+                f"examples along dim 0, i.e. an input of shape (B, *, {input.shape[-1]})"
+            )
+        self.pending.append((w, b, delta, input))
+        if not self.queued:
+            # Runs once, when the whole backward pass is done: only then are all of ‖gᵢ‖'s terms known.
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+            self.queued = True
+        return (needs[0], needs[1] and w is None, needs[2] and b is None)
+
+    def finish(self) -> None:
+        """Norms, clipping factors, then the (clipped) weight and bias GEMMs into ``.grad``."""
+        pending, self.pending, self.queued = self.pending, [], False
+        self.aliases.clear()
+        seen = set()
+        for w, b, _, _ in pending:
+            for p in (w, b):
+                if p is None:
+                    continue
+                if id(p) in seen:
+                    raise RuntimeError(
+                        f"per_sample: parameter {self.name(p)} was used more than once in one forward pass (a "
+                        f"module called twice, or weights tied between modules): each example's gradient is "
+                        f"then a sum whose norm the per-layer factors do not give; not supported"
+                    )
+                seen.add(id(p))
+        batch = {d.shape[0] for _, _, d, _ in pending}
+        if len(batch) != 1:
+            raise RuntimeError(f"per_sample: the tracked layers saw different batch sizes {sorted(batch)} along dim 0")
+        (n,) = batch
+        scale = float(n) if self.loss_reduction == "mean" else 1.0
+        dtype = torch.float64 if any(d.dtype == torch.float64 for _, _, d, _ in pending) else torch.float32
+        sq = torch.zeros(n, dtype=dtype, device=pending[0][2].device)
+        samples = []
+        for w, b, delta, input in pending:
+            d, h = _by_sample(delta), _by_sample(input)  # (B, T, n_out), (B, T, n_in)
+            gs = None
+            if w is not None:
+                t, n_out, n_in = d.shape[1], d.shape[2], h.shape[2]
+                if self.grad_sample or (t > 1 and 2 * t * t >= n_in * n_out):
+                    gs = torch.einsum("bto,bti->boi", d.to(dtype), h.to(dtype))  # Δᵢᵀ Hᵢ
+                    sq += gs.flatten(1).square().sum(1)
+                elif t == 1:
+                    # ‖δᵢ‖² ‖hᵢ‖²
+                    sq += (
+                        torch.linalg.vector_norm(d, dim=(1, 2), dtype=dtype).square()
+                        * torch.linalg.vector_norm(h, dim=(1, 2), dtype=dtype).square()
+                    )
+                else:
+                    # ⟨Δᵢ Δᵢᵀ, Hᵢ Hᵢᵀ⟩, clamped at 0 against round-off. NOTE: summing only the blocks on and
+                    # above the diagonal (both Grams are symmetric) was no faster on CPU: the smaller batched
+                    # GEMMs lost what the skipped blocks saved (measured on 32 × 128 × 256).
+                    dd, hh = d.to(dtype), h.to(dtype)
+                    sq += ((dd @ dd.mT) * (hh @ hh.mT)).sum((1, 2)).clamp_min(0)
+            gb = None
+            if b is not None:
+                gb = d.sum(1, dtype=dtype)  # Σ_t δᵢₜ, (B, n_out)
+                sq += gb.square().sum(1)
+            samples.append((gs, gb))
+        norms = sq.sqrt().mul_(scale)
+        self.norms = norms
+        c = None
+        if self.max_norm is not None:
+            c = (self.max_norm / (norms + 1e-6)).clamp_(max=1.0)
+        for (w, b, delta, input), (gs, gb) in zip(pending, samples):
+            rows = delta if c is None else delta * c.to(delta.dtype).reshape(-1, *([1] * (delta.dim() - 1)))
+            flat = rows.reshape(-1, rows.shape[-1])  # (N, n_out)
+            if w is not None:
+                _accumulate(w, flat.t().mm(input.reshape(-1, input.shape[-1])))  # (c ⊙ Δ)ᵀ H
+                if self.grad_sample:
+                    w.grad_sample = (gs * scale).to(w.dtype)
+            if b is not None:
+                _accumulate(b, flat.sum(0))
+                if self.grad_sample:
+                    b.grad_sample = (gb * scale).to(b.dtype)
+
+
+def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
+    """``p.grad += g`` as autograd's AccumulateGrad would, in the parameter's dtype."""
+    g = g.to(p.dtype)
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad.add_(g)
+
+
+def defer(needs, delta, input, weight, bias):
+    """``needs`` for :func:`~torchderiv.functional.linear.linear_backward`: inside a per_sample context the
+    weight and bias GEMMs of tracked parameters are left to :meth:`Recorder.finish`."""
+    rec = current
+    if rec is None or not (needs[1] or needs[2]):
+        return needs
+    return rec.take(needs, delta, input, weight, bias)
