@@ -311,11 +311,14 @@ def test_mlp_cross_entropy_bad_input():
     w = [torch.randn(6, 4), torch.randn(3, 6)]
     with pytest.raises(RuntimeError, match=r"mlp_cross_entropy: expected input of shape \(n_0,\) or \(N, n_0\)"):
         TF.mlp_cross_entropy(torch.randn(2, 5, 4), w, None, torch.zeros(2, 5, dtype=torch.long))
-    with pytest.raises(RuntimeError, match=r"mlp_cross_entropy: expected class-index target of shape \(2,\)"):
+    # torch's exception types: ValueError for a batch-size mismatch, RuntimeError for label_smoothing
+    with pytest.raises(ValueError, match=r"Expected input batch_size \(2\) to match target batch_size \(3\)"):
         TF.mlp_cross_entropy(torch.randn(2, 4), w, None, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"mlp_cross_entropy: expected class-index target of shape \(2,\)"):
+        TF.mlp_cross_entropy(torch.randn(2, 4), w, None, torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(RuntimeError, match=r"mlp_cross_entropy layer 2: expected a weight of shape \(out_features, 6"):
         TF.mlp_cross_entropy(torch.randn(2, 4), [w[0], torch.randn(3, 5)], None, torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"label_smoothing in \[0.0, 1.0\], got -0.5"):
+    with pytest.raises(RuntimeError, match=r"label_smoothing must be between 0.0 and 1.0, got -0.5"):
         TF.mlp_cross_entropy(torch.randn(2, 4), w, None, torch.zeros(2, dtype=torch.long), label_smoothing=-0.5)
     with pytest.raises(ValueError, match="is not a valid value for reduction"):
         TF.mlp_cross_entropy(torch.randn(2, 4), w, None, torch.zeros(2, dtype=torch.long), reduction="avg")

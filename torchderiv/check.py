@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sys
 
 import torch
 
@@ -93,9 +95,19 @@ def _load(target: str):
     module_name, _, attr = target.partition(":")
     if not attr:
         raise SystemExit(f"expected module.path:Name, got {target!r}")
-    obj = importlib.import_module(module_name)
+    # A console script does not put the current directory on sys.path; `python -m` would. Do what a user
+    # running `torchderiv check mypkg.ops:MyLinear` next to mypkg/ expects.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise SystemExit(f"torchderiv check: cannot import {module_name!r} (from {os.getcwd()}): {e}") from None
     for part in attr.split("."):
-        obj = getattr(obj, part)
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise SystemExit(f"torchderiv check: {module_name!r} has no attribute {attr!r}") from None
     if isinstance(obj, type) and issubclass(obj, torch.autograd.Function):
         return obj.apply
     return obj

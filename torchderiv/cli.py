@@ -5,44 +5,54 @@ To run:
     torchderiv test --config configs/digits.yaml --ckpt_path runs/digits/version_0/checkpoints/last.ckpt
     torchderiv fit --config configs/digits.yaml --print_config
     torchderiv check                                       # verify every built-in Function
+
+Lightning is imported only for the Lightning subcommands: ``torchderiv --help`` and ``torchderiv check``
+start in the time it takes to import torch.
 """
 
 from __future__ import annotations
 
 import sys
 
-from lightning.pytorch.cli import LightningCLI
+__all__ = ["CLI", "main"]  # noqa: F822 (CLI comes from __getattr__, lazily)
 
-from .lightning import ArrayDataModule, MLPModule
+USAGE = """\
+usage: torchderiv {fit,validate,test,predict,check} ...
 
-__all__ = ["CLI", "main"]
+torchderiv: PyTorch layers, activations and losses whose backward and jvp are the hand-derived formulas.
+
+subcommands:
+  fit         train a model from a YAML config (LightningCLI: torchderiv fit --config configs/digits.yaml)
+  validate    run the validation set on a checkpoint (LightningCLI)
+  test        run the test set on a checkpoint (LightningCLI)
+  predict     predict with a checkpoint (LightningCLI)
+  check       verify torchderiv's Functions, or your own (torchderiv check mypkg.ops:MyLinear --shapes "6,4 4,4")
+
+Run `torchderiv SUBCOMMAND --help` for each one's options.
+"""
 
 
-class CLI(LightningCLI):
-    """LightningCLI over :class:`MLPModule` and any :class:`ArrayDataModule` (chosen by ``data.class_path``)."""
+def __getattr__(name: str):
+    if name == "CLI":  # torchderiv.cli.CLI, without importing Lightning for everything else
+        from ._lightning_cli import CLI
 
-    def __init__(self, args=None, run: bool = True, **kwargs) -> None:
-        super().__init__(
-            MLPModule,
-            ArrayDataModule,
-            subclass_mode_data=True,
-            args=args,
-            run=run,
-            seed_everything_default=0,
-            trainer_defaults={
-                # A progress bar only when a person is watching; CI logs stay readable.
-                "enable_progress_bar": sys.stdout.isatty(),
-            },
-            **kwargs,
-        )
+        return CLI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "check":
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "check":
         from .check import main as check_main
 
-        sys.exit(check_main(argv[1:]))
+        sys.exit(check_main(args[1:]))
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        sys.exit(0 if args else 2)
+    from ._lightning_cli import CLI
+
+    # From the console script, LightningCLI reads sys.argv itself: passing it back in as `args` makes
+    # Lightning warn that `args` is meant for calls from Python.
     CLI(args=argv)
 
 

@@ -90,3 +90,34 @@ def test_error_inputs_are_rejected(op):
         s = err.sample_input
         with pytest.raises(err.error_type):
             ours(s.input, *s.args, **s.kwargs)
+
+
+# --- torch's module tests (ModuleInfo): the same exception type for every error input -------------------
+
+from torch.testing._internal.common_modules import ModuleErrorEnum, module_db  # noqa: E402
+
+import torchderiv.nn as tdnn  # noqa: E402
+
+MODULE_TWINS = {getattr(torch.nn, name): getattr(tdnn, name) for name in tdnn.__all__ if hasattr(torch.nn, name)}
+ERROR_MODULES = [m for m in module_db if m.module_cls in MODULE_TWINS and m.module_error_inputs_func is not None]
+
+
+def test_module_error_inputs_exist():
+    # a check that cannot silently run over nothing
+    assert {m.module_cls.__name__ for m in ERROR_MODULES} >= {"CrossEntropyLoss", "LinearCrossEntropyLoss"}
+
+
+@pytest.mark.parametrize("info", ERROR_MODULES, ids=lambda m: m.module_cls.__name__)
+def test_module_error_inputs_raise_torchs_exception_type(info):
+    ours = MODULE_TWINS[info.module_cls]
+    errors = list(info.module_error_inputs_func(info, "cpu", torch.float32, False, training=True))
+    assert errors
+    for err in errors:
+        c, f = err.module_error_input.constructor_input, err.module_error_input.forward_input
+        if err.error_on == ModuleErrorEnum.CONSTRUCTION_ERROR:
+            with pytest.raises(err.error_type):
+                ours(*c.args, **c.kwargs)
+            continue
+        module = ours(*c.args, **c.kwargs)
+        with pytest.raises(err.error_type):
+            module(*f.args, **f.kwargs)

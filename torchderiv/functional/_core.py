@@ -18,6 +18,7 @@ __all__ = [
     "apply",
     "autocast_apply",
     "autocast_cast",
+    "autocast_enabled",
     "scratch",
     "check_reduction",
     "shape_str",
@@ -105,7 +106,7 @@ def autocast_apply(fn: Twins, policy: str | None, *args):
     backward see exactly the dtypes chosen here.
     """
     device_type = _device_type(args)
-    if not torch.is_autocast_enabled(device_type):
+    if not autocast_enabled(device_type):
         return apply(fn, *args)
     if policy is not None:
         target = torch.get_autocast_dtype(device_type) if policy == "lower" else torch.float32
@@ -115,6 +116,18 @@ def autocast_apply(fn: Twins, policy: str | None, *args):
         args = cast
     with torch.autocast(device_type, enabled=False):
         return apply(fn, *args)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, and False for a device type autocast does not know.
+
+    torch raises "unknown device type for autocast" for ``meta`` (shape inference, meta-device
+    initialisation) and other device types without an autocast mode; there is nothing to cast there.
+    """
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 def autocast_cast(a, dtype: torch.dtype):

@@ -125,11 +125,22 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
     Args:
         input: ``(*, in_features)``; ``*`` may be empty or contain 0.
-        weight: ``(out_features, in_features)``.
-        bias: ``(out_features,)`` or None.
+        weight: ``(out_features, in_features)``, or ``(in_features,)`` as torch also takes (one output
+            feature, dropped from the result's shape).
+        bias: ``(out_features,)`` or None; a 0-D tensor or None with a 1-D weight.
 
     Returns:
-        ``(*, out_features)``.
+        ``(*, out_features)``, or ``(*)`` for a 1-D weight.
     """
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dim() != 0):
+            raise RuntimeError(
+                f"linear: with a 1-D weight of shape {shape_str(weight)} expected a 0-D bias or None, "
+                f"got {shape_str(bias) if isinstance(bias, torch.Tensor) else type(bias).__name__}"
+            )
+        # One output feature: the same Function on a (1, in_features) weight; autograd differentiates
+        # the reshapes around it.
+        out = linear(input, weight.unsqueeze(0), None if bias is None else bias.reshape(1))
+        return out.squeeze(-1)
     check_linear_args(input, weight, bias)
     return autocast_apply(LINEAR, "lower", input, weight, bias)

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ._core import apply, autocast_cast, check_reduction, compile_twin
+from ._core import apply, autocast_cast, autocast_enabled, check_reduction, compile_twin
 from .linear import linear, linear_backward, linear_forward, linear_jvp
 from .losses import _ce_grads, _ce_loss, _divisor, _index_rows, _mean_divisor, _reduce, cross_entropy
 
@@ -186,12 +186,15 @@ def linear_cross_entropy(
     reduction: str = "mean",
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
+    options=None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``cross_entropy(linear(input, linear_weight, linear_bias), target, …)`` without building the logits.
 
-    torch 2.13's signature, with its ``options`` replaced by ``chunk_size`` (rows per chunk; None
-    picks about 16 MiB of logits per chunk). Shapes as :func:`torch.nn.functional.linear_cross_entropy`:
+    torch 2.13's signature plus ``chunk_size`` (rows per chunk). torch's ``options``
+    (a ``torch.nn.LinearCrossEntropyOptions``) is accepted: its ``batch_chunk_size`` is used when
+    ``chunk_size`` is None; every path here is chunked either way. With neither, a chunk holds about
+    32 MiB of logits. Shapes as :func:`torch.nn.functional.linear_cross_entropy`:
     input ``(in,)`` or ``(N, in)``, ``linear_weight (C, in)`` or ``(C, d1, …, in)``, targets class
     indices or probabilities.
 
@@ -227,7 +230,14 @@ def linear_cross_entropy(
         raise RuntimeError(f"{name}: ignore_index cannot be specified when target contains probabilities")
     ignore_index = -100 if ignore_index is None else int(ignore_index)
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{name}: expected label_smoothing in [0.0, 1.0], got {label_smoothing}")
+        raise RuntimeError(f"{name}: label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+    if input.dim() == 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+        raise ValueError(
+            f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]}). "
+            f"{name}: input of shape {tuple(input.shape)}, target of shape {tuple(target.shape)}"
+        )
+    if chunk_size is None and options is not None:
+        chunk_size = getattr(options, "batch_chunk_size", None)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{name}: expected a positive chunk_size, got {chunk_size}")
     if out_features or probabilities:
@@ -256,7 +266,7 @@ def linear_cross_entropy(
     grads_wanted = torch.is_grad_enabled() and (
         input.requires_grad or linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
     )
-    upcast = torch.is_autocast_enabled(x.device.type)
+    upcast = autocast_enabled(x.device.type)
     args = (
         x,
         linear_weight,

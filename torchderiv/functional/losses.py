@@ -493,6 +493,12 @@ def check_cross_entropy_args(shape, target, weight, ignore_index, label_smoothin
         raise RuntimeError(f"{name}: expected input of shape (C,) or (N, C, d1, …), got a 0-D tensor")
     c = 1 if len(shape) >= 2 else 0
     n_classes = shape[c]
+    if c == 1 and target.dim() >= 1 and target.shape[0] != shape[0]:
+        # torch's type for this one error is ValueError (its message first, then ours)
+        raise ValueError(
+            f"Expected input batch_size ({shape[0]}) to match target batch_size ({target.shape[0]}). "
+            f"{name}: input of shape {shape_str(shape)}, target of shape {shape_str(target)}"
+        )
     if target.is_floating_point():
         if target.shape != shape:
             raise RuntimeError(
@@ -521,7 +527,7 @@ def check_cross_entropy_args(shape, target, weight, ignore_index, label_smoothin
                 "pass a weight that does not require grad"
             )
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{name}: expected label_smoothing in [0.0, 1.0], got {label_smoothing}")
+        raise RuntimeError(f"{name}: label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
 
 
 def cross_entropy(

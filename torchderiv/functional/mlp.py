@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import _per_sample
-from ._core import apply, autocast_apply, autocast_cast, check_reduction, compile_twin, scratch
+from ._core import apply, autocast_apply, autocast_cast, autocast_enabled, check_reduction, compile_twin, scratch
 from .activations import DEFAULT_PARAMS, _times, get_activation
 from .linear import check_linear_args, linear_backward, linear_forward, linear_jvp
 from .losses import _ce_grads, _ce_jvp, _ce_value, check_cross_entropy_args
@@ -259,7 +259,7 @@ def mlp_cross_entropy(
     check_cross_entropy_args(logits_shape, target, weight, ignore_index, label_smoothing, name)
     params = tuple(act_params or DEFAULT_PARAMS[activation])
     device_type = input.device.type
-    upcast = torch.is_autocast_enabled(device_type)
+    upcast = autocast_enabled(device_type)
     if upcast:
         # torch's autocast policies, per argument: the network's GEMMs in the autocast dtype (F.linear),
         # the loss in float32 (F.cross_entropy). The casts happen here, where autograd differentiates them.

@@ -259,9 +259,6 @@ class LinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
         bias = None if self.linear.bias is None else self.linear.bias.reshape((self.num_classes, *self.out_features))
-        chunk = self.chunk_size
-        if chunk is None and self.options is not None:
-            chunk = self.options.batch_chunk_size
         return TF.linear_cross_entropy(
             input,
             weight,
@@ -271,7 +268,8 @@ class LinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
-            chunk_size=chunk,
+            options=self.options,
+            chunk_size=self.chunk_size,
         )
 
     def extra_repr(self) -> str:
