@@ -226,3 +226,30 @@ def test_check_command_on_builtins(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
     assert "CrossEntropy[probs]" in out and "LinearCrossEntropy" in out and "20 passed, 0 failed" in out
+
+
+def test_readme_example_prints_what_the_readme_shows():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(import torch\nfrom torchderiv.testing import verify\n.*?)```", text, re.S).group(1)
+    shown = re.search(r"prints\n\n```\n(.*?)```", text[text.index(code) :], re.S).group(1)
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})
+
+    def rows(s):
+        # round-off below 1e-6 (double backward's 1e-9, a strided input's 1e-16) differs between machines
+        def cell(c):
+            try:
+                return "~0" if abs(float(c)) < 1e-6 else c
+            except ValueError:
+                return c
+
+        return [[cell(c) for c in re.split(r"\s{2,}", line.strip())] for line in s.strip().splitlines()]
+
+    assert rows(out.getvalue()) == rows(shown)
