@@ -33,7 +33,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,6 +42,9 @@ from torch import nn
 import torchderiv
 import torchderiv.functional as TF
 from torchderiv.nn import MLP
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import interleaved as _interleaved  # noqa: E402  (the same A B … B A rounds as the main benchmark)
 
 OUT = Path(__file__).resolve().parent / "out"
 C, SIGMA, LR = 1.0, 1.0, 0.05
@@ -229,17 +231,8 @@ def check_clipping(case: str) -> float:
 
 
 def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
-    for fn in fns.values():
-        fn()
-        fn()
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
+    """Seconds per step of each contender, one entry per round (benchmark.interleaved, one step a timing)."""
+    return _interleaved(fns, rounds, 1, torch.device("cpu"))
 
 
 def _status_mib(field: str) -> float:
