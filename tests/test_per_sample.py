@@ -132,7 +132,7 @@ def _inputs(name, dtype, batch=B):
     return torch.randn(*lead, N_IN, dtype=dtype), lead
 
 
-def run_case(model_name, loss_name, dtype, *, max_norm=0.7, frozen=(), via_mlp_ce=False, batch=B):
+def run_case(model_name, loss_name, dtype, *, max_norm=0.7, frozen=(), via_mlp_ce=False, batch=B, grad_sample=False):
     ours, ref = build(model_name, dtype)
     for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
         if n in frozen:
@@ -146,7 +146,7 @@ def run_case(model_name, loss_name, dtype, *, max_norm=0.7, frozen=(), via_mlp_c
     per = ground_truth(ref, x, y, loss_fn, reduction)
     norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per))
 
-    with torchderiv.per_sample(ours, max_norm=max_norm, grad_sample=True, loss_reduction=reduction) as ps:
+    with torchderiv.per_sample(ours, max_norm=max_norm, grad_sample=grad_sample, loss_reduction=reduction) as ps:
         if via_mlp_ce:
             kw = (
                 {"weight": torch.tensor([0.5, 2.0, 1.0], dtype=dtype), "label_smoothing": 0.1}
@@ -170,28 +170,32 @@ def run_case(model_name, loss_name, dtype, *, max_norm=0.7, frozen=(), via_mlp_c
     for (n, p), g, gs in zip(trainable, expected, per):
         assert p.grad is not None, n
         assert_close(p.grad, g, msg=lambda m, n=n: f"{n}.grad: {m}", **tol)
-        assert_close(p.grad_sample, gs, msg=lambda m, n=n: f"{n}.grad_sample: {m}", **tol)
+        if grad_sample:
+            assert_close(p.grad_sample, gs, msg=lambda m, n=n: f"{n}.grad_sample: {m}", **tol)
+        else:
+            assert not hasattr(p, "grad_sample"), n
     for n, p in ours.named_parameters():
         if not p.requires_grad:
             assert p.grad is None and not hasattr(p, "grad_sample"), n
     return ps
 
 
+@pytest.mark.parametrize("grad_sample", [False, True], ids=["norms", "grad_sample"])
 @pytest.mark.parametrize("loss_name", list(LOSSES))
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_matches_ground_truth_float64(model_name, loss_name):
-    run_case(model_name, loss_name, torch.float64)
+def test_matches_ground_truth_float64(model_name, loss_name, grad_sample):
+    run_case(model_name, loss_name, torch.float64, grad_sample=grad_sample)
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_matches_ground_truth_float32(model_name):
     run_case(model_name, "ce_mean", torch.float32)
-    run_case(model_name, "mse_mean", torch.float32, max_norm=None)
+    run_case(model_name, "mse_mean", torch.float32, max_norm=None, grad_sample=True)
 
 
 @pytest.mark.parametrize("loss_name", ["ce_mean", "ce_sum", "ce_ignore", "ce_weight_smooth"])
 def test_mlp_cross_entropy_one_function(loss_name):
-    run_case("mlp", loss_name, torch.float64, via_mlp_ce=True)
+    run_case("mlp", loss_name, torch.float64, via_mlp_ce=True, grad_sample=True)
     run_case("mlp_gelu_nobias", loss_name, torch.float64, via_mlp_ce=True, max_norm=None)
 
 
@@ -216,8 +220,31 @@ def test_ignored_example_has_zero_norm():
     assert ps.norms[1] == 0 and (ps.norms[[0, 2, 3]] > 0).all()
 
 
-def test_empty_batch():
-    run_case("mlp", "ce_sum", torch.float64, batch=0)
+@pytest.mark.parametrize("model_name", ["mlp", "converted_seq"])
+def test_empty_batch(model_name):
+    run_case(model_name, "ce_sum", torch.float64, batch=0)
+
+
+@pytest.mark.parametrize(
+    "t, n_in, n_out, data_input, path",
+    [
+        (1, 5, 4, False, "rows"),  # ‖δᵢ‖² ‖hᵢ‖²
+        (6, 16, 16, True, "gram"),  # 2T² < n_in n_out, and Δᵢᵀ Hᵢ larger than Δ and H
+        (5, 16, 3, True, "explicit"),  # 2T² ≥ n_in n_out, H is data: Δᵢᵀ Hᵢ formed for the norm only
+        (5, 4, 3, True, "product"),  # Δᵢᵀ Hᵢ no larger than Δ and H: kept, Δ and H let go
+    ],
+)
+def test_each_norm_path_equals_the_explicit_product(t, n_in, n_out, data_input, path):
+    rec = _per_sample.Recorder({}, None, False, "sum")
+    w, b = torch.zeros(n_out, n_in, dtype=torch.float64), torch.zeros(n_out, dtype=torch.float64)
+    d = torch.randn(B, t, n_out, dtype=torch.float64)
+    h = torch.randn(B, t, n_in, dtype=torch.float64, requires_grad=not data_input)
+    layer = rec._factors(w, b, d.squeeze(1) if t == 1 else d, h.squeeze(1) if t == 1 else h)
+    assert (layer.product is not None) == (path == "product")
+    assert (layer.delta is None) == (path == "product")
+    g = torch.einsum("bto,bti->boi", d, h.detach())
+    expected = g.flatten(1).square().sum(1) + d.sum(1).square().sum(1)
+    assert_close(layer.sq, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_accumulates_over_backward_calls():

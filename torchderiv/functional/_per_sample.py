@@ -57,7 +57,7 @@ class Recorder:
         self.grad_sample = grad_sample
         self.loss_reduction = loss_reduction
         self.aliases: dict[int, tuple[torch.Tensor, torch.Parameter]] = {}
-        self.pending: list[tuple] = []
+        self.pending: list[_Layer] = []
         self.queued = False
         self.norms: torch.Tensor | None = None
 
@@ -106,20 +106,57 @@ class Recorder:
                 f"per_sample: parameter {who} was used on an input of shape {tuple(input.shape)}; expected "
                 f"examples along dim 0, i.e. an input of shape (B, *, {input.shape[-1]})"
             )
-        self.pending.append((w, b, delta, input))
+        self.pending.append(self._factors(w, b, delta, input))
         if not self.queued:
             # Runs once, when the whole backward pass is done: only then are all of ‖gᵢ‖'s terms known.
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
             self.queued = True
         return (needs[0], needs[1] and w is None, needs[2] and b is None)
 
+    def _factors(self, w, b, delta, input) -> _Layer:
+        """One layer's share of ``‖gᵢ‖²`` now, and what its clipped gradient will need at the end."""
+        dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32  # fp32 norms under autocast
+        d, h = _by_sample(delta), _by_sample(input)  # (B, T, n_out), (B, T, n_in)
+        t, n_out, n_in = d.shape[1], d.shape[2], h.shape[2]
+        layer = _Layer(w, b)
+        sq = torch.zeros(d.shape[0], dtype=dtype, device=d.device)
+        if w is not None:
+            # Keep Δᵢᵀ Hᵢ itself (then Δ and H may go at once, and the clipped gradient is Σᵢ cᵢ (Δᵢᵀ Hᵢ), no
+            # GEMM) when it takes no more memory than what the deferred GEMM would hold to the end: Δ, and H
+            # unless H is data that lives anyway. Sequence layers only: with T = 1 it is B× the weight.
+            held = t * (n_out + (n_in if input.requires_grad else 0))
+            if self.grad_sample or (t > 1 and n_in * n_out <= held):
+                # Δᵢᵀ Hᵢ as one batched GEMM on a transposed view (einsum copied both operands first)
+                layer.product = torch.bmm(d.to(dtype).mT, h.to(dtype))
+                sq += layer.product.flatten(1).square().sum(1)
+            else:
+                layer.delta, layer.input = delta, input
+                if t == 1:  # ‖δᵢ‖² ‖hᵢ‖²
+                    sq += (
+                        torch.linalg.vector_norm(d, dim=(1, 2), dtype=dtype).square()
+                        * torch.linalg.vector_norm(h, dim=(1, 2), dtype=dtype).square()
+                    )
+                elif 2 * t * t < n_in * n_out:
+                    # ⟨Δᵢ Δᵢᵀ, Hᵢ Hᵢᵀ⟩, clamped at 0 against round-off. NOTE: summing only the blocks on and above
+                    # the diagonal (both Grams are symmetric) was no faster on CPU: the smaller batched GEMMs lost
+                    # what the skipped blocks saved (measured on 32 × 128 × 256).
+                    dd, hh = d.to(dtype), h.to(dtype)
+                    sq += ((dd @ dd.mT) * (hh @ hh.mT)).sum((1, 2)).clamp_min(0)
+                else:
+                    sq += torch.bmm(d.to(dtype).mT, h.to(dtype)).flatten(1).square().sum(1)
+        if b is not None:
+            layer.bias_rows = d.sum(1, dtype=dtype)  # Σ_t δᵢₜ, (B, n_out)
+            sq += layer.bias_rows.square().sum(1)
+        layer.sq = sq
+        return layer
+
     def finish(self) -> None:
-        """Norms, clipping factors, then the (clipped) weight and bias GEMMs into ``.grad``."""
+        """Norms and clipping factors from every layer's share, then the (clipped) gradients into ``.grad``."""
         pending, self.pending, self.queued = self.pending, [], False
         self.aliases.clear()
         seen = set()
-        for w, b, _, _ in pending:
-            for p in (w, b):
+        for layer in pending:
+            for p in (layer.w, layer.b):
                 if p is None:
                     continue
                 if id(p) in seen:
@@ -129,55 +166,55 @@ class Recorder:
                         f"then a sum whose norm the per-layer factors do not give; not supported"
                     )
                 seen.add(id(p))
-        batch = {d.shape[0] for _, _, d, _ in pending}
+        batch = {layer.sq.shape[0] for layer in pending}
         if len(batch) != 1:
             raise RuntimeError(f"per_sample: the tracked layers saw different batch sizes {sorted(batch)} along dim 0")
         (n,) = batch
         scale = float(n) if self.loss_reduction == "mean" else 1.0
-        dtype = torch.float64 if any(d.dtype == torch.float64 for _, _, d, _ in pending) else torch.float32
-        sq = torch.zeros(n, dtype=dtype, device=pending[0][2].device)
-        samples = []
-        for w, b, delta, input in pending:
-            d, h = _by_sample(delta), _by_sample(input)  # (B, T, n_out), (B, T, n_in)
-            gs = None
-            if w is not None:
-                t, n_out, n_in = d.shape[1], d.shape[2], h.shape[2]
-                if self.grad_sample or (t > 1 and 2 * t * t >= n_in * n_out):
-                    gs = torch.einsum("bto,bti->boi", d.to(dtype), h.to(dtype))  # Δᵢᵀ Hᵢ
-                    sq += gs.flatten(1).square().sum(1)
-                elif t == 1:
-                    # ‖δᵢ‖² ‖hᵢ‖²
-                    sq += (
-                        torch.linalg.vector_norm(d, dim=(1, 2), dtype=dtype).square()
-                        * torch.linalg.vector_norm(h, dim=(1, 2), dtype=dtype).square()
-                    )
-                else:
-                    # ⟨Δᵢ Δᵢᵀ, Hᵢ Hᵢᵀ⟩, clamped at 0 against round-off. NOTE: summing only the blocks on and
-                    # above the diagonal (both Grams are symmetric) was no faster on CPU: the smaller batched
-                    # GEMMs lost what the skipped blocks saved (measured on 32 × 128 × 256).
-                    dd, hh = d.to(dtype), h.to(dtype)
-                    sq += ((dd @ dd.mT) * (hh @ hh.mT)).sum((1, 2)).clamp_min(0)
-            gb = None
-            if b is not None:
-                gb = d.sum(1, dtype=dtype)  # Σ_t δᵢₜ, (B, n_out)
-                sq += gb.square().sum(1)
-            samples.append((gs, gb))
-        norms = sq.sqrt().mul_(scale)
+        dtype = torch.float64 if any(layer.sq.dtype == torch.float64 for layer in pending) else torch.float32
+        sq = pending[0].sq.to(dtype)
+        for layer in pending[1:]:
+            sq = sq + layer.sq.to(dtype)
+        norms = sq.sqrt_().mul_(scale)
         self.norms = norms
-        c = None
-        if self.max_norm is not None:
-            c = (self.max_norm / (norms + 1e-6)).clamp_(max=1.0)
-        for (w, b, delta, input), (gs, gb) in zip(pending, samples):
-            rows = delta if c is None else delta * c.to(delta.dtype).reshape(-1, *([1] * (delta.dim() - 1)))
-            flat = rows.reshape(-1, rows.shape[-1])  # (N, n_out)
+        c = None if self.max_norm is None else (self.max_norm / (norms + 1e-6)).clamp_(max=1.0)
+        # First layer first, each layer's buffers let go as soon as its gradient is made: the peak is then
+        # below "every Δ and H, plus every gradient".
+        while pending:
+            layer = pending.pop()
+            w, b = layer.w, layer.b
             if w is not None:
-                _accumulate(w, flat.t().mm(input.reshape(-1, input.shape[-1])))  # (c ⊙ Δ)ᵀ H
-                if self.grad_sample:
-                    w.grad_sample = (gs * scale).to(w.dtype)
+                if layer.product is not None:
+                    g = (
+                        layer.product.sum(0)
+                        if c is None
+                        else torch.einsum("b,boi->oi", c.to(layer.product.dtype), layer.product)
+                    )
+                    if self.grad_sample:
+                        w.grad_sample = (layer.product * scale).to(w.dtype)
+                else:
+                    delta = layer.delta
+                    rows = delta if c is None else delta * c.to(delta.dtype).reshape(-1, *([1] * (delta.dim() - 1)))
+                    g = (
+                        rows.reshape(-1, rows.shape[-1]).t().mm(layer.input.reshape(-1, layer.input.shape[-1]))
+                    )  # (c ⊙ Δ)ᵀ H
+                _accumulate(w, g)
             if b is not None:
-                _accumulate(b, flat.sum(0))
+                rows = layer.bias_rows
+                _accumulate(b, rows.sum(0) if c is None else c.to(rows.dtype) @ rows)
                 if self.grad_sample:
-                    b.grad_sample = (gb * scale).to(b.dtype)
+                    b.grad_sample = (rows * scale).to(b.dtype)
+            del layer
+
+
+class _Layer:
+    """What one tracked layer leaves for :meth:`Recorder.finish`."""
+
+    __slots__ = ("w", "b", "sq", "delta", "input", "product", "bias_rows")
+
+    def __init__(self, w, b):
+        self.w, self.b = w, b
+        self.sq = self.delta = self.input = self.product = self.bias_rows = None
 
 
 def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
