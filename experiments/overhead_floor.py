@@ -248,7 +248,7 @@ def main() -> None:
         "floor, two nodes": step(lambda: BareCrossEntropy.apply(BareNet.apply(x, *params), target)),
         "floor, one node": step(lambda: BareNetCrossEntropy.apply(x, target, *params)),
     }
-    ws, bs = ours._weights_and_biases()
+    ws, bs = ours._plain_layers()
 
     def checked(x, target):
         """What ``MLP.cross_entropy`` checks and prepares before its Function runs (relu, mean, no options)."""

@@ -65,3 +65,94 @@ def test_linear_cross_entropy_takes_torchs_options():
         lambda x, w: F.linear_cross_entropy(x, w, y, options=options),
         [x, w],
     )
+
+
+# --- MLP behaves like the nn.Sequential of its children -------------------------------------------------
+
+
+def _mlp_and_sequential(activation="tanh"):
+    torch.manual_seed(3)
+    mlp = tdnn.MLP([4, 6, 5, 3], activation, dtype=torch.float64)
+    act = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}[activation]
+    seq = torch.nn.Sequential(mlp.layers[0], act(), mlp.layers[1], act(), mlp.layers[2])  # the same children
+    return mlp, seq
+
+
+def _same_values_and_grads(mlp, seq, via_ce=False):
+    x = torch.randn(7, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,))
+    if via_ce:
+        loss, out = mlp.cross_entropy(x, y)
+    else:
+        out = mlp(x)
+        loss = F.cross_entropy(out, y)
+    params = [p for p in mlp.parameters() if p.requires_grad]
+    ours = torch.autograd.grad(loss, params)
+    ref_out = seq(x)
+    theirs = torch.autograd.grad(F.cross_entropy(ref_out, y), params)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("via_ce", [False, True], ids=["forward", "cross_entropy"])
+def test_mlp_child_hooks_fire(via_ce):
+    mlp, seq = _mlp_and_sequential()
+    calls = []
+    layer = mlp.layers[1]
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, a: calls.append("pre")),
+        layer.register_forward_hook(lambda m, a, o: calls.append("forward")),
+        layer.register_full_backward_hook(lambda m, gi, go: calls.append("backward")),
+    ]
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    out = mlp.cross_entropy(x, torch.tensor([0, 2]))[0] if via_ce else mlp(x).sum()
+    out.backward()
+    assert calls == ["pre", "forward", "backward"]
+    # the hook may change the output, as in nn.Sequential
+    calls.clear()
+    hooks.append(layer.register_forward_hook(lambda m, a, o: o * 2))
+    _same_values_and_grads(mlp, seq, via_ce)
+    for h in hooks:
+        h.remove()
+    _same_values_and_grads(mlp, seq, via_ce)  # and back on the one-Function path
+
+
+def test_mlp_global_hooks_fire():
+    mlp, _ = _mlp_and_sequential()
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: seen.append(type(m).__name__))
+    try:
+        mlp(torch.randn(2, 4, dtype=torch.float64))
+    finally:
+        handle.remove()
+    assert seen.count("Linear") == 3
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "prune", "replaced"])
+@pytest.mark.parametrize("via_ce", [False, True], ids=["forward", "cross_entropy"])
+def test_mlp_parametrized_pruned_or_replaced_child(kind, via_ce):
+    from torch.nn.utils import parametrizations, prune
+
+    mlp, seq = _mlp_and_sequential("relu")
+    if kind == "weight_norm":
+        parametrizations.weight_norm(mlp.layers[1])
+    elif kind == "spectral_norm":
+        parametrizations.spectral_norm(mlp.layers[1])
+        mlp.eval()  # no power iteration between the two runs
+    elif kind == "prune":
+        prune.l1_unstructured(mlp.layers[0], "weight", amount=0.5)
+    else:  # a LoRA-style wrapper in place of a child
+
+        class Scaled(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+                self.scale = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+            def forward(self, x):
+                return self.inner(x) * self.scale
+
+        mlp.layers[2] = Scaled(mlp.layers[2])
+    seq = torch.nn.Sequential(mlp.layers[0], seq[1], mlp.layers[1], seq[3], mlp.layers[2])
+    _same_values_and_grads(mlp, seq, via_ce)

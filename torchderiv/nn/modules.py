@@ -8,6 +8,7 @@ inspection tool sees ordinary torch modules.
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from .. import functional as TF
 from ..functional.activations import get_activation
@@ -86,6 +87,13 @@ class MLP(nn.Module):
     :class:`Linear` modules in ``layers`` and are the only parameters, so ``state_dict`` keys are
     ``layers.{k}.weight`` / ``layers.{k}.bias``.
 
+    The whole network runs as one Function (:func:`torchderiv.functional.mlp`), which reads the children's
+    weights directly, as long as every child is a plain :class:`Linear`. When one is hooked (forward,
+    forward-pre or backward hooks, or global module hooks), parametrized (``weight_norm``,
+    ``spectral_norm``), pruned (``torch.nn.utils.prune``) or replaced by another module, the network runs
+    child by child instead, exactly as the ``nn.Sequential`` of its layers and activations would: the
+    same values and gradients, every hook firing. The check is a few dictionary lookups a call.
+
     Args:
         sizes: layer widths, input first, output last (at least two entries).
         activation: g, one of ``torchderiv.functional.ACTIVATIONS``.
@@ -104,15 +112,57 @@ class MLP(nn.Module):
             Linear(n_in, n_out, bias=bias, device=device, dtype=dtype) for n_in, n_out in zip(sizes[:-1], sizes[1:])
         )
 
-    def _weights_and_biases(self) -> tuple[list[Tensor], list[Tensor | None]]:
-        # NOTE: read the parameters from each layer's _parameters dict: nn.Module.__getattr__ costs ~1 µs a
-        # lookup, a measurable share of a small network's step.
-        params = [m._parameters for m in self.layers._modules.values()]
-        return [p["weight"] for p in params], [p["bias"] for p in params]
+    def _plain_layers(self) -> tuple[list[Tensor], list[Tensor | None]] | None:
+        """``(weights, biases)`` when every child is a plain :class:`Linear`, else None.
+
+        Plain: exactly torchderiv's ``Linear`` (a parametrization or a replacement changes the class), no
+        hooks of its own or global ones (pruning registers a forward pre-hook), its ``weight`` a
+        Parameter. Otherwise the network must run child by child, as ``nn.Sequential`` would.
+        """
+        if (
+            _module._global_forward_hooks
+            or _module._global_forward_pre_hooks
+            or _module._global_backward_hooks
+            or (_module._global_backward_pre_hooks)
+        ):
+            return None
+        weights, biases = [], []
+        # NOTE: the modules' dicts are read directly: nn.Module.__getattr__ costs ~1 µs a lookup, a measurable
+        # share of a small network's step.
+        for m in self.layers._modules.values():
+            if (
+                type(m) is not Linear
+                or m._forward_hooks
+                or m._forward_pre_hooks
+                or m._backward_hooks
+                or (m._backward_pre_hooks)
+            ):
+                return None
+            params = m._parameters
+            w = params.get("weight")
+            if w is None:
+                return None
+            weights.append(w)
+            biases.append(params.get("bias"))
+        return weights, biases
+
+    def _child_by_child(self, input: Tensor) -> Tensor:
+        """The network as the ``nn.Sequential`` of its children: each child called, hooks and all."""
+        g = getattr(TF, self.activation)
+        last = len(self.layers) - 1
+        h = input
+        for k, layer in enumerate(self.layers):
+            h = layer(h)
+            if k < last:
+                h = g(h)
+        return h
 
     def forward(self, input: Tensor) -> Tensor:
+        layers = self._plain_layers()
+        if layers is None:
+            return self._child_by_child(input)
         # One Function for the whole network (torchderiv.functional.mlp): it keeps only what backward needs.
-        return TF.mlp(input, *self._weights_and_biases(), self.activation)
+        return TF.mlp(input, *layers, self.activation)
 
     def cross_entropy(
         self,
@@ -128,17 +178,14 @@ class MLP(nn.Module):
         The loss and the logits (for metrics), with the values and gradients of the two calls; on a
         small network this is the faster way to train (:func:`torchderiv.functional.mlp_cross_entropy`).
         Input ``(n_0,)`` or ``(N, n_0)``; the other arguments as :func:`torch.nn.functional.cross_entropy`.
+        When a child is hooked, parametrized, pruned or replaced, the two calls are made child by child.
         """
-        return TF.mlp_cross_entropy(
-            input,
-            *self._weights_and_biases(),
-            target,
-            self.activation,
-            weight=weight,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-        )
+        kw = dict(weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+        layers = self._plain_layers()
+        if layers is None:
+            logits = self._child_by_child(input)
+            return TF.cross_entropy(logits, target, **kw), logits
+        return TF.mlp_cross_entropy(input, *layers, target, self.activation, **kw)
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, activation={self.activation!r}"
