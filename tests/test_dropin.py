@@ -156,3 +156,48 @@ def test_mlp_parametrized_pruned_or_replaced_child(kind, via_ce):
         mlp.layers[2] = Scaled(mlp.layers[2])
     seq = torch.nn.Sequential(mlp.layers[0], seq[1], mlp.layers[1], seq[3], mlp.layers[2])
     _same_values_and_grads(mlp, seq, via_ce)
+
+
+# --- in place means one buffer, as in torch ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.nn.ReLU(inplace=True),
+        lambda: torch.nn.LeakyReLU(0.1, inplace=True),
+        lambda: torch.nn.ELU(inplace=True),
+    ],
+    ids=["relu", "leaky_relu", "elu"],
+)
+def test_inplace_activation_saves_no_more_than_torch(make):
+    import copy
+
+    from torchderiv import convert
+    from torchderiv.testing import saved_bytes
+
+    torch.manual_seed(0)
+    theirs = torch.nn.Sequential(torch.nn.Linear(256, 1024), make(), torch.nn.Linear(1024, 8))
+    ours = convert(copy.deepcopy(theirs))
+    assert type(ours[1]).__module__.startswith("torchderiv")
+    x = torch.randn(512, 256)
+    params = list(ours.parameters()) + list(theirs.parameters())
+    ours_bytes = saved_bytes(lambda: ours(x).sum(), params)
+    theirs_bytes = saved_bytes(lambda: theirs(x).sum(), params)
+    assert ours_bytes <= theirs_bytes, (ours_bytes, theirs_bytes)
+    check_parity(lambda x: ours(x), lambda x: theirs(x), [x.requires_grad_()])
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "elu"])
+def test_inplace_functional_returns_the_input_with_torchs_gradients(name):
+    ours = getattr(TF, name)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = x.clone()
+    assert ours(y, inplace=True) is y
+    torch.testing.assert_close(y, getattr(F, name)(x))
+    f = lambda x: ours(x.clone(), inplace=True)
+    # NOTE: forward AD under vmap (check_batched_forward_grad) is not claimed for the in-place Functions:
+    # functorch does not see their tangent updated in place.
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(),), check_forward_ad=True, check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(f, (x,), check_batched_grad=True, check_fwd_over_rev=True)
+    check_parity(lambda x: ours(x * 1, inplace=True), lambda x: getattr(F, name)(x * 1, inplace=True), [x])

@@ -282,8 +282,8 @@ def test_legacy_reduction_arguments(legacy):
         ),
         (
             lambda: TF.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1])),
-            RuntimeError,
-            r"expected class-index target of shape \(3,\) for input of shape \(3, 4\), got shape \(2,\)",
+            ValueError,  # torch's type for a batch-size mismatch
+            r"Expected input batch_size \(3\) to match target batch_size \(2\)\. cross_entropy: input of shape",
         ),
         (
             lambda: TF.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2], dtype=torch.int32)),
@@ -307,8 +307,8 @@ def test_legacy_reduction_arguments(legacy):
         ),
         (
             lambda: TF.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), label_smoothing=1.5),
-            ValueError,
-            r"label_smoothing in \[0.0, 1.0\], got 1.5",
+            RuntimeError,  # torch's type
+            r"label_smoothing must be between 0.0 and 1.0, got 1.5",
         ),
         (
             lambda: TF.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 7])),

@@ -298,6 +298,62 @@ FUNCTIONS = {
     for name, act in ACTIVATIONS.items()
 }
 
+
+def _inplace_function(act: Activation, class_name: str):
+    """``H = g(Z)`` written over ``Z`` (``inplace=True``) for an activation that keeps its output.
+
+    The same derivatives as :func:`_elementwise_function`; the one buffer is both the result and what
+    backward keeps, as torch's in-place activations do (``ctx.mark_dirty``). Forward AD, double backward
+    and batched reverse gradients work; forward AD under vmap does not (functorch does not see the
+    tangent updated in place).
+    """
+
+    def forward(input, *params):
+        return act.value_(input, *params)
+
+    def setup_context(ctx, inputs, output):
+        input, *params = inputs
+        ctx.params = tuple(params)
+        ctx.mark_dirty(input)
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    def backward(ctx, grad_output):
+        (h,) = ctx.saved_tensors
+        grad = act.backprop(grad_output, h, *ctx.params) if ctx.needs_input_grad[0] else None
+        return (grad,) + (None,) * len(ctx.params)
+
+    def jvp(ctx, d_input, *_):
+        # the input's tangent is updated in place, as the input itself was: dH = g'(Z) ⊙ dZ
+        (h,) = ctx.saved_tensors
+        return d_input.copy_(act.backprop(d_input, h, *ctx.params))
+
+    doc = (
+        f"``H = {act.name}(Z)`` elementwise, in place.\n\n"
+        f"backward: ``∂J/∂Z = ∂J/∂H ⊙ g'(Z)`` with ``g'(z) = {act.derivative}`` from the output (seed §3.1, "
+        f"§3.5); jvp: ``dH = g'(Z) ⊙ dZ``, written over ``dZ``."
+    )
+    cls = type(
+        class_name,
+        (torch.autograd.Function,),
+        {
+            "__doc__": doc,
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+            "jvp": staticmethod(jvp),
+        },
+    )
+    return compile_twin(cls)
+
+
+# name -> in-place Function, for the activations with an in-place value (they keep their output)
+INPLACE_FUNCTIONS = {
+    name: _inplace_function(act, "".join(p.capitalize() for p in name.split("_")) + "InplaceFunction")
+    for name, act in ACTIVATIONS.items()
+    if act.value_ is not None
+}
+
 # torch's autocast runs these ops in the input's dtype, except softplus, which CUDA autocast runs
 # in float32 (it is on CUDA's fp32 list and not on the CPU's).
 _AUTOCAST = {"softplus": {"cuda": "fp32"}}
@@ -311,10 +367,12 @@ def _activate(name: str, input: torch.Tensor, *params, inplace: bool = False) ->
     if not inplace:
         return autocast_apply(fn, policy, input, *params)
     # In place, as torch's `inplace=True`: the result is written into `input` and `input` is returned.
-    # The copy_ is recorded by autograd, so gradients flow through our Function. A Function that keeps
-    # its input for backward gets a clone, or the write would invalidate what it saved.
-    source = input if ACTIVATIONS[name].saves_output(*params) else input.clone()
-    return input.copy_(autocast_apply(fn, policy, source, *params))
+    if ACTIVATIONS[name].saves_output(*params) and name in INPLACE_FUNCTIONS:
+        # One buffer, both the result and what backward keeps (torch keeps exactly this one too).
+        return autocast_apply(INPLACE_FUNCTIONS[name], policy, input, *params)
+    # An activation that keeps its input for backward computes from a clone (writing over the input would
+    # destroy what it saved); the copy_ into `input` is recorded by autograd.
+    return input.copy_(autocast_apply(fn, policy, input.clone(), *params))
 
 
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
