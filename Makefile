@@ -7,7 +7,13 @@ STAMP  := $(VENV)/.installed
 # resolve `torch>=2.4` to a multi-GB CUDA wheel.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test test-fast train lint clean
+# The newest torch installable here, in a venv of its own (a CUDA build of ~5.5 GB that also runs on CPU).
+NEXT_VENV  ?= .venv-next
+NEXT_PY    := $(NEXT_VENV)/bin/python
+NEXT_STAMP := $(NEXT_VENV)/.installed
+NEXT_TORCH ?= torch==2.14.1
+
+.PHONY: setup test test-fast test-next train lint clean
 
 setup: $(STAMP)
 
@@ -26,6 +32,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" --ignore=tests/opdb
 
+$(NEXT_STAMP): pyproject.toml
+	test -x $(NEXT_PY) || $(PYTHON) -m venv $(NEXT_VENV)
+	$(NEXT_PY) -m pip install --quiet $(NEXT_TORCH)
+	$(NEXT_PY) -m pip install --quiet -e '.[test,cli]'
+	touch $(NEXT_STAMP)
+
+# The suite (not slow) on the newest torch; .ci/run runs it after `make test`.
+test-next: $(NEXT_STAMP)
+	$(NEXT_PY) -c "import torch; print('torch', torch.__version__)"
+	$(NEXT_PY) -m pytest -q -m "not slow" --ignore=tests/opdb
+	$(NEXT_PY) -m pytest -q -m "not slow" tests/opdb
+
 train: $(STAMP)
 	$(PY) -m torchderiv.train
 
@@ -33,4 +51,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check torchderiv tests experiments
 
 clean:
-	rm -rf $(VENV) lightning_logs runs .pytest_cache
+	rm -rf $(VENV) $(NEXT_VENV) lightning_logs runs .pytest_cache

@@ -1,5 +1,6 @@
 """Lightning: data modules, MLPModule on torchderiv and on autograd, resume, the CLI, DDP."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from torchderiv.lightning import (
     StudentDataModule,
 )
 from torchderiv.lightning.data import generate_students
-from torchderiv.lightning.plot import plot_curves
+from torchderiv.lightning.plot import plot_curves, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -234,14 +235,23 @@ def _cli_args(tmp_path, *extra):
     ]
 
 
-def test_cli_fit_then_test_from_checkpoint(tmp_path):
-    CLI(args=["fit", *_cli_args(tmp_path)])
+def test_cli_fit_then_test_from_checkpoint(tmp_path, capsys):
+    CLI(args=["fit", *_cli_args(tmp_path, "--trainer.max_epochs=2")])
     version = tmp_path / "digits" / "version_0"
     assert (version / "checkpoints" / "last.ckpt").exists() and (version / "checkpoints" / "best.ckpt").exists()
     assert (version / "config.yaml").exists()
-    assert plot_curves(version).exists()
+    # the configs' RunReport: final metrics printed, curves (train and val, checkpoint marked) in the log dir
+    out = capsys.readouterr().out
+    assert "fit:   " in out and "val/acc = " in out and "train/acc = " in out
+    assert re.search(r"best:  .*best\.ckpt \(val/acc = [0-9.]+\), epoch [01]", out)
+    assert (version / "curves.png").exists() and f"curves: {version / 'curves.png'}" in out
+    assert {"train/acc", "val/acc", "train/loss", "val/loss"} <= set(read_metrics(version))
+    saved = yaml.safe_load((version / "config.yaml").read_text())
+    assert saved["trainer"]["enable_progress_bar"] is None  # not this terminal's answer
+    assert plot_curves(version, best_epoch=1).exists()
     cli = CLI(args=["test", *_cli_args(tmp_path), f"--ckpt_path={version / 'checkpoints' / 'best.ckpt'}"])
     assert "test/acc" in cli.trainer.callback_metrics
+    assert re.search(r"test:  test/acc = [0-9.]+", capsys.readouterr().out)
     # a second run gets its own folder: nothing of the first is overwritten
     assert (tmp_path / "digits" / "version_1").exists()
 
@@ -252,6 +262,7 @@ def test_cli_print_config(tmp_path, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["sizes"] == [64, 128, 10]
+    assert printed["trainer"]["enable_progress_bar"] is None
     assert printed["data"]["class_path"] == "torchderiv.lightning.DigitsDataModule"
 
 

@@ -22,9 +22,14 @@ class CLI(LightningCLI):
             args=args,
             run=run,
             seed_everything_default=0,
-            trainer_defaults={
-                # A progress bar only when a person is watching; CI logs stay readable.
-                "enable_progress_bar": sys.stdout.isatty(),
-            },
             **kwargs,
         )
+
+    def instantiate_trainer(self, **kwargs):
+        # A progress bar only when a person is watching (CI logs stay readable), decided here rather than
+        # as a trainer default, so that --print_config and the saved config.yaml keep `null`, not the
+        # answer for whichever terminal printed them.
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("enable_progress_bar") is None and "enable_progress_bar" not in kwargs:
+            kwargs["enable_progress_bar"] = sys.stdout.isatty()
+        return super().instantiate_trainer(**kwargs)

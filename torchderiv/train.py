@@ -11,7 +11,6 @@ import sys
 import time
 
 from .cli import CLI
-from .lightning.plot import plot_curves
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -22,10 +21,8 @@ def main(argv: list[str] | None = None) -> dict:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)[0]
     log_dir = cli.trainer.logger.log_dir
-    png = plot_curves(log_dir, title=f"{config} ({cli.model.hparams.impl})")
     elapsed = time.perf_counter() - start
-    print(f"log dir: {log_dir}")
-    print(f"curves:  {png}")
+    print(f"log dir: {log_dir}")  # curves.png there, drawn by the config's RunReport callback
     print("  ".join(f"{k} = {v:.4f}" for k, v in sorted(results.items())))
     print(f"train + test: {elapsed:.1f} s")
     return results

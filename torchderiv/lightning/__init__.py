@@ -2,6 +2,7 @@
 
 from .data import ArrayDataModule, BreastCancerDataModule, DigitsDataModule, EpochShuffleSampler, StudentDataModule
 from .module import AutogradMLP, MLPModule
+from .report import RunReport
 
 __all__ = [
     "MLPModule",
@@ -11,4 +12,5 @@ __all__ = [
     "BreastCancerDataModule",
     "StudentDataModule",
     "EpochShuffleSampler",
+    "RunReport",
 ]

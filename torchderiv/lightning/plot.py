@@ -24,28 +24,34 @@ def read_metrics(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     return dict(series)
 
 
-def plot_curves(log_dir: str | Path, out: str | Path | None = None, title: str = "") -> Path:
-    """Loss (train and val) and every other validation metric per epoch; returns the PNG's path."""
+def plot_curves(
+    log_dir: str | Path, out: str | Path | None = None, title: str = "", best_epoch: int | None = None
+) -> Path:
+    """Loss and every other metric per epoch, training and validation on the same axes; returns the PNG's path.
+
+    ``best_epoch`` (the checkpointed epoch) is marked on every panel with a dashed vertical line.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     series = read_metrics(log_dir)
-    others = sorted(k for k in series if k.startswith("val/") and k != "val/loss")
-    fig, axes = plt.subplots(1, 1 + len(others), figsize=(5 * (1 + len(others)), 3.6), squeeze=False)
-    for key in ("train/loss", "val/loss"):
-        if key in series:
-            epochs, values = zip(*series[key])
-            axes[0][0].plot(epochs, values, marker=".", label=key)
-    axes[0][0].set_xlabel("epoch")
-    axes[0][0].set_ylabel("loss")
-    axes[0][0].legend()
-    for ax, key in zip(axes[0][1:], others):
-        epochs, values = zip(*series[key])
-        ax.plot(epochs, values, marker=".", color="tab:green")
+    names = ["loss"] + sorted(
+        {k.split("/", 1)[1] for k in series if k.startswith(("train/", "val/")) and k.split("/", 1)[1] != "loss"}
+    )
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for stage, color in (("train", "tab:blue"), ("val", "tab:orange")):
+            key = f"{stage}/{name}"
+            if key in series:
+                epochs, values = zip(*series[key])
+                ax.plot(epochs, values, marker=".", color=color, label=key)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"checkpoint (epoch {best_epoch})")
         ax.set_xlabel("epoch")
-        ax.set_ylabel(key)
+        ax.set_ylabel(name)
+        ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
