@@ -47,7 +47,7 @@ def test_linear_is_a_torch_linear():
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     for k in theirs.state_dict():
         assert_close(ours.state_dict()[k], theirs.state_dict()[k], rtol=0, atol=0)  # same init
-    assert repr(ours) == repr(theirs)
+    assert repr(ours) == "torchderiv." + repr(theirs)  # the same extra_repr; the name says whose it is
     out = _same_outputs_and_grads(ours, theirs, torch.randn(2, 4, 5))
     assert "LinearFunctionBackward" in graph_functions(out)
     no_bias = tnn.Linear(5, 3, bias=False)
@@ -122,7 +122,7 @@ ACTIVATION_MODULES = [
 )
 def test_activation_modules(ours_cls, theirs_cls, kw):
     ours, theirs = ours_cls(**kw), theirs_cls(**kw)
-    assert isinstance(ours, theirs_cls) and repr(ours) == repr(theirs)
+    assert isinstance(ours, theirs_cls) and repr(ours) == "torchderiv." + repr(theirs)
     x = torch.randn(4, 5, requires_grad=True)
     assert_close(ours(x), theirs(x))
     (ga,) = torch.autograd.grad(ours(x).sum(), x)
@@ -195,3 +195,34 @@ def test_convert_filter_fn():
 def test_convert_rejects_non_modules():
     with pytest.raises(TypeError, match="expected an nn.Module, got function"):
         torchderiv.convert(lambda x: x)
+
+
+def test_convert_reports_what_it_changed_and_what_it_left(caplog):
+    import logging
+
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.ReLU(), nn.LayerNorm(8), nn.LazyLinear(3), nn.TransformerEncoderLayer(8, 2)
+    )
+    with caplog.at_level(logging.INFO, logger="torchderiv"):
+        assert torchderiv.convert(model) is model
+    report = model.torchderiv_conversion
+    assert ("0", "nn.Linear -> torchderiv.Linear") in report.converted
+    assert ("4.linear1", "nn.Linear -> torchderiv.Linear") in report.converted
+    assert any(name == "4.activation" for name, _ in report.converted)
+    left = {name: (kind, why) for name, kind, why in report.left}
+    assert left["3"][0] == "LazyLinear" and "not yet initialised" in left["3"][1]
+    assert left["4.self_attn"][0] == "MultiheadAttention" and "packed in_proj_weight" in left["4.self_attn"][1]
+    assert "subclass of nn.Linear" in left["4.self_attn.out_proj"][1]
+    assert left["2"] == ("LayerNorm", "no torchderiv twin for this layer")
+    text = str(report)
+    assert text.startswith("torchderiv.convert: 5 converted, 6 left on torch") and text in caplog.text
+    # print(model) says which layers are torchderiv's
+    shown = repr(model)
+    assert "(0): torchderiv.Linear(in_features=4, out_features=8, bias=True)" in shown
+    assert "(1): torchderiv.ReLU()" in shown and "(2): LayerNorm(" in shown
+
+
+def test_convert_report_names_what_filter_fn_excluded():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    torchderiv.convert(model, filter_fn=lambda module, name: name != "1")
+    assert model.torchderiv_conversion.left == [("1", "Linear", "excluded by filter_fn")]

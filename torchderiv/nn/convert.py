@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,7 +13,9 @@ from torch import nn
 from .. import functional as TF
 from . import modules as M
 
-__all__ = ["convert"]
+__all__ = ["convert", "ConversionReport"]
+
+_log = logging.getLogger("torchderiv")
 
 # Exact torch type -> torchderiv twin. Each twin subclasses the torch class and adds no state, so
 # the swap is a change of class on the same object: parameters, buffers and hooks stay as they were.
@@ -43,6 +47,47 @@ _FUNCTION_TWINS: dict[Callable, Callable] = {
 }
 
 
+class ConversionReport:
+    """What :func:`convert` changed and what it left on torch, and why; ``str()`` gives a table.
+
+    Attributes:
+        converted: ``[(name, "nn.X -> torchderiv.X")]`` for each swapped module or function attribute.
+        left: ``[(name, type name, reason)]`` for each module with parameters of its own (or a supported
+            type) that still runs on torch.
+    """
+
+    def __init__(self) -> None:
+        self.converted: list[tuple[str, str]] = []
+        self.left: list[tuple[str, str, str]] = []
+
+    def __str__(self) -> str:
+        lines = [f"torchderiv.convert: {len(self.converted)} converted, {len(self.left)} left on torch"]
+        lines += [f"  converted  {name or '(model)'}: {what}" for name, what in self.converted]
+        lines += [f"  on torch   {name or '(model)'} ({kind}): {why}" for name, kind, why in self.left]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _reason_left(module: nn.Module) -> str | None:
+    """Why a module that was not swapped stays on torch (None: nothing worth reporting)."""
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "not yet initialised (lazy): run one forward pass first, then convert"
+    if isinstance(module, nn.MultiheadAttention):
+        return (
+            "its packed in_proj_weight and out_proj are used inside F.multi_head_attention_forward, not through "
+            "modules: no torchderiv Function computes them"
+        )
+    if isinstance(module, nn.Linear):
+        return (
+            f"a subclass of nn.Linear ({type(module).__name__}) may be used other than through its forward "
+            "(attention's out_proj is): only exact nn.Linear is swapped"
+        )
+    if module._parameters and any(p is not None for p in module._parameters.values()):
+        return "no torchderiv twin for this layer"
+    return None
+
+
 def convert(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
     """Swap every ``nn.Linear`` and supported activation of ``model`` for its torchderiv twin, in place.
 
@@ -51,7 +96,12 @@ def convert(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None
     left alone). Torch activation functions held as attributes, such as
     ``TransformerEncoderLayer.activation = F.relu``, are replaced by torchderiv's. The Parameter
     objects are the same before and after, so optimizers already holding them keep working and
-    outputs and gradients are unchanged.
+    outputs and gradients are unchanged. ``print(model)`` then names the swapped modules
+    ``torchderiv.Linear`` etc.
+
+    What was changed and what was left on torch, with the reason, is in
+    ``model.torchderiv_conversion`` (a :class:`ConversionReport`; ``print`` it, or log it), and is
+    logged at INFO level on the ``torchderiv`` logger.
 
     Args:
         model: the module to convert (changed in place and returned).
@@ -63,12 +113,20 @@ def convert(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
+    report = ConversionReport()
     for name, module in model.named_modules():
-        if filter_fn is not None and not filter_fn(module, name):
-            continue
         twin = _MODULE_TWINS.get(type(module))
+        if filter_fn is not None and not filter_fn(module, name):
+            if twin is not None or _reason_left(module) is not None:
+                report.left.append((name, type(module).__name__, "excluded by filter_fn"))
+            continue
         if twin is not None:
+            report.converted.append((name, f"nn.{type(module).__name__} -> torchderiv.{twin.__name__}"))
             module.__class__ = twin
+        elif not isinstance(module, M.TorchderivModule):
+            reason = _reason_left(module)
+            if reason is not None:
+                report.left.append((name, type(module).__name__, reason))
         for attr, value in list(vars(module).items()):
             if attr.startswith("_") or not callable(value):
                 continue
@@ -78,4 +136,8 @@ def convert(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None
                 continue
             if replacement is not None:
                 setattr(module, attr, replacement)
+                qual = f"{name}.{attr}" if name else attr
+                report.converted.append((qual, f"{getattr(value, '__name__', value)} -> torchderiv.functional"))
+    model.torchderiv_conversion = report
+    _log.info("%s", report)
     return model

@@ -14,6 +14,7 @@ from .. import functional as TF
 from ..functional.activations import get_activation
 
 __all__ = [
+    "TorchderivModule",
     "Linear",
     "Dense",
     "MLP",
@@ -33,7 +34,15 @@ __all__ = [
 ]
 
 
-class Linear(nn.Linear):
+class TorchderivModule:
+    """Mixin of every drop-in twin: ``print(model)`` names it ``torchderiv.<Name>``, so a converted model
+    shows which of its layers run torchderiv's Functions."""
+
+    def _get_name(self) -> str:
+        return "torchderiv." + type(self).__name__
+
+
+class Linear(TorchderivModule, nn.Linear):
     r"""``y = x Aᵀ + b`` — :class:`torch.nn.Linear` with torchderiv's hand-derived backward.
 
     Args / Shape: as :class:`torch.nn.Linear` (input ``(*, in_features)``, output ``(*, out_features)``).
@@ -194,56 +203,56 @@ class MLP(nn.Module):
 # --- activations: torch's modules, torchderiv's forward -------------------------------------------
 
 
-class ReLU(nn.ReLU):
+class ReLU(TorchderivModule, nn.ReLU):
     """:class:`torch.nn.ReLU` through :func:`torchderiv.functional.relu`."""
 
     def forward(self, input: Tensor) -> Tensor:
         return TF.relu(input, inplace=self.inplace)
 
 
-class Sigmoid(nn.Sigmoid):
+class Sigmoid(TorchderivModule, nn.Sigmoid):
     """:class:`torch.nn.Sigmoid` through :func:`torchderiv.functional.sigmoid`."""
 
     def forward(self, input: Tensor) -> Tensor:
         return TF.sigmoid(input)
 
 
-class Tanh(nn.Tanh):
+class Tanh(TorchderivModule, nn.Tanh):
     """:class:`torch.nn.Tanh` through :func:`torchderiv.functional.tanh`."""
 
     def forward(self, input: Tensor) -> Tensor:
         return TF.tanh(input)
 
 
-class LeakyReLU(nn.LeakyReLU):
+class LeakyReLU(TorchderivModule, nn.LeakyReLU):
     """:class:`torch.nn.LeakyReLU` through :func:`torchderiv.functional.leaky_relu`."""
 
     def forward(self, input: Tensor) -> Tensor:
         return TF.leaky_relu(input, self.negative_slope, self.inplace)
 
 
-class ELU(nn.ELU):
+class ELU(TorchderivModule, nn.ELU):
     """:class:`torch.nn.ELU` through :func:`torchderiv.functional.elu`."""
 
     def forward(self, input: Tensor) -> Tensor:
         return TF.elu(input, self.alpha, self.inplace)
 
 
-class Softplus(nn.Softplus):
+class Softplus(TorchderivModule, nn.Softplus):
     """:class:`torch.nn.Softplus` through :func:`torchderiv.functional.softplus`."""
 
     def forward(self, input: Tensor) -> Tensor:
         return TF.softplus(input, self.beta, self.threshold)
 
 
-class GELU(nn.GELU):
+class GELU(TorchderivModule, nn.GELU):
     """:class:`torch.nn.GELU` through :func:`torchderiv.functional.gelu`."""
 
     def forward(self, input: Tensor) -> Tensor:
         return TF.gelu(input, approximate=self.approximate)
 
 
-class SiLU(nn.SiLU):
+class SiLU(TorchderivModule, nn.SiLU):
     """:class:`torch.nn.SiLU` through :func:`torchderiv.functional.silu`."""
 
     def forward(self, input: Tensor) -> Tensor:
@@ -253,21 +262,21 @@ class SiLU(nn.SiLU):
 # --- losses -------------------------------------------------------------------------------------------
 
 
-class MSELoss(nn.MSELoss):
+class MSELoss(TorchderivModule, nn.MSELoss):
     """:class:`torch.nn.MSELoss` through :func:`torchderiv.functional.mse_loss`."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return TF.mse_loss(input, target, reduction=self.reduction)
 
 
-class HuberLoss(nn.HuberLoss):
+class HuberLoss(TorchderivModule, nn.HuberLoss):
     """:class:`torch.nn.HuberLoss` through :func:`torchderiv.functional.huber_loss`."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return TF.huber_loss(input, target, reduction=self.reduction, delta=self.delta)
 
 
-class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
+class BCEWithLogitsLoss(TorchderivModule, nn.BCEWithLogitsLoss):
     """:class:`torch.nn.BCEWithLogitsLoss` through :func:`torchderiv.functional.binary_cross_entropy_with_logits`."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
@@ -276,7 +285,7 @@ class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
         )
 
 
-class CrossEntropyLoss(nn.CrossEntropyLoss):
+class CrossEntropyLoss(TorchderivModule, nn.CrossEntropyLoss):
     """:class:`torch.nn.CrossEntropyLoss` through :func:`torchderiv.functional.cross_entropy`."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
@@ -290,7 +299,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         )
 
 
-class LinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
+class LinearCrossEntropyLoss(TorchderivModule, nn.LinearCrossEntropyLoss):
     """:class:`torch.nn.LinearCrossEntropyLoss` through :func:`torchderiv.functional.linear_cross_entropy`.
 
     Same constructor, parameters and ``state_dict`` keys (``linear.weight``, ``linear.bias``) as torch's,
