@@ -201,3 +201,37 @@ def test_inplace_functional_returns_the_input_with_torchs_gradients(name):
     assert torch.autograd.gradcheck(f, (x.requires_grad_(),), check_forward_ad=True, check_batched_grad=True)
     assert torch.autograd.gradgradcheck(f, (x,), check_batched_grad=True, check_fwd_over_rev=True)
     check_parity(lambda x: ours(x * 1, inplace=True), lambda x: getattr(F, name)(x * 1, inplace=True), [x])
+
+
+# --- NaN like torch ---------------------------------------------------------------------------------------
+
+
+def _grads(f, x, g):
+    x = x.detach().clone().requires_grad_()
+    f(x).backward(g)
+    return x.grad
+
+
+@pytest.mark.parametrize("create_graph", [False, True], ids=["plain", "create_graph"])
+def test_relu_gives_zero_for_inf_nan_gradients_where_h_is_zero(create_graph):
+    x = torch.tensor([-1.0, 0.0, 2.0, float("nan"), -3.0])
+    g = torch.tensor([float("inf"), float("nan"), 1.0, 3.0, -float("inf")])
+    for ours in (TF.relu, tdnn.ReLU(), lambda x: TF.relu(x * 1, inplace=True)):
+        a = x.detach().clone().requires_grad_()
+        (ga,) = torch.autograd.grad(ours(a), a, g, create_graph=create_graph)
+        torch.testing.assert_close(ga, _grads(F.relu, x, g), equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"weight": torch.tensor([1.0, 2.0, 3.0]), "label_smoothing": 0.1}], ids=["plain", "weighted"]
+)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_ignored_rows_like_torch(reduction, kw):
+    y = torch.tensor([0, -100, 2, -100])
+    # an ignored row with inf logits (torch: NaN, from log_softmax's backward) and one with an inf/NaN
+    # incoming gradient (torch: 0, nll_loss's backward selects)
+    x = torch.tensor([[1.0, 2.0, 3.0], [float("inf"), 0.0, 1.0], [0.5, 0.3, 1.0], [0.1, 0.2, 0.3]])
+    g = torch.tensor([1.0, 1.0, 2.0, float("nan")]) if reduction == "none" else torch.tensor(1.0)
+    ours = _grads(lambda z: TF.cross_entropy(z, y, reduction=reduction, **kw), x, g)
+    theirs = _grads(lambda z: F.cross_entropy(z, y, reduction=reduction, **kw), x, g)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)

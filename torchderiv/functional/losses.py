@@ -369,9 +369,10 @@ def _ce_grads(input, target, weight, ignore_index, eps, grad_output=None, reduct
     valid = valid.unsqueeze(c)
     w_y = weight[idx] if weight is not None else None
     scale = _row_scale(grad_output, reduction, _divisor(valid, w_y) if reduction == "mean" else None, c)
-    # NOTE: ignored rows get 0 by a multiply with the mask (a bool where/masked_fill is ~4x slower on
-    # CPU); an ignored row whose logits hold +inf/NaN therefore gets NaN here, where torch gives 0.
-    m = valid.to(p.dtype) if scale is None else valid * scale  # 1[not ignored] · s / D
+    # 1[not ignored] · s / D, by a select on the (per-row, small) factor: an inf/NaN incoming gradient at an
+    # ignored row gives 0 there, as torch's nll_loss backward does. Logits that are inf/NaN in an ignored
+    # row still give NaN through p, as torch's log_softmax backward does.
+    m = valid.to(p.dtype) if scale is None else torch.where(valid, scale, 0)
     m = m if m.dtype == p.dtype else m.to(p.dtype)
     mw = m if w_y is None else m * w_y
     if eps > 0:
