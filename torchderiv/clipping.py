@@ -64,7 +64,7 @@ class PerSample:
         max_norm, grad_sample, loss_reduction: as given.
     """
 
-    def __init__(self, model: nn.Module, max_norm, grad_sample, loss_reduction):
+    def __init__(self, model: nn.Module, max_norm, grad_sample, loss_reduction, clipped_sum=False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"per_sample: expected an nn.Module, got {type(model).__name__}")
         if max_norm is not None and not (
@@ -77,6 +77,7 @@ class PerSample:
         self.max_norm = None if max_norm is None else float(max_norm)
         self.grad_sample = bool(grad_sample)
         self.loss_reduction = loss_reduction
+        self.clipped_sum = bool(clipped_sum)
         self._recorder: _per_sample.Recorder | None = None
         self._hooks: list = []
 
@@ -88,7 +89,9 @@ class PerSample:
         if _per_sample.current is not None:
             raise RuntimeError("per_sample: contexts do not nest; one is already active")
         tracked = _check_model(self.model)
-        self._recorder = _per_sample.Recorder(tracked, self.max_norm, self.grad_sample, self.loss_reduction)
+        self._recorder = _per_sample.Recorder(
+            tracked, self.max_norm, self.grad_sample, self.loss_reduction, self.clipped_sum
+        )
         for p, name in tracked.values():
             # A gradient reaching a tracked parameter by autograd means an op other than torchderiv's
             # Functions used it (torchderiv's defer theirs and return None): its norm would be missed.
@@ -116,7 +119,12 @@ def _foreign(name: str):
 
 
 def per_sample(
-    model: nn.Module, *, max_norm: float | None = None, grad_sample: bool = False, loss_reduction: str = "mean"
+    model: nn.Module,
+    *,
+    max_norm: float | None = None,
+    grad_sample: bool = False,
+    loss_reduction: str = "mean",
+    clipped_sum: bool = False,
 ) -> PerSample:
     """Per-example gradient norms, flat clipping and per-example gradients in the ordinary backward.
 
@@ -142,6 +150,9 @@ def per_sample(
         max_norm: C, or None for norms (and ``grad_sample``) only.
         grad_sample: also store ``p.grad_sample``.
         loss_reduction: how the loss reduces over the batch, ``"mean"`` or ``"sum"``.
+        clipped_sum: ``.grad`` receives ``Σᵢ cᵢ gᵢ`` also for "mean" (not divided by this batch's size):
+            what Opacus's ``DPOptimizerFastGradientClipping`` takes, which then adds the noise and divides by
+            the *expected* batch size (Poisson sampling varies the actual one).
 
     Example::
 
@@ -150,4 +161,4 @@ def per_sample(
         >>> ps.norms.shape
         torch.Size([B])
     """
-    return PerSample(model, max_norm, grad_sample, loss_reduction)
+    return PerSample(model, max_norm, grad_sample, loss_reduction, clipped_sum)

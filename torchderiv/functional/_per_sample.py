@@ -49,11 +49,15 @@ class Recorder:
         grad_sample: also store each example's gradient as ``p.grad_sample``, ``(B, *p.shape)``.
         loss_reduction: ``"mean"`` (example i's gradient is B × its share of the batch gradient, as
             Opacus scales it) or ``"sum"``.
+        clipped_sum: ``.grad`` receives ``Σᵢ cᵢ gᵢ`` for "mean" too (not divided by B).
     """
 
-    def __init__(self, names: dict, max_norm: float | None, grad_sample: bool, loss_reduction: str):
+    def __init__(
+        self, names: dict, max_norm: float | None, grad_sample: bool, loss_reduction: str, clipped_sum: bool = False
+    ):
         self.names = names
         self.max_norm = max_norm
+        self.clipped_sum = clipped_sum
         self.grad_sample = grad_sample
         self.loss_reduction = loss_reduction
         self.aliases: dict[int, tuple[torch.Tensor, torch.Parameter]] = {}
@@ -178,6 +182,9 @@ class Recorder:
         norms = sq.sqrt_().mul_(scale)
         self.norms = norms
         c = None if self.max_norm is None else (self.max_norm / (norms + 1e-6)).clamp_(max=1.0)
+        if self.clipped_sum and scale != 1.0:
+            # Σᵢ cᵢ gᵢ itself rather than its mean over this batch: each row scaled by B (gᵢ carries the 1/B)
+            c = torch.full_like(norms, scale) if c is None else c * scale
         # First layer first, each layer's buffers let go as soon as its gradient is made: the peak is then
         # below "every Δ and H, plus every gradient".
         while pending:
