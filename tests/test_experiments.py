@@ -73,7 +73,7 @@ def test_dp_benchmark_checks_its_clipping_and_writes_its_table(tmp_path):
 
     assert dp_benchmark.check_clipping("mlp_relu", batch=16) < 1e-4
     assert dp_benchmark.check_clipping("seq_gelu", batch=8) < 1e-4
-    _run(["benchmark.py", "--dp", "--quick", "--rounds", "1", "--dp-cases", "mlp_relu", "--out", str(tmp_path)])
+    _run(["dp_benchmark.py", "--quick", "--rounds", "1", "--cases", "mlp_relu", "--no-memory", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "dp_benchmark.json").read_text())["rows"]
     assert [r["case"] for r in rows] == ["mlp_relu"]
     assert {"plain", "norms", "dp", "autograd"} <= set(rows[0]["ms"])
