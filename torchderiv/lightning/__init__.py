@@ -2,6 +2,7 @@
 
 from .data import ArrayDataModule, BreastCancerDataModule, DigitsDataModule, EpochShuffleSampler, StudentDataModule
 from .module import AutogradMLP, MLPModule
+from .privacy import Privacy
 from .report import RunReport
 
 __all__ = [
@@ -13,4 +14,5 @@ __all__ = [
     "StudentDataModule",
     "EpochShuffleSampler",
     "RunReport",
+    "Privacy",
 ]

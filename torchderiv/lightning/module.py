@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import torch
@@ -11,7 +12,9 @@ from lightning import LightningModule
 from torch import nn
 
 from .. import functional as TF
+from ..clipping import _check_model, per_sample
 from ..nn import MLP
+from .privacy import Privacy, PrivateTraining
 
 __all__ = ["MLPModule", "AutogradMLP"]
 
@@ -66,6 +69,10 @@ class MLPModule(LightningModule):
         momentum: SGD momentum (ignored by Adam).
         weight_decay: L2 penalty — the regularisation the seed's §1 asks for.
         bias: whether layers carry a bias (the seed's have none).
+        privacy: train with DP-SGD (:class:`~torchderiv.lightning.privacy.Privacy`): each example's gradient
+            clipped inside torchderiv's backward, Opacus's noise, accountant and Poisson sampling of the
+            training set. ε is logged each epoch as ``privacy/epsilon``. Needs ``impl="torchderiv"``, a data
+            module, and one process.
     """
 
     def __init__(
@@ -79,6 +86,7 @@ class MLPModule(LightningModule):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         bias: bool = True,
+        privacy: Privacy | None = None,
     ) -> None:
         super().__init__()
         if task not in ("multiclass", "binary", "regression"):
@@ -91,7 +99,19 @@ class MLPModule(LightningModule):
             raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(_TORCH_ACTIVATIONS)}")
         if task == "binary" and sizes[-1] != 1:
             raise ValueError(f"task='binary' needs one output node (sizes[-1] == 1), got sizes={list(sizes)}")
-        self.save_hyperparameters()
+        if isinstance(privacy, dict):
+            privacy = Privacy(**privacy)
+        if privacy is not None and impl != "torchderiv":
+            raise ValueError(
+                "privacy needs impl='torchderiv': each example's gradient is clipped inside torchderiv's backward"
+            )
+        # The privacy block is kept as a plain dict: checkpoints then load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["privacy"])
+        self.hparams["privacy"] = None if privacy is None else dataclasses.asdict(privacy)
+        self.privacy = privacy
+        self._private: PrivateTraining | None = None
+        # The private step runs its own backward inside torchderiv.per_sample, then Opacus's optimizer.
+        self.automatic_optimization = privacy is None
         net_cls = MLP if impl == "torchderiv" else AutogradMLP
         self.net = net_cls(sizes, activation=activation, bias=bias)
         # One metric object per stage (DESIGN §7); "train" cannot be a ModuleDict key (it is a Module method).
@@ -129,6 +149,10 @@ class MLPModule(LightningModule):
         else:
             logits = self(x)
             loss = self.loss(logits, y)
+        if len(x) == 0:
+            # An empty Poisson batch (private training): nothing to measure; the step still runs (its noise
+            # is part of the guarantee) and every gradient of the empty mean is 0.
+            return loss
         if stage == "train" and not torch.isfinite(loss):
             # An explicit check (detect_anomaly is far too slow to leave on) so a diverging run stops at once.
             raise FloatingPointError(
@@ -155,7 +179,67 @@ class MLPModule(LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        if self.privacy is None:
+            return self._step(batch, "train")
+        opt = self.optimizers()
+        opt.zero_grad()
+        with per_sample(self.net, max_norm=self.privacy.max_grad_norm, clipped_sum=True):
+            loss = self._step(batch, "train")
+            self.manual_backward(loss)
+        opt.step()  # Opacus: noise N(0, σ²C²) once, divided by the expected batch size; the step is accounted
+        return loss
+
+    # --- private training: Poisson sampling, accountant, checkpoints -------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if self.privacy is None or stage != "fit":
+            return
+        trainer = self.trainer
+        if trainer.world_size > 1:
+            raise RuntimeError(
+                f"privacy: training on {trainer.world_size} processes is not supported (the clipped sums would "
+                "need an all-reduce before the noise is added once); use one process"
+            )
+        _check_model(self.net)  # a parameter per_sample cannot compute fails here, before training
+        dm = trainer.datamodule
+        if dm is None:
+            raise RuntimeError("privacy: needs a data module, whose training set is sampled by Poisson sampling")
+        if self.privacy.target_epsilon is not None and (trainer.max_epochs is None or trainer.max_epochs < 1):
+            raise ValueError("privacy: target_epsilon needs trainer.max_epochs (σ is solved for that many epochs)")
+        if self._private is None:
+            self._private = PrivateTraining(self.privacy)
+        loader = self._private.prepare(dm.train_dataloader(), trainer.max_epochs or 1)
+        dm.train_dataloader = lambda: loader  # Poisson sampling on the training set only
+
+    def on_train_start(self) -> None:
+        if self.privacy is None:
+            return
+        from opacus.data_loader import DPDataLoader
+
+        if not isinstance(self.trainer.train_dataloader, DPDataLoader):
+            raise RuntimeError(
+                "privacy: the training loader is not Poisson-sampled (DPDataLoader), so the accountant's ε would "
+                f"not hold; got {type(self.trainer.train_dataloader).__name__}"
+            )
+
+    def on_train_epoch_end(self) -> None:
+        if self._private is not None:
+            self.log("privacy/epsilon", self._private.epsilon(), prog_bar=True)
+            self.log("privacy/sigma", float(self._private.noise_multiplier))
+
+    def on_test_epoch_end(self) -> None:
+        if self._private is not None and self._private.accountant.history:
+            self.log("privacy/epsilon", self._private.epsilon())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._private is not None:
+            checkpoint["privacy"] = self._private.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.privacy is not None and "privacy" in checkpoint:
+            if self._private is None:
+                self._private = PrivateTraining(self.privacy)
+            self._private.load_state_dict(checkpoint["privacy"])
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
@@ -174,5 +258,7 @@ class MLPModule(LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         if hp.optimizer == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        return torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        return opt if self._private is None else self._private.optimizer(opt)

@@ -44,7 +44,7 @@ class RunReport(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("test/", "privacy/"))}
             print("test:  " + "  ".join(f"{k} = {v:.4f}" for k, v in sorted(metrics.items())))
 
     @staticmethod
