@@ -294,7 +294,9 @@ def test_cli_unknown_key_in_config_file(tmp_path, capsys):
     assert not (tmp_path / "digits").exists()
 
 
-@pytest.mark.parametrize("name", ["digits", "digits_autograd", "breast_cancer", "student", "ddp_cpu"])
+@pytest.mark.parametrize(
+    "name", ["digits", "digits_autograd", "breast_cancer", "student", "ddp_cpu", "digits_dp", "breast_cancer_dp"]
+)
 def test_every_config_parses_and_comments_every_value(name, capsys):
     path = ROOT / "configs" / f"{name}.yaml"
     for line in path.read_text().splitlines():

@@ -217,3 +217,15 @@ def test_ddp_with_privacy_is_refused(tmp_path):
     )
     assert out.returncode != 0
     assert "privacy: training on 2 processes is not supported" in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_digits_dp_config_meets_its_targets(tmp_path, monkeypatch):
+    # The documented job: epsilon <= 4 at delta = 1e-5 and test accuracy >= 0.85 (train.main: fit, then test
+    # the best checkpoint).
+    from torchderiv.train import main
+
+    monkeypatch.chdir(tmp_path)
+    results = main([str(ROOT / "configs/digits_dp.yaml"), f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert results["test/acc"] >= 0.85
+    assert 0 < results["privacy/epsilon"] <= 4.0
