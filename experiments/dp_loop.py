@@ -44,7 +44,9 @@ def digits(seed: int = 0):
     return (x[perm[:cut]], y[perm[:cut]]), (x[perm[cut:]], y[perm[cut:]])
 
 
-def train(sigma=1.5, max_grad_norm=1.0, batch_size=64, epochs=30, lr=0.5, delta=1e-5, seed=0):
+def train(sigma=1.5, max_grad_norm=1.0, batch_size=64, epochs=30, lr=0.5, delta=1e-5, seed=0, norms_at=()):
+    """The private loop; returns ``(test accuracy, ε)``. ``norms_at``: also return, for each epoch listed
+    (0 = before training), every training example's gradient norm, ``{epoch: (N,) tensor}``."""
     torch.manual_seed(seed)
     (x, y), (x_test, y_test) = digits(seed)
     model = torchderiv.nn.MLP([64, 128, 10])  # (1) a torchderiv model
@@ -61,7 +63,12 @@ def train(sigma=1.5, max_grad_norm=1.0, batch_size=64, epochs=30, lr=0.5, delta=
     )
     accountant = RDPAccountant()
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
-    for _ in range(epochs):
+    norms = {}
+    for epoch in range(epochs + 1):
+        if epoch in norms_at:
+            norms[epoch] = example_norms(model, x, y)
+        if epoch == epochs:
+            break
         for xb, yb in loader:
             optimizer.zero_grad()
             with torchderiv.per_sample(model, max_norm=max_grad_norm, clipped_sum=True):  # (3)
@@ -69,7 +76,42 @@ def train(sigma=1.5, max_grad_norm=1.0, batch_size=64, epochs=30, lr=0.5, delta=
             optimizer.step()
     with torch.no_grad():
         acc = (model(x_test).argmax(1) == y_test).float().mean().item()
-    return acc, accountant.get_epsilon(delta)
+    eps = accountant.get_epsilon(delta) if sigma > 0 else float("inf")
+    return (acc, eps, norms) if norms_at else (acc, eps)
+
+
+def example_norms(model, x, y) -> torch.Tensor:
+    """Every example's gradient norm (the quantity the clipping bounds), from one backward, no update."""
+    with torchderiv.per_sample(model) as ps:
+        F.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return ps.norms.detach().clone()
+
+
+def train_opacus_hooks(sigma=1.5, max_grad_norm=1.0, batch_size=64, epochs=30, lr=0.5, delta=1e-5, seed=0):
+    """The same run through Opacus's own ``make_private(grad_sample_mode="hooks")``, on torch.nn."""
+    from opacus import PrivacyEngine
+
+    torch.manual_seed(seed)
+    (x, y), (x_test, y_test) = digits(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=batch_size),
+        noise_multiplier=sigma,
+        max_grad_norm=max_grad_norm,
+        grad_sample_mode="hooks",
+    )
+    for _ in range(epochs):
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            optimizer.step()
+    with torch.no_grad():
+        acc = (model(x_test).argmax(1) == y_test).float().mean().item()
+    return acc, engine.get_epsilon(delta)
 
 
 def main() -> None:

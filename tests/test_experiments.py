@@ -78,3 +78,11 @@ def test_dp_benchmark_checks_its_clipping_and_writes_its_table(tmp_path):
     assert [r["case"] for r in rows] == ["mlp_relu"]
     assert {"plain", "norms", "dp", "autograd"} <= set(rows[0]["ms"])
     assert "per_sample(max_norm=1)" in (tmp_path / "dp_benchmark.md").read_text()
+
+
+@pytest.mark.slow
+def test_dp_tradeoff_quick_writes_its_tables_and_plots(tmp_path):
+    _run(["dp_tradeoff.py", "--quick", "--out", str(tmp_path)], timeout=900)
+    md = (tmp_path / "dp_tradeoff.md").read_text()
+    assert "| seed | torchderiv per_sample | Opacus hooks |" in md and "private vs non-private" in md
+    assert (tmp_path / "dp_tradeoff.png").exists() and (tmp_path / "dp_norms.png").exists()
