@@ -26,10 +26,11 @@ __all__ = [
 
 
 class Twins(NamedTuple):
-    """A Function and its jvp-free twin; :func:`apply` picks one."""
+    """A Function, its jvp-free twin and its classic-form twin; :func:`apply` picks one."""
 
     eager: type
     compiled: type
+    classic: type
 
 
 def compile_twin(cls) -> Twins:
@@ -46,31 +47,60 @@ def compile_twin(cls) -> Twins:
         (cls,),
         {"jvp": torch.autograd.Function.jvp, "__doc__": f"{cls.__name__} without jvp, for torch.compile."},
     )
-    return Twins(cls, twin)
+    return Twins(cls, twin, _classic(cls))
+
+
+def _classic(cls) -> type:
+    """The same Function in the classic form, ``forward(ctx, *inputs)``, which calls ``cls``'s own
+    ``forward`` and ``setup_context``: the same formulas, the same backward and jvp, the same node name.
+
+    NOTE: torch applies a Function written with ``setup_context`` by first binding its arguments with
+    ``inspect.signature`` — in torch 2.14 inside ``Function.apply``'s C entry itself (``_bind_default_args``,
+    ~35 µs a call, measured: 48 µs against 8 µs for a classic Function doing the same work). The
+    ``setup_context`` form is what torch.func needs, so :func:`apply` uses this twin only where no
+    transform is active and Dynamo is not tracing.
+    """
+
+    def forward(ctx, *args):
+        output = cls.forward(*args)
+        cls.setup_context(ctx, args, output)
+        return output
+
+    return type(
+        cls.__name__,
+        (torch.autograd.Function,),
+        {
+            "__doc__": cls.__doc__,
+            "__module__": cls.__module__,
+            "forward": staticmethod(forward),
+            "backward": staticmethod(cls.backward),
+            "jvp": staticmethod(cls.jvp),
+        },
+    )
 
 
 def apply(fn: Twins, *args):
     """``fn.eager.apply(*args)``, or its jvp-free twin while Dynamo traces."""
     if torch.compiler.is_compiling():
         return fn.compiled.apply(*args)
-    if _unwrap_if_dead is None or torch._C._are_functorch_transforms_active():
-        if _per_sample.current is not None and torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active():
+        if _per_sample.current is not None:
             raise RuntimeError(
                 f"per_sample: torch.func transforms (vmap, grad, jvp) are not supported inside the context "
                 f"({fn.eager.__name__}); it already gives each example's gradient norm (and gradient)"
             )
         return fn.eager.apply(*args)
-    # NOTE: Function.apply re-binds default arguments with inspect.signature on every call (~35 µs per
-    # call in torch 2.13, measured: a third of a small MLP's step). Our wrappers always pass every
-    # argument positionally, so outside torch.func transforms we go straight to the C entry point that
-    # Function.apply itself ends in, after the same unwrapping of dead functorch wrappers.
-    # A list comprehension, not torch's own generator over args: a small step makes ~15 of these calls.
-    args = [_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args]
-    return super(torch.autograd.Function, fn.eager).apply(*args)
+    # Outside torch.func transforms: the classic-form twin, which torch applies without binding arguments
+    # through inspect.signature (see _classic). Our wrappers pass every argument positionally.
+    if _unwrap_if_dead is not None:  # tensors left wrapped by a finished transform, as Function.apply does
+        args = [_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args]
+    # Function.apply's C entry (torch 2.13 wraps it in Python; 2.14 exposes it as apply itself)
+    return super(torch.autograd.Function, fn.classic).apply(*args)
 
 
-# Present in the torch versions we support; if a future torch drops it, apply() takes the public path.
+# Present in the torch versions we support; if a future torch drops it, apply() skips the unwrapping.
 _unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", None)
+
 
 
 def scratch(grad: torch.Tensor | None = None) -> bool:
