@@ -102,7 +102,6 @@ def apply(fn: Twins, *args):
 _unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", None)
 
 
-
 def scratch(grad: torch.Tensor | None = None) -> bool:
     """Whether a derivative may overwrite temporaries it created: nothing is recording these ops.
 

@@ -300,13 +300,13 @@ FUNCTIONS = {
 }
 
 
-def _inplace_function(act: Activation, class_name: str):
+def _inplace_function(act: Activation, base: type, class_name: str):
     """``H = g(Z)`` written over ``Z`` (``inplace=True``) for an activation that keeps its output.
 
-    The same derivatives as :func:`_elementwise_function`; the one buffer is both the result and what
-    backward keeps, as torch's in-place activations do (``ctx.mark_dirty``). Forward AD, double backward
-    and batched reverse gradients work; forward AD under vmap does not (functorch does not see the
-    tangent updated in place).
+    ``base``'s backward (the elementwise Function's: it reads the saved output); the one buffer is both
+    the result and what backward keeps, as torch's in-place activations do (``ctx.mark_dirty``). Forward
+    AD, double backward and batched reverse gradients work; forward AD under vmap does not (functorch does
+    not see the tangent updated in place).
     """
 
     def forward(input, *params):
@@ -319,29 +319,22 @@ def _inplace_function(act: Activation, class_name: str):
         ctx.save_for_backward(output)
         ctx.save_for_forward(output)
 
-    def backward(ctx, grad_output):
-        (h,) = ctx.saved_tensors
-        grad = act.backprop(grad_output, h, *ctx.params) if ctx.needs_input_grad[0] else None
-        return (grad,) + (None,) * len(ctx.params)
-
     def jvp(ctx, d_input, *_):
         # the input's tangent is updated in place, as the input itself was: dH = g'(Z) ⊙ dZ
         (h,) = ctx.saved_tensors
         return d_input.copy_(act.backprop(d_input, h, *ctx.params))
 
-    doc = (
-        f"``H = {act.name}(Z)`` elementwise, in place.\n\n"
-        f"backward: ``∂J/∂Z = ∂J/∂H ⊙ g'(Z)`` with ``g'(z) = {act.derivative}`` from the output (seed §3.1, "
-        f"§3.5); jvp: ``dH = g'(Z) ⊙ dZ``, written over ``dZ``."
+    doc = f"{base.__doc__.splitlines()[0][:-1]}, in place: the result written over ``Z``.\n\n" + "\n".join(
+        base.__doc__.splitlines()[2:]
     )
     cls = type(
         class_name,
-        (torch.autograd.Function,),
+        (base,),
         {
             "__doc__": doc,
+            "generate_vmap_rule": False,
             "forward": staticmethod(forward),
             "setup_context": staticmethod(setup_context),
-            "backward": staticmethod(backward),
             "jvp": staticmethod(jvp),
         },
     )
@@ -350,7 +343,9 @@ def _inplace_function(act: Activation, class_name: str):
 
 # name -> in-place Function, for the activations with an in-place value (they keep their output)
 INPLACE_FUNCTIONS = {
-    name: _inplace_function(act, "".join(p.capitalize() for p in name.split("_")) + "InplaceFunction")
+    name: _inplace_function(
+        act, FUNCTIONS[name].eager, "".join(p.capitalize() for p in name.split("_")) + "InplaceFunction"
+    )
     for name, act in ACTIVATIONS.items()
     if act.value_ is not None
 }
