@@ -405,3 +405,21 @@ def test_matches_opacus(mode, reduction):
         assert_close(ps.norms, torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per)), rtol=1e-5, atol=1e-6)
         for p, g in zip(ours.parameters(), per):
             assert_close(p.grad_sample, g, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_backward_leaves_nothing_behind():
+    # an error inside one backward pass (here a foreign gradient) must not leave deferred layers that a later
+    # pass would finish with its own, nor stop the later pass from finishing
+    layer = tdnn.Linear(N_IN, 3).double()
+    x = torch.randn(B, N_IN, dtype=torch.float64)
+    with torchderiv.per_sample(layer, max_norm=0.5) as ps:
+        with pytest.raises(RuntimeError, match="received a gradient from an op"):
+            (layer(x).sum() + layer.weight.sum()).backward()
+        layer.zero_grad(set_to_none=True)
+        layer(x).sum().backward()
+    assert ps.norms.shape == (B,)
+    ref = tdnn.Linear(N_IN, 3).double()
+    ref.load_state_dict(layer.state_dict())
+    with torchderiv.per_sample(ref, max_norm=0.5):
+        ref(x).sum().backward()
+    assert_close(layer.weight.grad, ref.weight.grad, rtol=0, atol=0)

@@ -62,7 +62,7 @@ class Recorder:
         self.loss_reduction = loss_reduction
         self.aliases: dict[int, tuple[torch.Tensor, torch.Parameter]] = {}
         self.pending: list[_Layer] = []
-        self.queued = False
+        self.queued: int | None = None  # the id of the backward pass finish is queued in
         self.norms: torch.Tensor | None = None
 
     # --- forward side: a tracked parameter may reach a Function as a cast copy (autocast) ----------
@@ -110,11 +110,17 @@ class Recorder:
                 f"per_sample: parameter {who} was used on an input of shape {tuple(input.shape)}; expected "
                 f"examples along dim 0, i.e. an input of shape (B, *, {input.shape[-1]})"
             )
+        task = torch._C._current_graph_task_id()
+        if self.queued != task:
+            # A backward pass that failed before its end (an error raised inside it) never ran finish: what
+            # it left is dropped, so a later pass cannot mix with it.
+            self.pending = []
+            self.queued = None
         self.pending.append(self._factors(w, b, delta, input))
-        if not self.queued:
+        if self.queued is None:
             # Runs once, when the whole backward pass is done: only then are all of ‖gᵢ‖'s terms known.
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
-            self.queued = True
+            self.queued = task
         return (needs[0], needs[1] and w is None, needs[2] and b is None)
 
     def _factors(self, w, b, delta, input) -> _Layer:
@@ -156,7 +162,7 @@ class Recorder:
 
     def finish(self) -> None:
         """Norms and clipping factors from every layer's share, then the (clipped) gradients into ``.grad``."""
-        pending, self.pending, self.queued = self.pending, [], False
+        pending, self.pending, self.queued = self.pending, [], None
         self.aliases.clear()
         seen = set()
         for layer in pending:
