@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from benchmark import build, interleaved, make_step, ratio_stats, steps
 
-from torchderiv.functional._core import Twins, apply
+from torchderiv.functional._core import apply, compile_twin
 from torchderiv.functional.losses import check_cross_entropy_args
 from torchderiv.functional.mlp import MLPFunction, _layers
 
@@ -259,7 +259,7 @@ def main() -> None:
     # torchderiv in parts: its Function on ready arguments, then with one body swapped for the floor's.
     ready = (x, target, None, "relu", (), ("mean", -100, 0.0, False), *params)
     parts = {"no checks": MLPFunction, "floor forward": FloorForward, "floor backward": FloorBackward}
-    for name, fn in {k: Twins(cls, cls) for k, cls in parts.items()}.items():
+    for name, fn in {k: compile_twin(cls) for k, cls in parts.items()}.items():
         fns[f"torchderiv, one, {name}"] = step(lambda fn=fn: apply(fn, *ready)[0])
     if args.cpp:
         cpp, node = cpp_floor()
