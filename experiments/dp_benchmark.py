@@ -176,15 +176,11 @@ def _opacus_steps(case, names, x, y):
     batch = x.shape[0]
     seq = CASES[case]["kind"] == "seq"
     steps = {}
+    # the same privacy settings for both of Opacus's optimizers
+    dp_kw = dict(noise_multiplier=SIGMA, max_grad_norm=C, expected_batch_size=batch, loss_reduction="mean")
     if "opacus_hooks" in names:
         gsm = GradSampleModule(copy.deepcopy(theirs), loss_reduction="mean")
-        opt = DPOptimizer(
-            torch.optim.SGD(gsm.parameters(), lr=LR),
-            noise_multiplier=SIGMA,
-            max_grad_norm=C,
-            expected_batch_size=batch,
-            loss_reduction="mean",
-        )
+        opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=LR), **dp_kw)
 
         def hooks():
             opt.zero_grad(set_to_none=True)
@@ -196,13 +192,7 @@ def _opacus_steps(case, names, x, y):
         ghost = GradSampleModuleFastGradientClipping(
             copy.deepcopy(theirs), max_grad_norm=C, use_ghost_clipping=True, loss_reduction="mean"
         )
-        gopt = DPOptimizerFastGradientClipping(
-            torch.optim.SGD(ghost.parameters(), lr=LR),
-            noise_multiplier=SIGMA,
-            max_grad_norm=C,
-            expected_batch_size=batch,
-            loss_reduction="mean",
-        )
+        gopt = DPOptimizerFastGradientClipping(torch.optim.SGD(ghost.parameters(), lr=LR), **dp_kw)
         crit = DPLossFastGradientClipping(ghost, gopt, nn.CrossEntropyLoss(), loss_reduction="mean")
 
         def ghost_step():

@@ -76,20 +76,12 @@ def plot(rows, opacus, norms, max_grad_norm, out: Path) -> None:
         ax.annotate(f"σ={r['sigma']}", (r["epsilon"], r["acc"]), textcoords="offset points", xytext=(4, -10))
     base = next(r["acc"] for r in rows if r["sigma"] == 0)
     ax.axhline(base, color="grey", linestyle="--", label=f"σ = 0: clipping, no noise ({base:.3f})")
-    ax.scatter(
-        [o["epsilon"] for o in opacus["opacus"]],
-        [o["acc"] for o in opacus["opacus"]],
-        marker="x",
-        color="tab:red",
-        label="Opacus hooks, σ=1.5 (seeds)",
-    )
-    ax.scatter(
-        [o["epsilon"] for o in opacus["torchderiv"]],
-        [o["acc"] for o in opacus["torchderiv"]],
-        marker="+",
-        color="tab:blue",
-        label="torchderiv, σ=1.5 (seeds)",
-    )
+    for key, marker, color, label in (
+        ("opacus", "x", "tab:red", "Opacus hooks, σ=1.5 (seeds)"),
+        ("torchderiv", "+", "tab:blue", "torchderiv, σ=1.5 (seeds)"),
+    ):
+        runs = opacus[key]
+        ax.scatter([o["epsilon"] for o in runs], [o["acc"] for o in runs], marker=marker, color=color, label=label)
     ax.set_xlabel("ε (δ = 1e-5)")
     ax.set_ylabel("test accuracy")
     ax.set_title("digits, MLP 64-128-10, 30 epochs, C = 1")

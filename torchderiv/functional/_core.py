@@ -80,7 +80,8 @@ def _classic(cls) -> type:
 
 
 def apply(fn: Twins, *args):
-    """``fn.eager.apply(*args)``, or its jvp-free twin while Dynamo traces."""
+    """Apply the Function ``fn``: its jvp-free twin while Dynamo traces, ``fn.eager`` (the ``setup_context``
+    form torch.func needs) under a torch.func transform, its classic-form twin otherwise."""
     if torch.compiler.is_compiling():
         return fn.compiled.apply(*args)
     if torch._C._are_functorch_transforms_active():
