@@ -9,11 +9,15 @@ places (marked ``# (1)``–``# (3)`` below):
 
 1. the model stays a torchderiv model (``torchderiv.nn.MLP``, or ``torchderiv.convert(model)``): no
    ``GradSampleModule`` wrapper;
-2. the optimizer is Opacus's ``DPOptimizerFastGradientClipping``, built directly: it takes a ``.grad``
-   that already holds the clipped sum ``Σᵢ cᵢ gᵢ``, adds ``N(0, σ²C²)`` once, and divides by the
-   *expected* batch size (Poisson batches vary in size, empty ones included);
-3. ``loss.backward()`` runs inside ``torchderiv.per_sample(model, max_norm=C, clipped_sum=True)``: one
-   backward pass computes every example's norm and leaves the clipped sum in ``.grad``.
+2. the optimizer is Opacus's ``DPOptimizerFastGradientClipping``, made by
+   ``torchderiv.privacy.private_optimizer``: it takes a ``.grad`` that already holds the clipped sum
+   ``Σᵢ cᵢ gᵢ``, adds ``N(0, σ²C²)`` once, and divides by the *expected* batch size (Poisson batches vary
+   in size, empty ones included). Before it is made, it checks that it is over exactly the model's
+   trainable parameters; at every ``step()``, that each ``.grad`` came from a backward clipped with its
+   own C and loss reduction (else the noise would not cover it);
+3. ``loss.backward()`` runs inside ``optimizer.clipping()`` (that is,
+   ``torchderiv.per_sample(model, max_norm=C, clipped_sum=True)``): one backward pass computes every
+   example's norm and leaves the clipped sum in ``.grad``.
 
 Everything else — the accountant, Poisson sampling, ``get_noise_multiplier`` — is Opacus's, unchanged.
 """
@@ -27,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from opacus.accountants import RDPAccountant
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchderiv
@@ -52,7 +55,8 @@ def train(sigma=1.5, max_grad_norm=1.0, batch_size=64, epochs=30, lr=0.5, delta=
         DataLoader(TensorDataset(x, y), batch_size=batch_size), generator=torch.Generator().manual_seed(seed)
     )
     sample_rate = 1 / len(loader)
-    optimizer = DPOptimizerFastGradientClipping(  # (2) Opacus's optimizer for a .grad that holds the clipped sum
+    optimizer = torchderiv.privacy.private_optimizer(  # (2) Opacus's optimizer for a .grad that holds the clipped sum
+        model,
         torch.optim.SGD(model.parameters(), lr=lr),
         noise_multiplier=sigma,
         max_grad_norm=max_grad_norm,
@@ -69,7 +73,7 @@ def train(sigma=1.5, max_grad_norm=1.0, batch_size=64, epochs=30, lr=0.5, delta=
             break
         for xb, yb in loader:
             optimizer.zero_grad()
-            with torchderiv.per_sample(model, max_norm=max_grad_norm, clipped_sum=True):  # (3)
+            with optimizer.clipping():  # (3) one backward: every example's norm, the clipped sum in .grad
                 F.cross_entropy(model(xb), yb).backward()
             optimizer.step()
     with torch.no_grad():

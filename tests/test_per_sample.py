@@ -423,3 +423,85 @@ def test_a_failed_backward_leaves_nothing_behind():
     with torchderiv.per_sample(ref, max_norm=0.5):
         ref(x).sum().backward()
     assert_close(layer.weight.grad, ref.weight.grad, rtol=0, atol=0)
+
+
+# --- the fused linear + cross-entropy head (LinearCrossEntropyLoss): its Δ is recomputed, never held ---------
+
+LCE_CASES = {  # name -> (LinearCrossEntropyLoss keyword arguments, F.cross_entropy's, with ignored rows)
+    "mean": ({}, {}, False),
+    "sum": ({"reduction": "sum"}, {"reduction": "sum"}, False),
+    "ignore": ({}, {}, True),
+    "weight_smooth": (
+        {"weight": torch.tensor([0.5, 2.0, 1.0]), "label_smoothing": 0.1},
+        {"weight": torch.tensor([0.5, 2.0, 1.0]), "label_smoothing": 0.1},
+        False,
+    ),
+}
+
+
+class _HeadNet(nn.Module):
+    """A hidden torchderiv layer, then a head: torchderiv's fused loss, or torch's Linear for the reference."""
+
+    def __init__(self, fused: bool, bias: bool, dtype, chunk_size=None, **loss_kw):
+        super().__init__()
+        self.body = tdnn.Dense(N_IN, 7, "tanh") if fused else nn.Sequential(nn.Linear(N_IN, 7), nn.Tanh())
+        if fused:
+            kw = {k: (v.to(dtype) if torch.is_tensor(v) else v) for k, v in loss_kw.items()}
+            self.head = tdnn.LinearCrossEntropyLoss(7, N_OUT, bias=bias, chunk_size=chunk_size, **kw)
+        else:
+            self.head = nn.Linear(7, N_OUT, bias=bias)
+        self.to(dtype)
+
+
+@pytest.mark.parametrize("grad_sample", [False, True], ids=["norms", "grad_sample"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("case", list(LCE_CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_linear_cross_entropy_head_matches_ground_truth(case, bias, grad_sample, dtype):
+    loss_kw, ce_kw, ignore = LCE_CASES[case]
+    reduction = ce_kw.get("reduction", "mean")
+    torch.manual_seed(3)
+    ours = _HeadNet(True, bias, dtype, chunk_size=2, **loss_kw)  # 2 rows a chunk: several chunks per batch
+    ref = _HeadNet(False, bias, dtype)
+    ref.load_state_dict(
+        {
+            k.replace("head.linear.", "head.").replace("body.", "body.0."): v
+            for k, v in ours.state_dict().items()
+            if k != "head.weight"
+        }
+    )
+    x, y = torch.randn(B, N_IN, dtype=dtype), _class_targets((B,), ignore=ignore)
+    ce_kw = {k: (v.to(dtype) if torch.is_tensor(v) else v) for k, v in ce_kw.items()}
+    per = ground_truth(nn.Sequential(ref.body, ref.head), x, y, lambda z, t: F.cross_entropy(z, t, **ce_kw), reduction)
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per))
+    with torchderiv.per_sample(ours, max_norm=0.7, grad_sample=grad_sample, loss_reduction=reduction) as ps:
+        ours.head(ours.body(x), y).backward()
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    assert_close(ps.norms, norms, **tol)
+    params = [p for p in ours.parameters() if p.requires_grad]
+    assert len(params) == len(per)
+    for p, g, gs in zip(params, clipped_sum(per, norms, 0.7, reduction), per):
+        assert_close(p.grad, g, **tol)
+        if grad_sample:
+            assert_close(p.grad_sample, gs, **tol)
+    if ignore:
+        assert torch.all(ps.norms[::3] == 0)  # an ignored row: a zero-gradient example
+
+
+def test_linear_cross_entropy_head_frozen_or_refused():
+    torch.manual_seed(0)
+    ours = _HeadNet(True, True, torch.float64)
+    x, y = torch.randn(B, N_IN, dtype=torch.float64), _class_targets((B,))
+    # frozen head: only the body is tracked, and the head's (ordinary) backward still feeds it
+    ours.head.requires_grad_(False)
+    with torchderiv.per_sample(ours, max_norm=None) as ps:
+        ours.head(ours.body(x), y).backward()
+    assert ps.norms.shape == (B,) and ours.body.weight.grad is not None and ours.head.linear.weight.grad is None
+    ours.head.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"expected examples along dim 0, i.e. an input of shape \(B, 7\)"):
+        with torchderiv.per_sample(ours):
+            ours.head(ours.body(x)[0], y[0]).backward()
+    # a K-dimensional head reshapes its weight: the fused path is not taken, and the context says so
+    k_dim = tdnn.LinearCrossEntropyLoss(7, N_OUT, out_features=(2,)).double()
+    with pytest.raises(RuntimeError, match="per_sample: parameter linear.weight of Linear is not computed"):
+        torchderiv.per_sample(k_dim).__enter__()

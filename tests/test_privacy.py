@@ -93,6 +93,99 @@ def test_clipped_sum_is_batch_size_times_the_clipped_mean():
         assert_close(q.grad, 7 * p.grad, rtol=1e-5, atol=1e-7)
 
 
+# --- torchderiv.privacy.private_optimizer: the checks before the noise --------------------------------------
+
+from torchderiv.privacy import private_optimizer  # noqa: E402
+
+
+def _private(model, lr=0.5, **kw):
+    kw = dict(noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=EXPECTED) | kw
+    return private_optimizer(model, torch.optim.SGD(model.parameters(), lr=lr), **kw)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_private_optimizer_with_its_clipping_equals_opacus_make_private(reduction):
+    ours, ref = _models()
+    x, y = torch.randn(5, 6) * 3, torch.randint(0, 4, (5,))
+    theirs = _opacus_step(ref, "hooks", reduction, x, y, 0.5)
+    opt = _private(ours, loss_reduction=reduction)
+    opt.zero_grad()
+    with opt.clipping():
+        F.cross_entropy(ours(x), y, reduction=reduction).backward()
+    opt.step()
+    for a, b in zip(ours.parameters(), theirs):
+        assert_close(a.detach(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_private_optimizer_must_be_over_the_models_parameters():
+    ours, _ = _models()
+    with pytest.raises(ValueError, match=r"does not hold the model's trainable parameter\(s\) layers.1.weight"):
+        private_optimizer(
+            ours,
+            torch.optim.SGD([ours.layers[0].weight, ours.layers[0].bias, ours.layers[1].bias], lr=0.1),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=8,
+        )
+    with pytest.raises(ValueError, match=r"holds a tensor of shape \(3,\) that is not a trainable parameter"):
+        private_optimizer(
+            ours,
+            torch.optim.SGD([*ours.parameters(), torch.zeros(3, requires_grad=True)], lr=0.1),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=8,
+        )
+    ours.layers[1].bias.requires_grad_(False)
+    with pytest.raises(ValueError, match="parameter layers.1.bias of the model, which is frozen"):
+        _private(ours)
+    with pytest.raises(RuntimeError, match="per_sample: parameter 0.weight of Linear is not computed"):
+        _private(nn.Sequential(nn.Linear(3, 2)))
+
+
+def _backward(model, x, y, **ps):
+    with torchderiv.per_sample(model, **ps):
+        F.cross_entropy(model(x), y, reduction=ps.get("loss_reduction", "mean")).backward()
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("unclipped", "was not made by a clipped backward"),
+        ("norms-only", "was not made by a clipped backward"),
+        ("other-max-norm", r"clipped with max_norm=1.0, .* noise for max_grad_norm=0.5"),
+        ("other-reduction", r"loss_reduction='sum', .* loss_reduction='mean'"),
+        ("not-clipped-sum", "clipped_sum=False"),
+        ("changed-after", "was not made by a clipped backward \\(or was changed after it\\)"),
+        ("then-unclipped", "was not made by a clipped backward"),
+    ],
+)
+def test_private_optimizer_refuses_a_gradient_its_noise_does_not_cover(how, message):
+    ours, _ = _models()
+    opt = _private(ours)
+    before = [p.detach().clone() for p in ours.parameters()]
+    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    opt.zero_grad()
+    if how == "unclipped":
+        F.cross_entropy(ours(x), y).backward()
+    else:
+        ps = dict(max_norm=0.5, clipped_sum=True)
+        ps |= {
+            "norms-only": dict(max_norm=None),
+            "other-max-norm": dict(max_norm=1.0),
+            "other-reduction": dict(loss_reduction="sum"),
+            "not-clipped-sum": dict(clipped_sum=False),
+        }.get(how, {})
+        _backward(ours, x, y, **ps)
+        if how == "changed-after":
+            ours.layers[0].weight.grad.mul_(10)
+        if how == "then-unclipped":
+            F.cross_entropy(ours(x), y).backward()
+    with pytest.raises(RuntimeError, match=message):
+        opt.step()
+    for p, p0 in zip(ours.parameters(), before):
+        assert torch.equal(p.detach(), p0)  # refused before the update
+
+
 def test_recipe_script_trains_privately():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     from dp_loop import train
@@ -135,22 +228,30 @@ def _fit(tmp_path, epochs, ckpt_path=None, dm=None, privacy=None, **trainer_kw):
 
 def test_private_fit_logs_epsilon_with_poisson_batches(tmp_path):
     from opacus.data_loader import DPDataLoader
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     trainer, model = _fit(tmp_path, 2)
-    assert isinstance(trainer.train_dataloader, DPDataLoader)
+    assert isinstance(trainer.train_dataloader.dp_loader, DPDataLoader)
+    assert isinstance(trainer.train_dataloader._loader.batch_sampler.batch_sampler, UniformWithReplacementSampler)
     eps = float(trainer.callback_metrics["privacy/epsilon"])
     assert 0 < eps == pytest.approx(model._private.epsilon())
     assert len(model._private.accountant.history) > 0
     assert float(trainer.callback_metrics["privacy/sigma"]) == pytest.approx(1.2)
 
 
-def test_resume_restores_the_accountant(tmp_path):
-    straight, _ = _fit(tmp_path / "a", 3)
-    _fit(tmp_path / "b", 2)
-    resumed, _ = _fit(tmp_path / "b", 3, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+def test_resume_restores_the_accountant_and_the_random_streams(tmp_path):
+    straight, model_a = _fit(tmp_path / "a", 3)
+    _, model_b2 = _fit(tmp_path / "b", 2)
+    resumed, model_b = _fit(tmp_path / "b", 3, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     assert float(resumed.callback_metrics["privacy/epsilon"]) == pytest.approx(
         float(straight.callback_metrics["privacy/epsilon"]), rel=1e-9
     )
+    # The sampling and noise streams continue where they stopped: the resumed run draws the batches and the
+    # noise of epoch 3, not those of epoch 1 again (repeated noise would not be accounted for), so it ends
+    # where the uninterrupted run does.
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch.allclose(model_b2.net.layers[0].weight, model_b.net.layers[0].weight)
 
 
 def test_privacy_needs_exactly_one_of_sigma_and_epsilon():
@@ -195,28 +296,44 @@ def test_privacy_refuses_what_breaks_the_guarantee():
 
 
 @pytest.mark.slow
-def test_ddp_with_privacy_is_refused(tmp_path):
+def test_ddp_private_run_equals_the_single_process_run(tmp_path):
+    # Two processes (DDP, gloo on CPU) each take their share of the same Poisson batches; Opacus's distributed
+    # optimizer all-reduces the clipped sums and adds the noise on rank 0 only. With the same seed the run
+    # must end where the one-process run ends, noise included: each step's noise moves a weight by about
+    # lr·σ·C / E = 0.5 · 1 · 1 / 62 ≈ 8e-3, so noise added on both ranks (or on none), a share counted twice or a
+    # divisor off by the world size would each show far above the 1e-6 round-off allowed.
     import subprocess
 
     script = Path(sys.executable).with_name("torchderiv")
-    out = subprocess.run(
-        [
-            str(script),
-            "fit",
-            "--config",
-            str(ROOT / "configs/digits_dp.yaml"),
-            "--trainer.strategy=ddp",
-            "--trainer.devices=2",
-            "--trainer.max_epochs=1",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert out.returncode != 0
-    assert "privacy: training on 2 processes is not supported" in out.stdout + out.stderr
+    runs = {}
+    for devices in (1, 2):
+        strategy = ["--trainer.strategy=ddp"] if devices == 2 else []
+        out = subprocess.run(
+            [
+                str(script),
+                "fit",
+                "--config",
+                str(ROOT / "configs/digits_dp.yaml"),
+                *strategy,
+                f"--trainer.devices={devices}",
+                "--trainer.max_epochs=2",
+                "--model.privacy.target_epsilon=null",
+                "--model.privacy.noise_multiplier=1.0",
+                f"--trainer.logger.init_args.save_dir={tmp_path / str(devices)}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        (ckpt,) = (tmp_path / str(devices)).rglob("last.ckpt")
+        runs[devices] = torch.load(ckpt, weights_only=True)
+    one, two = runs[1], runs[2]
+    assert set(one["state_dict"]) == set(two["state_dict"])
+    for name, value in one["state_dict"].items():
+        assert_close(two["state_dict"][name], value, rtol=0, atol=1e-6)
+    assert one["privacy"]["accountant"]["history"] == two["privacy"]["accountant"]["history"]
 
 
 @pytest.mark.slow

@@ -4,9 +4,9 @@ Every dense layer, activation and loss is a ``torch.autograd.Function`` whose ba
 the hand-derived formulas of the derivation in ``docs/derivation.md``.
 """
 
-from . import functional, nn
+from . import functional, nn, privacy
 from .clipping import PerSample, per_sample
 from .nn.convert import convert
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", "convert", "per_sample", "PerSample", "__version__"]
+__all__ = ["functional", "nn", "privacy", "convert", "per_sample", "PerSample", "__version__"]

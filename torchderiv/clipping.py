@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .functional import _per_sample
-from .nn.modules import Linear
+from .nn.modules import Linear, LinearCrossEntropyLoss
 
 __all__ = ["per_sample", "PerSample"]
 
@@ -24,6 +24,8 @@ def _check_model(model: nn.Module) -> dict:
     """``{id(p): (p, name)}`` of the parameters to track; a clear error for what cannot be done exactly."""
     tracked: dict[int, tuple[torch.Tensor, str]] = {}
     owner: dict[int, str] = {}
+    # The (torch) Linear inside torchderiv's LinearCrossEntropyLoss runs through its fused Function.
+    fused = {id(m.linear) for m in model.modules() if isinstance(m, LinearCrossEntropyLoss) and not m.out_features}
     for mod_name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             raise RuntimeError(
@@ -41,7 +43,7 @@ def _check_model(model: nn.Module) -> dict:
                     f"is then a sum whose norm the per-layer factors do not give; not supported"
                 )
             owner[id(p)] = name
-            if not (isinstance(module, Linear) and p_name in ("weight", "bias")):
+            if not ((isinstance(module, Linear) or id(module) in fused) and p_name in ("weight", "bias")):
                 hint = (
                     "convert the model first with torchderiv.convert(model)"
                     if type(module) is nn.Linear
@@ -49,7 +51,8 @@ def _check_model(model: nn.Module) -> dict:
                 )
                 raise RuntimeError(
                     f"per_sample: parameter {name} of {type(module).__name__} is not computed by torchderiv's "
-                    f"Functions (Linear, Dense, MLP), so its per-example gradient is unknown; {hint}"
+                    f"Functions (Linear, Dense, MLP, LinearCrossEntropyLoss), so its per-example gradient is "
+                    f"unknown; {hint}"
                 )
             tracked[id(p)] = (p, name)
     return tracked

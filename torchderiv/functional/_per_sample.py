@@ -25,6 +25,7 @@ which parameters are tracked. Outside the context :data:`current` is None and no
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -94,7 +95,22 @@ class Recorder:
         b = self.param(bias) if bias is not None and needs[2] else None
         if w is None and b is None:
             return needs
-        who = self.name(w if w is not None else b)
+        self._check(w if w is not None else b, delta, input)
+        self._enqueue(self._factors(w, b, delta, input))
+        return (needs[0], needs[1] and w is None, needs[2] and b is None)
+
+    def take_rows(self, w, b, sq, make, samples, input) -> None:
+        """Keep a layer whose factors are recomputed rather than held (the fused linear + cross-entropy,
+        whose ``Δ`` is ``(B, classes)``): ``sq`` its ``(B,)`` share of ``‖gᵢ‖²``, ``make(c)`` its (clipped)
+        gradients ``(∂W, ∂b)`` with example i's rows scaled by ``cᵢ`` (None: unscaled), ``samples()`` each
+        example's ``(∂W, ∂b)``, ``(B, *p.shape)``."""
+        self._check(w if w is not None else b, input, input)
+        layer = _Layer(w, b)
+        layer.sq, layer.make, layer.samples = sq, make, samples
+        self._enqueue(layer)
+
+    def _check(self, p, delta, input) -> None:
+        who = self.name(p)
         if torch.is_grad_enabled():
             raise RuntimeError(
                 f"per_sample: backward with create_graph=True is not supported inside the context "
@@ -110,18 +126,19 @@ class Recorder:
                 f"per_sample: parameter {who} was used on an input of shape {tuple(input.shape)}; expected "
                 f"examples along dim 0, i.e. an input of shape (B, *, {input.shape[-1]})"
             )
+
+    def _enqueue(self, layer: _Layer) -> None:
         task = torch._C._current_graph_task_id()
         if self.queued != task:
             # A backward pass that failed before its end (an error raised inside it) never ran finish: what
             # it left is dropped, so a later pass cannot mix with it.
             self.pending = []
             self.queued = None
-        self.pending.append(self._factors(w, b, delta, input))
+        self.pending.append(layer)
         if self.queued is None:
             # Runs once, when the whole backward pass is done: only then are all of ‖gᵢ‖'s terms known.
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
             self.queued = task
-        return (needs[0], needs[1] and w is None, needs[2] and b is None)
 
     def _factors(self, w, b, delta, input) -> _Layer:
         """One layer's share of ``‖gᵢ‖²`` now, and what its clipped gradient will need at the end."""
@@ -196,6 +213,18 @@ class Recorder:
         while pending:
             layer = pending.pop()
             w, b = layer.w, layer.b
+            if layer.make is not None:
+                gw, gb = layer.make(c)
+                for p, g in ((w, gw), (b, gb)):
+                    if p is not None:
+                        _accumulate(p, g)
+                        self._stamp(p)
+                if self.grad_sample:
+                    for p, g in zip((w, b), layer.samples()):
+                        if p is not None:
+                            p.grad_sample = (g * scale).to(p.dtype)
+                del layer
+                continue
             if w is not None:
                 if layer.product is not None:
                     g = (
@@ -212,22 +241,44 @@ class Recorder:
                         rows.reshape(-1, rows.shape[-1]).t().mm(layer.input.reshape(-1, layer.input.shape[-1]))
                     )  # (c ⊙ Δ)ᵀ H
                 _accumulate(w, g)
+                self._stamp(w)
             if b is not None:
                 rows = layer.bias_rows
                 _accumulate(b, rows.sum(0) if c is None else c.to(rows.dtype) @ rows)
+                self._stamp(b)
                 if self.grad_sample:
                     b.grad_sample = (rows * scale).to(b.dtype)
             del layer
+
+    def _stamp(self, p: torch.Tensor) -> None:
+        """Mark ``p.grad`` as made by this clipping (what the private optimizer checks before its noise)."""
+        if self.max_norm is not None:
+            setattr(p, CLIP_STAMP, _Stamp(p.grad, self.max_norm, self.loss_reduction, self.clipped_sum))
+        elif hasattr(p, CLIP_STAMP):
+            delattr(p, CLIP_STAMP)
+
+
+CLIP_STAMP = "_torchderiv_clip"
+
+
+class _Stamp:
+    """Which clipping made a parameter's ``.grad``: the tensor (weakly), its version then, the settings."""
+
+    __slots__ = ("grad", "version", "max_norm", "loss_reduction", "clipped_sum")
+
+    def __init__(self, grad, max_norm, loss_reduction, clipped_sum):
+        self.grad, self.version = weakref.ref(grad), grad._version
+        self.max_norm, self.loss_reduction, self.clipped_sum = max_norm, loss_reduction, clipped_sum
 
 
 class _Layer:
     """What one tracked layer leaves for :meth:`Recorder.finish`."""
 
-    __slots__ = ("w", "b", "sq", "delta", "input", "product", "bias_rows")
+    __slots__ = ("w", "b", "sq", "delta", "input", "product", "bias_rows", "make", "samples")
 
     def __init__(self, w, b):
         self.w, self.b = w, b
-        self.sq = self.delta = self.input = self.product = self.bias_rows = None
+        self.sq = self.delta = self.input = self.product = self.bias_rows = self.make = self.samples = None
 
 
 def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:

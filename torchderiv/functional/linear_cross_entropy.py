@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from . import _per_sample
 from ._core import apply, autocast_cast, autocast_enabled, check_reduction, compile_twin
 from .linear import linear, linear_backward, linear_forward, linear_jvp
 from .losses import _ce_grads, _ce_loss, _divisor, _index_rows, _mean_divisor, _reduce, cross_entropy
@@ -81,6 +82,65 @@ def _recompute(ctx, scale_rows, needs):
         gw = torch.zeros_like(w)
     if b is not None and needs[2] and gb is None:
         gb = torch.zeros_like(b)
+    return gi, gw, gb
+
+
+def _per_sample_backward(ctx, rec, scale_rows, needs, tracked_w, tracked_b):
+    """Backward inside :func:`torchderiv.per_sample`, for a tracked weight and/or bias: ``∂J/∂X`` now; each
+    example's share of ``‖gᵢ‖²`` now, ``s²‖δᵢ‖² (‖xᵢ‖² + 1)`` (weight, bias; s the incoming scale); the
+    (clipped) weight and bias gradients ``Σᵢ cᵢ s δᵢᵀ xᵢ``, ``Σᵢ cᵢ s δᵢ`` at the end of the pass, when the
+    factors cᵢ are known, by recomputing each chunk's ``Δ`` once more: holding ``Δ`` (B × classes) until then
+    would build the very logits-sized buffer this Function exists to avoid (DESIGN §9)."""
+    input, w, b, target, class_weight = ctx.saved_tensors[:5]
+    ignore_index, eps, chunk, upcast = ctx.config[1:]
+    norm_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    chunks = _chunks(input.shape[0], chunk)
+
+    def errors():
+        for s, e in chunks:
+            _, delta = _chunk_error(input[s:e], w, b, target[s:e], class_weight, ignore_index, eps, upcast, False)
+            yield s, e, delta * scale_rows(s, e)
+
+    gi_parts, delta_sq = [], []
+    gw = gb = None  # a weight or bias that needs a gradient but is not tracked (not a parameter of the model)
+    for s, e, delta in errors():
+        if needs[0]:
+            gi_parts.append(delta.mm(w))
+        delta_sq.append(torch.linalg.vector_norm(delta, dim=1, dtype=norm_dtype).square())
+        if needs[1] and tracked_w is None:
+            gw = delta.t().mm(input[s:e]) if gw is None else gw.addmm_(delta.t(), input[s:e])
+        if b is not None and needs[2] and tracked_b is None:
+            gb = delta.sum(0) if gb is None else gb + delta.sum(0)
+    sq_delta = torch.cat(delta_sq) if delta_sq else input.new_zeros(0, dtype=norm_dtype)
+    sq = torch.zeros_like(sq_delta)
+    if tracked_w is not None:
+        sq += sq_delta * torch.linalg.vector_norm(input, dim=1, dtype=norm_dtype).square()  # ‖δᵢ‖² ‖xᵢ‖²
+    if tracked_b is not None:
+        sq += sq_delta
+
+    def make(c):
+        gw_t = torch.zeros_like(w) if tracked_w is not None else None
+        gb_t = torch.zeros_like(b) if tracked_b is not None else None
+        for s, e, delta in errors():
+            rows = delta if c is None else delta * c[s:e, None].to(delta.dtype)  # c ⊙ Δ
+            if gw_t is not None:
+                gw_t.addmm_(rows.t(), input[s:e])  # (c ⊙ Δ)ᵀ X
+            if gb_t is not None:
+                gb_t += rows.sum(0)
+        return gw_t, gb_t
+
+    def samples():
+        gs_w = input.new_empty(input.shape[0], *w.shape) if tracked_w is not None else None
+        gs_b = input.new_empty(input.shape[0], *b.shape) if tracked_b is not None else None
+        for s, e, delta in errors():
+            if gs_w is not None:
+                torch.mul(delta[:, :, None], input[s:e, None, :], out=gs_w[s:e])  # δᵢᵀ xᵢ per example
+            if gs_b is not None:
+                gs_b[s:e] = delta
+        return gs_w, gs_b
+
+    rec.take_rows(tracked_w, tracked_b, sq, make, samples, input)
+    gi = (torch.cat(gi_parts) if gi_parts else input.new_zeros(input.shape)) if needs[0] else None
     return gi, gw, gb
 
 
@@ -147,13 +207,20 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if reduction == "mean":
                 scale = scale / _mean_divisor(_batch_divisor(target, class_weight, ctx.config[1]).to(grad_loss.dtype))
             scale = scale.to(input.dtype)
+            scale_rows = lambda s, e: scale
+        rec = _per_sample.current
+        if rec is not None:
+            tracked_w = rec.param(w) if needs[1] else None
+            tracked_b = rec.param(b) if b is not None and needs[2] else None
+            if tracked_w is not None or tracked_b is not None:
+                return _per_sample_backward(ctx, rec, scale_rows, needs, tracked_w, tracked_b) + none
+        if reduction != "none":
             if ctx.precomputed and not torch.is_grad_enabled():
                 return (
                     scale * gi if needs[0] else None,
                     scale * gw if needs[1] else None,
                     scale * gb if (b is not None and needs[2]) else None,
                 ) + none
-            scale_rows = lambda s, e: scale
         return _recompute(ctx, scale_rows, needs) + none
 
     @staticmethod
@@ -267,6 +334,13 @@ def linear_cross_entropy(
         input.requires_grad or linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
     )
     upcast = autocast_enabled(x.device.type)
+    rec = _per_sample.current
+    tracked = rec is not None and (rec.param(linear_weight) is not None or rec.param(linear_bias) is not None)
+    if tracked and unbatched:
+        raise RuntimeError(
+            f"per_sample: {name} was called on an input of shape {tuple(input.shape)}; expected examples along "
+            f"dim 0, i.e. an input of shape (B, {in_features})"
+        )
     args = (
         x,
         linear_weight,
@@ -278,11 +352,15 @@ def linear_cross_entropy(
         float(label_smoothing),
         int(chunk),
         upcast,
-        bool(grads_wanted and reduction != "none"),
+        # Inside per_sample the tracked weight's gradient is made at the end of backward, clipped: nothing
+        # to precompute here.
+        bool(grads_wanted and reduction != "none" and not tracked),
     )
     if upcast:
         low = torch.get_autocast_dtype(x.device.type)
         cast = [autocast_cast(a, low) for a in (x, linear_weight, linear_bias)]
+        if rec is not None:  # a tracked parameter now reaches the Function as a copy
+            rec.alias((x, linear_weight, linear_bias), cast)
         args = (*cast, t, None if weight is None else weight.float()) + args[5:]
         with torch.autocast(x.device.type, enabled=False):
             loss = apply(LINEAR_CROSS_ENTROPY, *args)[0]

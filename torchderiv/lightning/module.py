@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 from .. import functional as TF
 from ..clipping import _check_model, per_sample
 from ..nn import MLP
+from ..privacy import derived_seed
 from .privacy import Privacy, PrivateTraining
 
 __all__ = ["MLPModule", "AutogradMLP"]
@@ -71,8 +73,8 @@ class MLPModule(LightningModule):
         bias: whether layers carry a bias (the seed's have none).
         privacy: train with DP-SGD (:class:`~torchderiv.lightning.privacy.Privacy`): each example's gradient
             clipped inside torchderiv's backward, Opacus's noise, accountant and Poisson sampling of the
-            training set. ε is logged each epoch as ``privacy/epsilon``. Needs ``impl="torchderiv"``, a data
-            module, and one process.
+            training set. ε is logged each epoch as ``privacy/epsilon``. Needs ``impl="torchderiv"`` and a data
+            module; under DDP the clipped sums are all-reduced and the noise is added once (rank 0).
     """
 
     def __init__(
@@ -183,9 +185,14 @@ class MLPModule(LightningModule):
             return self._step(batch, "train")
         opt = self.optimizers()
         opt.zero_grad()
+        # Under DDP the gradients are not all-reduced by the backward (its hooks would see no gradient: the
+        # clipped ones land in .grad at the end of the pass) but by Opacus's distributed optimizer, after the
+        # noise, which it adds on rank 0 only.
         with per_sample(self.net, max_norm=self.privacy.max_grad_norm, clipped_sum=True):
             loss = self._step(batch, "train")
-            self.manual_backward(loss)
+            strategy = self.trainer.strategy
+            with strategy.block_backward_sync() if hasattr(strategy, "block_backward_sync") else nullcontext():
+                self.manual_backward(loss)
         opt.step()  # Opacus: noise N(0, σ²C²) once, divided by the expected batch size; the step is accounted
         return loss
 
@@ -195,10 +202,12 @@ class MLPModule(LightningModule):
         if self.privacy is None or stage != "fit":
             return
         trainer = self.trainer
-        if trainer.world_size > 1:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
             raise RuntimeError(
-                f"privacy: training on {trainer.world_size} processes is not supported (the clipped sums would "
-                "need an all-reduce before the noise is added once); use one process"
+                f"privacy: on {trainer.world_size} processes only DDP strategies are supported (clipped sums "
+                f"all-reduced, noise added once), got {type(trainer.strategy).__name__}"
             )
         _check_model(self.net)  # a parameter per_sample cannot compute fails here, before training
         dm = trainer.datamodule
@@ -208,15 +217,23 @@ class MLPModule(LightningModule):
             raise ValueError("privacy: target_epsilon needs trainer.max_epochs (σ is solved for that many epochs)")
         if self._private is None:
             self._private = PrivateTraining(self.privacy)
-        loader = self._private.prepare(dm.train_dataloader(), trainer.max_epochs or 1)
+        # One sampling stream on every process (rank 0's seed): each takes its share of the same Poisson batch.
+        seed = trainer.strategy.broadcast(derived_seed("sampling"), src=0)
+        loader = self._private.prepare(
+            dm.train_dataloader(),
+            trainer.max_epochs or 1,
+            seed=seed,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+        )
         dm.train_dataloader = lambda: loader  # Poisson sampling on the training set only
 
     def on_train_start(self) -> None:
         if self.privacy is None:
             return
-        from opacus.data_loader import DPDataLoader
+        from ..privacy import _PoissonShare
 
-        if not isinstance(self.trainer.train_dataloader, DPDataLoader):
+        if not isinstance(self.trainer.train_dataloader, _PoissonShare):
             raise RuntimeError(
                 "privacy: the training loader is not Poisson-sampled (DPDataLoader), so the accountant's ε would "
                 f"not hold; got {type(self.trainer.train_dataloader).__name__}"
@@ -224,12 +241,12 @@ class MLPModule(LightningModule):
 
     def on_train_epoch_end(self) -> None:
         if self._private is not None:
-            self.log("privacy/epsilon", self._private.epsilon(), prog_bar=True)
-            self.log("privacy/sigma", float(self._private.noise_multiplier))
+            self.log("privacy/epsilon", self._private.epsilon(), prog_bar=True, sync_dist=True)
+            self.log("privacy/sigma", float(self._private.noise_multiplier), sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         if self._private is not None and self._private.accountant.history:
-            self.log("privacy/epsilon", self._private.epsilon())
+            self.log("privacy/epsilon", self._private.epsilon(), sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self._private is not None:
@@ -261,4 +278,4 @@ class MLPModule(LightningModule):
             opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         else:
             opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        return opt if self._private is None else self._private.optimizer(opt)
+        return opt if self._private is None else self._private.optimizer(self.net, opt)

@@ -313,8 +313,10 @@ class LinearCrossEntropyLoss(TorchderivModule, nn.LinearCrossEntropyLoss):
         self.chunk_size = chunk_size
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
-        bias = None if self.linear.bias is None else self.linear.bias.reshape((self.num_classes, *self.out_features))
+        weight, bias = self.linear.weight, self.linear.bias
+        if self.out_features:  # (C·d1·…, in) as (C, d1, …, in); without them the parameters go as they are
+            weight = weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
+            bias = None if bias is None else bias.reshape((self.num_classes, *self.out_features))
         return TF.linear_cross_entropy(
             input,
             weight,
