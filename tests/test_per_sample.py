@@ -234,7 +234,10 @@ def test_empty_batch(model_name):
         (5, 4, 3, True, "product"),  # Δᵢᵀ Hᵢ no larger than Δ and H: kept, Δ and H let go
     ],
 )
-def test_each_norm_path_equals_the_explicit_product(t, n_in, n_out, data_input, path):
+@pytest.mark.parametrize("chunk_floats", [None, 1], ids=["one-piece", "one-example-a-time"])
+def test_each_norm_path_equals_the_explicit_product(t, n_in, n_out, data_input, path, chunk_floats, monkeypatch):
+    if chunk_floats is not None:  # the bounded-temporary loops, one example per piece
+        monkeypatch.setattr(_per_sample, "_GRAM_FLOATS", chunk_floats)
     rec = _per_sample.Recorder({}, None, False, "sum")
     w, b = torch.zeros(n_out, n_in, dtype=torch.float64), torch.zeros(n_out, dtype=torch.float64)
     d = torch.randn(B, t, n_out, dtype=torch.float64)
@@ -245,6 +248,8 @@ def test_each_norm_path_equals_the_explicit_product(t, n_in, n_out, data_input, 
     g = torch.einsum("bto,bti->boi", d, h.detach())
     expected = g.flatten(1).square().sum(1) + d.sum(1).square().sum(1)
     assert_close(layer.sq, expected, rtol=1e-12, atol=1e-12)
+    if layer.product is not None:
+        assert_close(layer.product, g, rtol=1e-12, atol=1e-12)
 
 
 def test_accumulates_over_backward_calls():

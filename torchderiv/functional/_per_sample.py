@@ -41,6 +41,10 @@ def _by_sample(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
 
 
+# Elements per temporary when a layer's norm is taken a few examples at a time (Gram or product form).
+_GRAM_FLOATS = 2**17
+
+
 class Recorder:
     """Collects ``(Δ, H)`` of every tracked layer during one backward pass, then finishes it.
 
@@ -148,14 +152,22 @@ class Recorder:
         layer = _Layer(w, b)
         sq = torch.zeros(d.shape[0], dtype=dtype, device=d.device)
         if w is not None:
-            # Keep Δᵢᵀ Hᵢ itself (then Δ and H may go at once, and the clipped gradient is Σᵢ cᵢ (Δᵢᵀ Hᵢ), no
-            # GEMM) when it takes no more memory than what the deferred GEMM would hold to the end: Δ, and H
-            # unless H is data that lives anyway. Sequence layers only: with T = 1 it is B× the weight.
+            # Keep Δᵢᵀ Hᵢ itself (then Δ and H may go at once, and the clipped gradient is Σᵢ cᵢ (Δᵢᵀ Hᵢ): the
+            # batched GEMM replaces the deferred one, no extra work) when it takes no more memory than what the
+            # deferred GEMM would hold to the end: Δ, and H unless H is data that lives anyway. Sequence layers
+            # only: with T = 1 it is B× the weight.
+            gram = 2 * t * t < n_in * n_out
             held = t * (n_out + (n_in if input.requires_grad else 0))
             if self.grad_sample or (t > 1 and n_in * n_out <= held):
-                # Δᵢᵀ Hᵢ as one batched GEMM on a transposed view (einsum copied both operands first)
-                layer.product = torch.bmm(d.to(dtype).mT, h.to(dtype))
-                sq += layer.product.flatten(1).square().sum(1)
+                # Δᵢᵀ Hᵢ as batched GEMMs on transposed views (einsum copied both operands first), a few examples
+                # at a time into the one buffer kept, each slice's norm taken at once: in one call, bmm's copy of
+                # its transposed operand and the squares came on top of the product
+                layer.product = d.new_empty(d.shape[0], n_out, n_in, dtype=dtype)
+                step = max(1, _GRAM_FLOATS * 2 // (t * n_out))  # the copy of Δ's slice: ~1 MiB (fp32)
+                for i in range(0, d.shape[0], step):
+                    part = layer.product[i : i + step]
+                    torch.bmm(d[i : i + step].to(dtype).mT, h[i : i + step].to(dtype), out=part)
+                    sq[i : i + step] += torch.linalg.vector_norm(part.flatten(1), dim=1).square()
             else:
                 layer.delta, layer.input = delta, input
                 if t == 1:  # ‖δᵢ‖² ‖hᵢ‖²
@@ -163,14 +175,20 @@ class Recorder:
                         torch.linalg.vector_norm(d, dim=(1, 2), dtype=dtype).square()
                         * torch.linalg.vector_norm(h, dim=(1, 2), dtype=dtype).square()
                     )
-                elif 2 * t * t < n_in * n_out:
-                    # ⟨Δᵢ Δᵢᵀ, Hᵢ Hᵢᵀ⟩, clamped at 0 against round-off. NOTE: summing only the blocks on and above
-                    # the diagonal (both Grams are symmetric) was no faster on CPU: the smaller batched GEMMs lost
-                    # what the skipped blocks saved (measured on 32 × 128 × 256).
-                    dd, hh = d.to(dtype), h.to(dtype)
-                    sq += ((dd @ dd.mT) * (hh @ hh.mT)).sum((1, 2)).clamp_min(0)
                 else:
-                    sq += torch.bmm(d.to(dtype).mT, h.to(dtype)).flatten(1).square().sum(1)
+                    # ⟨Δᵢ Δᵢᵀ, Hᵢ Hᵢᵀ⟩ clamped at 0 against round-off, or ‖Δᵢᵀ Hᵢ‖², over a few examples at a time
+                    # so the temporaries stay near _GRAM_FLOATS floats. NOTE: summing only the Gram blocks on and
+                    # above the diagonal (both are symmetric) was no faster on CPU: the smaller batched GEMMs lost
+                    # what the skipped blocks saved (measured on 32 × 128 × 256).
+                    step = max(1, _GRAM_FLOATS // (t * t if gram else n_in * n_out))
+                    for i in range(0, d.shape[0], step):
+                        dd, hh = d[i : i + step].to(dtype), h[i : i + step].to(dtype)
+                        if gram:
+                            sq[i : i + step] += ((dd @ dd.mT) * (hh @ hh.mT)).sum((1, 2)).clamp_min(0)
+                        else:
+                            sq[i : i + step] += torch.linalg.vector_norm(
+                                torch.bmm(dd.mT, hh).flatten(1), dim=1
+                            ).square()
         if b is not None:
             layer.bias_rows = d.sum(1, dtype=dtype)  # Σ_t δᵢₜ, (B, n_out)
             sq += layer.bias_rows.square().sum(1)
