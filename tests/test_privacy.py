@@ -254,6 +254,18 @@ def test_resume_restores_the_accountant_and_the_random_streams(tmp_path):
     assert not torch.allclose(model_b2.net.layers[0].weight, model_b.net.layers[0].weight)
 
 
+def test_a_second_fit_with_the_same_data_module_samples_its_training_set_again(tmp_path):
+    dm = DigitsDataModule(batch_size=64)
+    first, _ = _fit(tmp_path / "a", 1, dm=dm)
+    second, model = _fit(tmp_path / "b", 1, dm=dm)
+    # the Poisson loader is built over the data module's own training loader, not over the first fit's
+    assert second.train_dataloader.dataset is dm.splits["train"]
+    assert len(second.train_dataloader) == len(first.train_dataloader)
+    assert float(second.callback_metrics["privacy/epsilon"]) == pytest.approx(
+        float(first.callback_metrics["privacy/epsilon"])
+    )
+
+
 def test_privacy_needs_exactly_one_of_sigma_and_epsilon():
     with pytest.raises(ValueError, match="exactly one of noise_multiplier and target_epsilon"):
         Privacy(noise_multiplier=1.0, target_epsilon=2.0)

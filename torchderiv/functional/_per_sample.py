@@ -151,6 +151,7 @@ class Recorder:
         t, n_out, n_in = d.shape[1], d.shape[2], h.shape[2]
         layer = _Layer(w, b)
         sq = torch.zeros(d.shape[0], dtype=dtype, device=d.device)
+        delta_sq = None
         if w is not None:
             # Keep Δᵢᵀ Hᵢ itself (then Δ and H may go at once, and the clipped gradient is Σᵢ cᵢ (Δᵢᵀ Hᵢ): the
             # batched GEMM replaces the deferred one, no extra work) when it takes no more memory than what the
@@ -171,10 +172,8 @@ class Recorder:
             else:
                 layer.delta, layer.input = delta, input
                 if t == 1:  # ‖δᵢ‖² ‖hᵢ‖²
-                    sq += (
-                        torch.linalg.vector_norm(d, dim=(1, 2), dtype=dtype).square()
-                        * torch.linalg.vector_norm(h, dim=(1, 2), dtype=dtype).square()
-                    )
+                    delta_sq = torch.linalg.vector_norm(d, dim=(1, 2), dtype=dtype).square()
+                    sq += delta_sq * torch.linalg.vector_norm(h, dim=(1, 2), dtype=dtype).square()
                 else:
                     # ⟨Δᵢ Δᵢᵀ, Hᵢ Hᵢᵀ⟩ clamped at 0 against round-off, or ‖Δᵢᵀ Hᵢ‖², over a few examples at a time
                     # so the temporaries stay near _GRAM_FLOATS floats. NOTE: summing only the Gram blocks on and
@@ -190,8 +189,14 @@ class Recorder:
                                 torch.bmm(dd.mT, hh).flatten(1), dim=1
                             ).square()
         if b is not None:
-            layer.bias_rows = d.sum(1, dtype=dtype)  # Σ_t δᵢₜ, (B, n_out)
-            sq += layer.bias_rows.square().sum(1)
+            if t == 1:  # Σ_t δᵢₜ is δᵢ itself: a view, and its squared norm is already known when W is tracked
+                layer.bias_rows = d[:, 0].to(dtype)  # fp32 under autocast, as the sum below
+                sq += (
+                    delta_sq if delta_sq is not None else torch.linalg.vector_norm(d, dim=(1, 2), dtype=dtype).square()
+                )
+            else:
+                layer.bias_rows = d.sum(1, dtype=dtype)  # Σ_t δᵢₜ, (B, n_out)
+                sq += torch.linalg.vector_norm(layer.bias_rows, dim=1).square()
         layer.sq = sq
         return layer
 

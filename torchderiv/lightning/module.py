@@ -219,8 +219,12 @@ class MLPModule(LightningModule):
             self._private = PrivateTraining(self.privacy)
         # One sampling stream on every process (rank 0's seed): each takes its share of the same Poisson batch.
         seed = trainer.strategy.broadcast(derived_seed("sampling"), src=0)
+        # The data module's own loader, also on a second fit with the same data module (whose train_dataloader
+        # is then the Poisson loader made here before).
+        original = dm.__dict__.get("_torchderiv_train_dataloader", dm.train_dataloader)
+        dm._torchderiv_train_dataloader = original
         loader = self._private.prepare(
-            dm.train_dataloader(),
+            original(),
             trainer.max_epochs or 1,
             seed=seed,
             rank=trainer.global_rank,
