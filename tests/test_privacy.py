@@ -266,6 +266,19 @@ def test_a_second_fit_with_the_same_data_module_samples_its_training_set_again(t
     )
 
 
+def test_epsilon_is_the_accountants_own():
+    # PrivateTraining keeps each (σ, q)'s one-step RDP curve; ε must still be exactly the accountant's
+    from torchderiv.privacy import PrivateTraining
+
+    for accountant in ("rdp", "prv"):
+        run = PrivateTraining(Privacy(noise_multiplier=1.3, delta=1e-5, accountant=accountant))
+        assert run.epsilon() == 0.0
+        for sigma, q, steps in [(1.3, 0.05, 40), (0.9, 0.02, 7), (1.3, 0.05, 3)]:
+            for _ in range(steps):
+                run.accountant.step(noise_multiplier=sigma, sample_rate=q)
+            assert run.epsilon() == float(run.accountant.get_epsilon(delta=1e-5)), accountant
+
+
 def test_privacy_needs_exactly_one_of_sigma_and_epsilon():
     with pytest.raises(ValueError, match="exactly one of noise_multiplier and target_epsilon"):
         Privacy(noise_multiplier=1.0, target_epsilon=2.0)

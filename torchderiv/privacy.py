@@ -171,6 +171,15 @@ def _optimizer_class(distributed: bool):
                     clipped_sum=True,
                 )
 
+            def accumulate(self):
+                # Opacus's own, with a clone where it deep-copies each .grad (0.14 ms a step for a 2-layer MLP,
+                # a tenth of a private step's cost over a plain one on digits; the same tensor either way).
+                for p in self.params:
+                    if p.summed_grad is not None:
+                        p.summed_grad.add_(p.grad)
+                    else:
+                        p.summed_grad = p.grad.detach().clone()
+
             def pre_step(self, closure=None):
                 for p in self.params:
                     _check_clipped(p, self._torchderiv_names[id(p)], self.max_grad_norm, self.loss_reduction)
@@ -324,9 +333,28 @@ class PrivateTraining:
         return dp
 
     def epsilon(self) -> float:
-        if not self.accountant.history:
+        """ε spent so far at the configured δ: the accountant's own number.
+
+        For RDP it is computed here from Opacus's analysis functions, exactly as the accountant's
+        ``get_epsilon`` does, except that each (σ, q)'s one-step RDP curve is kept: the RDP of n steps is n
+        times it (what ``compute_rdp`` itself returns), and the curve took ~30 ms to compute, a fifth of a
+        digits epoch, each time ε was logged.
+        """
+        history = self.accountant.history
+        if not history:
             return 0.0
-        return float(self.accountant.get_epsilon(delta=self.config.delta))
+        if self.config.accountant != "rdp":
+            return float(self.accountant.get_epsilon(delta=self.config.delta))
+        from opacus.accountants.analysis import rdp as analysis
+
+        alphas = self.accountant.DEFAULT_ALPHAS
+        curves = self.__dict__.setdefault("_rdp_curves", {})
+        for sigma, q, _ in history:
+            if (sigma, q) not in curves:
+                curves[sigma, q] = analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=alphas)
+        rdp = sum([curves[sigma, q] * steps for sigma, q, steps in history])
+        eps, _ = analysis.get_privacy_spent(orders=alphas, rdp=rdp, delta=self.config.delta)
+        return float(eps)
 
     def state_dict(self) -> dict:
         state = {"accountant": self.accountant.state_dict(), "noise_multiplier": self.noise_multiplier}

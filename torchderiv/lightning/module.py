@@ -184,7 +184,7 @@ class MLPModule(LightningModule):
         if self.privacy is None:
             return self._step(batch, "train")
         opt = self.optimizers()
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=True)  # the clipped sum then becomes .grad, not added to zeros
         # Under DDP the gradients are not all-reduced by the backward (its hooks would see no gradient: the
         # clipped ones land in .grad at the end of the pass) but by Opacus's distributed optimizer, after the
         # noise, which it adds on rank 0 only.
