@@ -15,6 +15,9 @@ One step = zero the gradients, forward, loss, backward, (clip, noise), SGD updat
 * ``opacus_hooks``, ``opacus_ghost``: Opacus's ``GradSampleModule`` + ``DPOptimizer`` and its ghost
   clipping (``GradSampleModuleFastGradientClipping``, two backward passes), when Opacus is installed.
 * ``vmap``: ``torch.func.vmap(grad)`` per-example gradients, clipped and summed by hand, noise added.
+* ``backpack``: BackPACK's ``BatchGrad`` per-example gradients, the same by hand (MLP cases, when
+  ``backpack-for-pytorch`` is installed: ``pip install --no-deps backpack-for-pytorch einops unfoldNd``;
+  it needs no torchvision for this).
 
 Time: interleaved rounds in this process (DESIGN §6), median of per-round ratios to ``plain`` with
 min–max. Memory: the extra peak RSS of one step, each contender in a fresh process (VmHWM after the step
@@ -53,13 +56,12 @@ CASES = {
     "mlp_gelu": dict(kind="mlp", sizes=[784, 1024, 1024, 10], batch=256, activation="gelu"),
     "seq_gelu": dict(kind="seq", width=256, batch=32, length=128),
 }
-SLOW = ("opacus_hooks", "vmap")
 TORCH_ACT = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
-def _have_opacus() -> bool:
+def _have(module: str) -> bool:
     try:
-        import opacus  # noqa: F401
+        __import__(module)
     except ImportError:
         return False
     return True
@@ -133,6 +135,8 @@ def make_steps(case: str, names) -> tuple[dict, dict]:
     steps = {"plain": plain, "norms": norms, "dp": dp, "autograd": autograd}
     if "vmap" in names:
         steps["vmap"] = _vmap_step(theirs, x, y, opt_ref)
+    if "backpack" in names:
+        steps["backpack"] = _backpack_step(theirs, x, y)
     if "opacus_hooks" in names or "opacus_ghost" in names:
         steps.update(_opacus_steps(case, names, x, y))
     extra = {"ours": ours, "theirs": theirs, "x": x, "y": y, "dp": dp}
@@ -151,6 +155,56 @@ def _vmap_clipped_sum(model, x, y):
     norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in grads.values()))
     c = (C / (norms + 1e-6)).clamp(max=1)
     return {k: (g * c.reshape(-1, *([1] * (g.dim() - 1)))).sum(0) / x.shape[0] for k, g in grads.items()}
+
+
+def _backpack_clipped_sum(model, loss_fn, x, y):
+    """Σᵢ cᵢ gᵢ / B from BackPACK's ``BatchGrad`` (``model`` and ``loss_fn`` extended): each example's gradient
+    of the mean loss in ``p.grad_batch``, clipped and summed by hand as ``_vmap_clipped_sum`` does."""
+    from backpack import backpack
+    from backpack.extensions import BatchGrad
+
+    batch = x.shape[0]
+    with backpack(BatchGrad()):
+        loss_fn(model(x), y).backward()
+    grads = {k: p.grad_batch * batch for k, p in model.named_parameters()}  # gᵢ: B × its share of the mean
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in grads.values()))
+    c = (C / (norms + 1e-6)).clamp(max=1)
+    return {k: torch.einsum("b,b...->...", c, g) / batch for k, g in grads.items()}
+
+
+def _backpack_step(model, x, y):
+    """BackPACK's per-example gradients, clipped, summed and noised by hand as in ``dp`` (MLP cases only:
+    BackPACK needs the loss module right after the model)."""
+    import copy
+
+    from backpack import extend
+
+    model = extend(copy.deepcopy(model))
+    loss_fn = extend(nn.CrossEntropyLoss())
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    batch = x.shape[0]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        for k, g in _backpack_clipped_sum(model, loss_fn, x, y).items():
+            p = model.get_parameter(k)
+            p.grad = g.add_(torch.randn_like(p), alpha=SIGMA * C / batch)
+        opt.step()
+
+    return step
+
+
+def check_backpack(case: str, batch: int = 32) -> float:
+    """Largest relative difference between BackPACK's clipped sum and torch.func's (as ``check_clipping``)."""
+    import copy
+
+    from backpack import extend
+
+    _, theirs, x, y = build(case)
+    x, y = x[:batch], y[:batch]
+    got = _backpack_clipped_sum(extend(copy.deepcopy(theirs)), extend(nn.CrossEntropyLoss()), x, y)
+    ref = _vmap_clipped_sum(theirs, x, y)
+    return max(((got[k] - g).abs().max() / g.abs().max().clamp_min(1e-30)).item() for k, g in ref.items())
 
 
 def _vmap_step(model, x, y, opt):
@@ -275,6 +329,8 @@ def bench(case: str, names, rounds: int, threads: int, memory: bool = True) -> d
     err = check_clipping(case)
     if err > 1e-4:
         raise SystemExit(f"{case}: per_sample's clipped gradient differs from torch.func's by {err:.2e}")
+    if "backpack" in names and check_backpack(case) > 1e-4:
+        raise SystemExit(f"{case}: BackPACK's clipped gradient differs from torch.func's")
     fns, _ = make_steps(case, names)
     times = interleaved(fns, rounds)
     mem = {k: measure_memory(case, k, threads) if memory else float("nan") for k in fns}
@@ -305,6 +361,7 @@ LABELS = {
     "opacus_hooks": "Opacus 1.6 hooks",
     "opacus_ghost": "Opacus 1.6 ghost clipping",
     "vmap": "`torch.func` vmap(grad) + clip + sum",
+    "backpack": "BackPACK 1.7 `BatchGrad` + clip + sum",
 }
 
 
@@ -344,10 +401,11 @@ def run(
     torch.set_num_threads(threads)
     rounds = rounds or (5 if quick else 7)
     base = ["plain", "norms", "dp", "autograd"]
-    opacus = ["opacus_ghost"] + ([] if quick else ["opacus_hooks"]) if _have_opacus() else []
+    opacus = ["opacus_ghost"] + ([] if quick else ["opacus_hooks"]) if _have("opacus") else []
     rows = []
     for case in cases or CASES:
-        names = base + opacus + ([] if quick or CASES[case]["kind"] == "seq" else ["vmap"])
+        slow = ["vmap"] + (["backpack"] if _have("backpack") else [])
+        names = base + opacus + ([] if quick or CASES[case]["kind"] == "seq" else slow)
         if CASES[case]["kind"] == "seq":
             names = [n for n in names if n != "opacus_hooks"]
         rows.append(bench(case, names, rounds, threads, memory))
