@@ -241,9 +241,10 @@ def main() -> None:
     parser.add_argument("--dp-cases", nargs="+", default=None, help="with --dp: a subset of dp_benchmark.CASES")
     args = parser.parse_args()
     if args.dp:
-        from dp_benchmark import run
+        import dp_benchmark
 
-        run(quick=args.quick, rounds=args.rounds, threads=args.threads, out=args.out, cases=args.dp_cases)
+        dp_benchmark.DEVICE = torch.device(args.device)
+        dp_benchmark.run(quick=args.quick, rounds=args.rounds, threads=args.threads, out=args.out, cases=args.dp_cases)
         return
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# To run (on a machine with a CUDA GPU; under 8 minutes):
+# To run (on a machine with a CUDA GPU; under 9 minutes):
 #     bash experiments/device_check.sh [OUT_DIR]       # default OUT_DIR: experiments/out/device
 #     bash experiments/device_check.sh --dry-run       # anywhere: checks that everything is ready
 #
 # Runs the CUDA tests (every test parametrised on the "cuda" device or named *gpu*), then the benchmark
-# on the GPU in float32 and in bfloat16, and writes logs, JSON and Markdown tables to OUT_DIR.
-# Each step has its own time limit so that the whole script stays under 8 minutes.
+# on the GPU in float32 and in bfloat16, and the DP step benchmark (per_sample, issue 13's GPU targets),
+# and writes logs, JSON and Markdown tables to OUT_DIR.
+# Each step has its own time limit so that the whole script stays under 9 minutes (520 s of limits).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +39,7 @@ if [ "$DRY_RUN" = 1 ]; then
   "$PY" -m pytest -q --collect-only -k "cuda or gpu" tests --ignore=tests/opdb > /dev/null || { echo "pytest cannot collect the CUDA tests"; exit 1; }
   "$PY" experiments/benchmark.py --help > /dev/null || { echo "benchmark.py does not start"; exit 1; }
   "$PY" experiments/lce_memory.py --help > /dev/null || { echo "lce_memory.py does not start"; exit 1; }
+  "$PY" experiments/dp_benchmark.py --help > /dev/null || { echo "dp_benchmark.py does not start"; exit 1; }
 fi
 if [ "$DRY_RUN" = 0 ]; then
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { echo "no CUDA device: use --dry-run here"; exit 2; }
@@ -48,6 +50,7 @@ fi
 step tests 200 "$PY" -m pytest -q -rs -k "cuda or gpu" tests --ignore=tests/opdb
 step bench_fp32 150 "$PY" experiments/benchmark.py --device cuda --dtype float32 --no-compile --out "$OUT/fp32"
 step bench_bf16 90 "$PY" experiments/benchmark.py --device cuda --dtype bfloat16 --no-compile --no-lce --out "$OUT/bf16"
+step dp 80 "$PY" experiments/dp_benchmark.py --device cuda --quick --out "$OUT/dp"
 
 if [ "$DRY_RUN" = 1 ]; then echo "dry run: ready"; exit 0; fi
 echo "results in $OUT"

@@ -20,7 +20,8 @@ One step = zero the gradients, forward, loss, backward, (clip, noise), SGD updat
   it needs no torchvision for this).
 
 Time: interleaved rounds in this process (DESIGN §6), median of per-round ratios to ``plain`` with
-min–max. Memory: the extra peak RSS of one step, each contender in a fresh process (VmHWM after the step
+min–max. ``--device cuda``: everything on the GPU, memory the allocator's peak over one step (exact, so in this
+process). Memory (CPU): the extra peak RSS of one step, each contender in a fresh process (VmHWM after the step
 minus VmRSS before it; before it: model, data and optimizer state, no gradients, the high-water mark
 reset after a warm-up step; large buffers mmapped, so that RSS follows the bytes in use), as a ratio to
 ``plain``'s.
@@ -50,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import interleaved as _interleaved  # noqa: E402  (the same A B … B A rounds as the main benchmark)
 
 OUT = Path(__file__).resolve().parent / "out"
+DEVICE = torch.device("cpu")  # --device: where models, data and steps live
 C, SIGMA, LR = 1.0, 1.0, 0.05
 CASES = {
     "mlp_relu": dict(kind="mlp", sizes=[784, 1024, 1024, 10], batch=256, activation="relu"),
@@ -88,7 +90,7 @@ def build(case: str):
         ours.load_state_dict(theirs.state_dict())
         x = torch.randn(cfg["batch"], cfg["length"], n)
         y = torch.randint(0, n, (cfg["batch"], cfg["length"]))
-    return ours, theirs, x, y
+    return ours.to(DEVICE), theirs.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
 
 
 def _flat_ce(ce):
@@ -277,8 +279,9 @@ def check_clipping(case: str, batch: int = 32) -> float:
 
 
 def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds per step of each contender, one entry per round (benchmark.interleaved, one step a timing)."""
-    return _interleaved(fns, rounds, 1, torch.device("cpu"))
+    """Seconds per step of each contender, one entry per round (benchmark.interleaved, one step a timing;
+    on CUDA it synchronises around each)."""
+    return _interleaved(fns, rounds, 1, DEVICE)
 
 
 def _status_mib(field: str) -> float:
@@ -289,12 +292,9 @@ def _status_mib(field: str) -> float:
     raise RuntimeError(field)
 
 
-def child(case: str, name: str, threads: int) -> None:
-    torch.set_num_threads(threads)
-    fns, _ = make_steps(case, [name])
-    fns[name]()  # warm-up: optimizer state, one-time initialisation
-    # The state before a step: model, data, optimizer; no gradients (each step makes its own, and every
-    # contender's own per-sample buffers count as part of its step).
+def _drop_gradients() -> None:
+    """No gradients anywhere: each step makes its own, and every contender's own per-sample buffers count as
+    part of its step."""
     for obj in gc.get_objects():
         if isinstance(obj, nn.Parameter):
             obj.grad = None
@@ -302,6 +302,25 @@ def child(case: str, name: str, threads: int) -> None:
                 if getattr(obj, attr, None) is not None:
                     setattr(obj, attr, None)
     gc.collect()
+
+
+def cuda_extra_peak(fn) -> float:
+    """MiB the CUDA allocator held at the peak of one step beyond what was allocated before it (exact, so
+    measured in this process)."""
+    _drop_gradients()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def child(case: str, name: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    fns, _ = make_steps(case, [name])
+    fns[name]()  # warm-up: optimizer state, one-time initialisation
+    _drop_gradients()  # the state before a step: model, data, optimizer
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current RSS
     before = _status_mib("VmRSS")
@@ -333,7 +352,12 @@ def bench(case: str, names, rounds: int, threads: int, memory: bool = True) -> d
         raise SystemExit(f"{case}: BackPACK's clipped gradient differs from torch.func's")
     fns, _ = make_steps(case, names)
     times = interleaved(fns, rounds)
-    mem = {k: measure_memory(case, k, threads) if memory else float("nan") for k in fns}
+    if not memory:
+        mem = {k: float("nan") for k in fns}
+    elif DEVICE.type == "cuda":
+        mem = {k: cuda_extra_peak(fn) for k, fn in fns.items()}  # after the timing rounds' warm-up
+    else:
+        mem = {k: measure_memory(case, k, threads) for k in fns}
     row = {"case": case, "clip_check_rel_err": err, "ms": {}, "time_vs_plain": {}, "mem_mib": mem, "mem_vs_plain": {}}
     for k, t in times.items():
         r = [a / b for a, b in zip(t, times["plain"])]
@@ -409,9 +433,8 @@ def run(
         if CASES[case]["kind"] == "seq":
             names = [n for n in names if n != "opacus_hooks"]
         rows.append(bench(case, names, rounds, threads, memory))
-    meta = (
-        f"cpu, float32, {threads} threads, torch {torch.__version__}, median of {rounds} interleaved rounds (min–max)"
-    )
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"cpu, {threads} threads"
+    meta = f"{where}, float32, torch {torch.__version__}, median of {rounds} interleaved rounds (min–max)"
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "dp_benchmark.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = markdown(rows, meta)
@@ -428,8 +451,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--cases", nargs="+", choices=list(CASES), help="a subset of the cases")
     parser.add_argument("--no-memory", action="store_true", help="time only (no fresh process per contender)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA, memory is the allocator's peak)")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "NAME"))
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.child:
         child(*args.child, args.threads)
         return
