@@ -510,3 +510,51 @@ def test_linear_cross_entropy_head_frozen_or_refused():
     k_dim = tdnn.LinearCrossEntropyLoss(7, N_OUT, out_features=(2,)).double()
     with pytest.raises(RuntimeError, match="per_sample: parameter linear.weight of Linear is not computed"):
         torchderiv.per_sample(k_dim).__enter__()
+
+
+# --- CUDA (skipped without a GPU; experiments/device_check.sh runs these by name) ---------------------------
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("model_name", ["mlp", "converted_seq"])
+def test_cuda_matches_the_cpu_ground_truth(model_name):
+    # The same network on the GPU: norms and clipped gradients equal the ground truth computed on the CPU
+    # (float64 on both: any difference is the device's arithmetic, not round-off of float32).
+    ours, ref = build(model_name, torch.float64)
+    x, lead = _inputs(model_name, torch.float64)
+    y = _class_targets(lead)
+    per = ground_truth(ref, x, y, LOSSES["ce_mean"][0], "mean")
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per))
+    ours = ours.cuda()
+    with torchderiv.per_sample(ours, max_norm=0.7, grad_sample=True) as ps:
+        TD_LOSSES["ce_mean"](ours(x.cuda()), y.cuda()).backward()
+    assert ps.norms.device.type == "cuda"
+    assert_close(ps.norms.cpu(), norms, rtol=1e-10, atol=1e-12)
+    for p, g, gs in zip(ours.parameters(), clipped_sum(per, norms, 0.7, "mean"), per):
+        assert_close(p.grad.cpu(), g, rtol=1e-10, atol=1e-12)
+        assert_close(p.grad_sample.cpu(), gs, rtol=1e-10, atol=1e-12)
+
+
+@CUDA
+def test_cuda_linear_cross_entropy_head_and_autocast():
+    torch.manual_seed(3)
+    ours = _HeadNet(True, True, torch.float32, chunk_size=2)
+    x, y = torch.randn(B, N_IN), _class_targets((B,))
+    with torchderiv.per_sample(ours, max_norm=0.7) as ps:
+        ours.head(ours.body(x), y).backward()
+    norms, grads = ps.norms.clone(), [p.grad.clone() for p in ours.parameters()]
+    ours.cuda().zero_grad(set_to_none=True)
+    with torchderiv.per_sample(ours, max_norm=0.7) as ps:
+        ours.head(ours.body(x.cuda()), y.cuda()).backward()
+    assert_close(ps.norms.cpu(), norms, rtol=1e-5, atol=1e-6)
+    for p, g in zip(ours.parameters(), grads):
+        assert_close(p.grad.cpu(), g, rtol=1e-5, atol=1e-6)
+    ours.zero_grad(set_to_none=True)
+    with torchderiv.per_sample(ours, max_norm=0.7) as ps:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = ours.head(ours.body(x.cuda()), y.cuda())
+        loss.backward()
+    assert ps.norms.dtype == torch.float32  # norms in float32 under autocast
+    assert_close(ps.norms.cpu(), norms, rtol=2e-2, atol=1e-3)  # bfloat16's 8 bits of mantissa

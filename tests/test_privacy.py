@@ -371,3 +371,31 @@ def test_digits_dp_config_meets_its_targets(tmp_path, monkeypatch):
     results = main([str(ROOT / "configs/digits_dp.yaml"), f"--trainer.logger.init_args.save_dir={tmp_path}"])
     assert results["test/acc"] >= 0.85
     assert 0 < results["privacy/epsilon"] <= 4.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_private_step_noise_on_the_device():
+    # The noise generator lives on the parameters' device (a CPU generator cannot draw CUDA noise), and σ = 0
+    # gives Opacus's own step, as on the CPU.
+    from torchderiv.privacy import PrivateTraining
+
+    ours, ref = _models()
+    x, y = torch.randn(5, 6) * 3, torch.randint(0, 4, (5,))
+    theirs = _opacus_step(ref, "hooks", "mean", x, y, 0.5)
+    ours.cuda()
+    opt = _private(ours)
+    opt.zero_grad()
+    with opt.clipping():
+        F.cross_entropy(ours(x.cuda()), y.cuda()).backward()
+    opt.step()
+    for a, b in zip(ours.parameters(), theirs):
+        assert_close(a.detach().cpu(), b, rtol=1e-5, atol=1e-6)
+    run = PrivateTraining(Privacy(noise_multiplier=1.0))
+    run.sample_rate, run.expected_batch_size = 0.1, 8.0
+    dp = run.optimizer(ours, torch.optim.SGD(ours.parameters(), lr=0.1))
+    assert run.noise_generator.device.type == "cuda"
+    dp.zero_grad()
+    with dp.clipping():
+        F.cross_entropy(ours(x.cuda()), y.cuda()).backward()
+    dp.step()
+    assert all(torch.isfinite(p).all() for p in ours.parameters())
