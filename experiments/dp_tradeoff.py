@@ -63,6 +63,18 @@ def lightning_epoch_seconds(private: bool, epochs: int) -> float:
     return statistics.median(times[1:])  # the first epoch warms up
 
 
+def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot(rows, opacus, norms, max_grad_norm, out: Path) -> None:
     import matplotlib
 
@@ -82,13 +94,7 @@ def plot(rows, opacus, norms, max_grad_norm, out: Path) -> None:
     ):
         runs = opacus[key]
         ax.scatter([o["epsilon"] for o in runs], [o["acc"] for o in runs], marker=marker, color=color, label=label)
-    ax.set_xlabel("ε (δ = 1e-5)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("digits, MLP 64-128-10, 30 epochs, C = 1")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "dp_tradeoff.png", dpi=110)
-    plt.close(fig)
+    _save(fig, ax, "ε (δ = 1e-5)", "test accuracy", "digits, MLP 64-128-10, 30 epochs, C = 1", out / "dp_tradeoff.png")
 
     import numpy as np
 
@@ -100,13 +106,14 @@ def plot(rows, opacus, norms, max_grad_norm, out: Path) -> None:
         ax.hist(n.clamp_min(1e-4).numpy(), bins=bins, alpha=0.5, label=f"epoch {epoch}: {100 * frac:.0f}% clipped")
     ax.set_xscale("log")
     ax.axvline(max_grad_norm, color="black", linestyle="--", label=f"C = {max_grad_norm}")
-    ax.set_xlabel("per-example gradient norm ‖gᵢ‖")
-    ax.set_ylabel("examples")
-    ax.set_title("σ = 1.5: how many examples the clipping scales down")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "dp_norms.png", dpi=110)
-    plt.close(fig)
+    _save(
+        fig,
+        ax,
+        "per-example gradient norm ‖gᵢ‖",
+        "examples",
+        "σ = 1.5: how many examples the clipping scales down",
+        out / "dp_norms.png",
+    )
 
 
 def main() -> None:

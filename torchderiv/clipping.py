@@ -24,9 +24,11 @@ def _check_model(model: nn.Module) -> dict:
     """``{id(p): (p, name)}`` of the parameters to track; a clear error for what cannot be done exactly."""
     tracked: dict[int, tuple[torch.Tensor, str]] = {}
     owner: dict[int, str] = {}
-    # The (torch) Linear inside torchderiv's LinearCrossEntropyLoss runs through its fused Function.
-    fused = {id(m.linear) for m in model.modules() if isinstance(m, LinearCrossEntropyLoss) and not m.out_features}
+    fused: set[int] = set()
     for mod_name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, LinearCrossEntropyLoss) and not module.out_features:
+            # its (torch) Linear, visited next, runs through the fused Function
+            fused.add(id(module.linear))
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             raise RuntimeError(
                 f"per_sample: {mod_name or 'the model'} ({type(module).__name__}) is in training mode: batch "

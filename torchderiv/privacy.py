@@ -280,6 +280,7 @@ class PrivateTraining:
         self.noise_generator: torch.Generator | None = None
         self.world_size = 1
         self._pending: dict = {}
+        self._rdp_curves: dict = {}  # (σ, q) -> the RDP of one step at each order (see epsilon)
 
     def prepare(self, train_loader, epochs: int, *, seed: int | None = None, rank: int = 0, world_size: int = 1):
         """Poisson sampling over ``train_loader``'s data set (this process's share of it under DDP); σ
@@ -314,7 +315,7 @@ class PrivateTraining:
         are accounted."""
         if self.sample_rate is None:
             raise RuntimeError("privacy: the training data must be prepared (Poisson sampling) before the optimizer")
-        device = next(iter(p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+        device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
         self.noise_generator = torch.Generator(device=device)
         self.noise_generator.manual_seed(derived_seed("noise"))
         if "noise_rng" in self._pending:
@@ -348,7 +349,7 @@ class PrivateTraining:
         from opacus.accountants.analysis import rdp as analysis
 
         alphas = self.accountant.DEFAULT_ALPHAS
-        curves = self.__dict__.setdefault("_rdp_curves", {})
+        curves = self._rdp_curves
         for sigma, q, _ in history:
             if (sigma, q) not in curves:
                 curves[sigma, q] = analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=alphas)
