@@ -225,27 +225,44 @@ def test_empty_batch(model_name):
     run_case(model_name, "ce_sum", torch.float64, batch=0)
 
 
+# How the layer's input H was made: "data" (no grad), "leaf" (a tensor requiring grad, which nothing else
+# keeps), "tanh" (torchderiv's tanh, whose node keeps H until its backward), "gelu" (torchderiv's gelu, whose
+# node keeps Z, from which H is made again at the end).
+def _layer_input(maker, shape):
+    z = torch.randn(*shape, dtype=torch.float64, requires_grad=maker != "data")
+    return {"data": lambda: z, "leaf": lambda: z, "tanh": lambda: TF.tanh(z), "gelu": lambda: TF.gelu(z)}[maker]()
+
+
 @pytest.mark.parametrize(
-    "t, n_in, n_out, data_input, path",
+    "t, n_in, n_out, maker, path",
     [
-        (1, 5, 4, False, "rows"),  # ‖δᵢ‖² ‖hᵢ‖²
-        (6, 16, 16, True, "gram"),  # 2T² < n_in n_out, and Δᵢᵀ Hᵢ larger than Δ and H
-        (5, 16, 3, True, "explicit"),  # 2T² ≥ n_in n_out, H is data: Δᵢᵀ Hᵢ formed for the norm only
-        (5, 4, 3, True, "product"),  # Δᵢᵀ Hᵢ no larger than Δ and H: kept, Δ and H let go
+        (1, 5, 4, "data", "rows"),  # ‖δᵢ‖² ‖hᵢ‖²
+        (1, 5, 4, "gelu", "rows"),
+        (6, 16, 16, "data", "gram"),  # 2T² < n_in n_out, and Δᵢᵀ Hᵢ larger than Δ and H
+        (5, 16, 3, "gelu", "explicit"),  # 2T² ≥ n_in n_out; Δᵢᵀ Hᵢ larger than Δ: formed for the norm only
+        (5, 4, 3, "data", "product"),  # Δᵢᵀ Hᵢ no larger than Δ and H: kept, Δ and H let go
+        (5, 8, 3, "leaf", "product"),
+        (5, 8, 3, "tanh", "explicit"),  # the same sizes, but H is kept by its maker: Δᵢᵀ Hᵢ > Δ
+        (5, 8, 3, "gelu", "explicit"),
     ],
 )
 @pytest.mark.parametrize("chunk_floats", [None, 1], ids=["one-piece", "one-example-a-time"])
-def test_each_norm_path_equals_the_explicit_product(t, n_in, n_out, data_input, path, chunk_floats, monkeypatch):
+def test_each_norm_path_equals_the_explicit_product(t, n_in, n_out, maker, path, chunk_floats, monkeypatch):
     if chunk_floats is not None:  # the bounded-temporary loops, one example per piece
         monkeypatch.setattr(_per_sample, "_GRAM_FLOATS", chunk_floats)
     rec = _per_sample.Recorder({}, None, False, "sum")
     w, b = torch.zeros(n_out, n_in, dtype=torch.float64), torch.zeros(n_out, dtype=torch.float64)
     d = torch.randn(B, t, n_out, dtype=torch.float64)
-    h = torch.randn(B, t, n_in, dtype=torch.float64, requires_grad=not data_input)
-    layer = rec._factors(w, b, d.squeeze(1) if t == 1 else d, h.squeeze(1) if t == 1 else h)
+    h = _layer_input(maker, (B, n_in) if t == 1 else (B, t, n_in))
+    with torch.no_grad():  # as inside a backward
+        layer = rec._factors(w, b, d.squeeze(1) if t == 1 else d, h)
     assert (layer.product is not None) == (path == "product")
     assert (layer.delta is None) == (path == "product")
-    g = torch.einsum("bto,bti->boi", d, h.detach())
+    if path != "product":  # the deferred GEMM's H: held, or made again (bit for bit) from the gelu's input
+        assert (layer.remake is not None) == (maker == "gelu") and (layer.input is None) == (maker == "gelu")
+        held = layer.input if layer.remake is None else layer.remake[1](layer.remake[0])
+        assert torch.equal(held.reshape(h.shape), h.detach())
+    g = torch.einsum("bto,bti->boi", d, h.detach().reshape(B, t, n_in))
     expected = g.flatten(1).square().sum(1) + d.sum(1).square().sum(1)
     assert_close(layer.sq, expected, rtol=1e-12, atol=1e-12)
     if layer.product is not None:

@@ -154,11 +154,15 @@ class Recorder:
         delta_sq = None
         if w is not None:
             # Keep Δᵢᵀ Hᵢ itself (then Δ and H may go at once, and the clipped gradient is Σᵢ cᵢ (Δᵢᵀ Hᵢ): the
-            # batched GEMM replaces the deferred one, no extra work) when it takes no more memory than what the
-            # deferred GEMM would hold to the end: Δ, and H unless H is data that lives anyway. Sequence layers
-            # only: with T = 1 it is B× the weight.
+            # batched GEMM replaces the deferred one, so this is the faster form) when it is no larger than the
+            # factors the deferred GEMM would hold to the end, Δ and H. Except: when the Function that made H
+            # keeps H (or the input it is recomputed from) until its own backward, which runs next, holding the
+            # factors costs only Δ there, where a backward's memory peaks (that backward holds its input, its
+            # output's gradient and its result at once); then only a product no larger than Δ is kept. Sequence
+            # layers only: with T = 1 the product is B× the weight.
             gram = 2 * t * t < n_in * n_out
-            held = t * (n_out + (n_in if input.requires_grad else 0))
+            remake = _remake(input)
+            held = t * (n_out + (0 if remake is not None else n_in))
             if self.grad_sample or (t > 1 and n_in * n_out <= held):
                 # Δᵢᵀ Hᵢ as batched GEMMs on transposed views (einsum copied both operands first), a few examples
                 # at a time into the one buffer kept, each slice's norm taken at once: in one call, bmm's copy of
@@ -170,7 +174,11 @@ class Recorder:
                     torch.bmm(d[i : i + step].to(dtype).mT, h[i : i + step].to(dtype), out=part)
                     sq[i : i + step] += torch.linalg.vector_norm(part.flatten(1), dim=1).square()
             else:
-                layer.delta, layer.input = delta, input
+                layer.delta = delta
+                if remake is not None and remake[1] is not None:  # H again from its maker's saved input
+                    layer.remake = remake
+                else:
+                    layer.input = input
                 if t == 1:  # ‖δᵢ‖² ‖hᵢ‖²
                     delta_sq = torch.linalg.vector_norm(d, dim=(1, 2), dtype=dtype).square()
                     sq += delta_sq * torch.linalg.vector_norm(h, dim=(1, 2), dtype=dtype).square()
@@ -259,6 +267,9 @@ class Recorder:
                         w.grad_sample = (layer.product * scale).to(w.dtype)
                 else:
                     delta = layer.delta
+                    if layer.remake is not None:
+                        saved, value = layer.remake
+                        layer.input = value(saved)
                     rows = delta if c is None else delta * c.to(delta.dtype).reshape(-1, *([1] * (delta.dim() - 1)))
                     g = (
                         rows.reshape(-1, rows.shape[-1]).t().mm(layer.input.reshape(-1, layer.input.shape[-1]))
@@ -297,11 +308,30 @@ class _Stamp:
 class _Layer:
     """What one tracked layer leaves for :meth:`Recorder.finish`."""
 
-    __slots__ = ("w", "b", "sq", "delta", "input", "product", "bias_rows", "make", "samples")
+    __slots__ = ("w", "b", "sq", "delta", "input", "remake", "product", "bias_rows", "make", "samples")
 
     def __init__(self, w, b):
         self.w, self.b = w, b
-        self.sq = self.delta = self.input = self.product = self.bias_rows = self.make = self.samples = None
+        self.sq = self.delta = self.input = self.remake = self.product = self.bias_rows = None
+        self.make = self.samples = None
+
+
+def _remake(h: torch.Tensor):
+    """How ``h`` outlives the next step of the backward without being held here: ``(saved, value)`` when the
+    Function that made ``h`` is one of torchderiv's elementwise activations, which saves until its own
+    backward either ``h`` itself (``value`` None) or its input ``z``, from which ``value(z)`` gives ``h`` again,
+    bit for bit (the same kernel on the same tensor); else None."""
+    node = h.grad_fn
+    act = getattr(getattr(node, "_forward_cls", None), "activation", None)
+    if act is None:
+        return None
+    (saved,) = node.saved_tensors
+    params = node.params
+    if act.saves_output(*params):
+        return saved, None
+    if saved.shape != h.shape or saved.dtype != h.dtype:
+        return None
+    return saved, lambda z: act.value(z, *params)
 
 
 def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:

@@ -290,7 +290,15 @@ def _elementwise_function(act: Activation, class_name: str):
             "jvp": staticmethod(jvp),
         },
     )
-    return compile_twin(cls)
+    return _marked(compile_twin(cls), act)
+
+
+def _marked(twins, act: Activation):
+    # per_sample recognises a layer input made by one of these from its node (``_forward_cls.activation``):
+    # the node keeps h, or z to remake h from, until its own backward (_per_sample._remake).
+    for cls in twins:
+        cls.activation = act
+    return twins
 
 
 # name -> (Function, its jvp-free twin); the classes are SigmoidFunction, TanhFunction, ReluFunction, ...
@@ -338,7 +346,7 @@ def _inplace_function(act: Activation, base: type, class_name: str):
             "jvp": staticmethod(jvp),
         },
     )
-    return compile_twin(cls)
+    return _marked(compile_twin(cls), act)
 
 
 # name -> in-place Function, for the activations with an in-place value (they keep their output)
