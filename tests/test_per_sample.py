@@ -25,6 +25,12 @@ def _seq_net():
     return nn.Sequential(nn.Linear(N_IN, 16), nn.GELU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, N_OUT))
 
 
+def _mlp_net():
+    return nn.Sequential(
+        nn.Linear(N_IN, 7), nn.GELU(), nn.Linear(7, 6), nn.SiLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, N_OUT)
+    )
+
+
 # name -> (torchderiv model, torch reference); built under the same seed, so the parameters agree.
 MODELS = {
     "mlp": (
@@ -43,6 +49,9 @@ MODELS = {
         lambda: nn.Sequential(tdnn.Dense(N_IN, 7, "silu"), tdnn.Linear(7, N_OUT)),
         lambda: nn.Sequential(nn.Linear(N_IN, 7), nn.SiLU(), nn.Linear(7, N_OUT)),
     ),
+    # Separate Functions on 2-D inputs: the gelu's and silu's outputs are made again from their inputs for the
+    # deferred GEMMs (and scaled there by cᵢ), the relu's output is held
+    "converted_mlp": (lambda: torchderiv.convert(_mlp_net()), _mlp_net),
     # Sequences (B, T, n): the Gram form (2T² < n_in n_out) for the first two layers, the explicit
     # Δᵢᵀ Hᵢ for the last (2T² = 50 ≥ 16·3).
     "converted_seq": (lambda: torchderiv.convert(_seq_net()), _seq_net),
@@ -205,7 +214,7 @@ def test_norms_only_leaves_ordinary_gradient():
     assert ps.norms.dtype == torch.float64
 
 
-@pytest.mark.parametrize("model_name", ["mlp", "linear_stack", "converted_seq"])
+@pytest.mark.parametrize("model_name", ["mlp", "linear_stack", "converted_mlp", "converted_seq"])
 def test_frozen_parameters_excluded(model_name):
     ours, _ = build(model_name, torch.float64)
     first = next(n for n, _ in ours.named_parameters())

@@ -266,14 +266,19 @@ class Recorder:
                     if self.grad_sample:
                         w.grad_sample = (layer.product * scale).to(w.dtype)
                 else:
-                    delta = layer.delta
+                    delta, h = layer.delta, layer.input
                     if layer.remake is not None:
                         saved, value = layer.remake
-                        layer.input = value(saved)
-                    rows = delta if c is None else delta * c.to(delta.dtype).reshape(-1, *([1] * (delta.dim() - 1)))
-                    g = (
-                        rows.reshape(-1, rows.shape[-1]).t().mm(layer.input.reshape(-1, layer.input.shape[-1]))
-                    )  # (c ⊙ Δ)ᵀ H
+                        h = value(saved)
+                    if c is not None:
+                        by_row = c.reshape(-1, *([1] * (delta.dim() - 1)))
+                        if layer.remake is not None:
+                            # (c ⊙ Δ)ᵀ H = Δᵀ (c ⊙ H), and the H just made is a fresh tensor of ours (the
+                            # activations' values are out of place): scaled where it lies, no Δ-sized buffer
+                            h.mul_(by_row.to(h.dtype))
+                        else:
+                            delta = delta * by_row.to(delta.dtype)
+                    g = delta.reshape(-1, delta.shape[-1]).t().mm(h.reshape(-1, h.shape[-1]))  # (c ⊙ Δ)ᵀ H
                 _accumulate(w, g)
                 self._stamp(w)
             if b is not None:
