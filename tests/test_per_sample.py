@@ -544,7 +544,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 @CUDA
-@pytest.mark.parametrize("model_name", ["mlp", "converted_seq"])
+@pytest.mark.parametrize("model_name", ["mlp", "converted_mlp", "converted_seq"])
 def test_cuda_matches_the_cpu_ground_truth(model_name):
     # The same network on the GPU: norms and clipped gradients equal the ground truth computed on the CPU
     # (float64 on both: any difference is the device's arithmetic, not round-off of float32).
