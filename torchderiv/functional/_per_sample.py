@@ -266,27 +266,15 @@ class Recorder:
                     if self.grad_sample:
                         w.grad_sample = (layer.product * scale).to(w.dtype)
                 else:
-                    delta, h = layer.delta, layer.input
-                    if layer.remake is not None:
-                        saved, value = layer.remake
-                        h = value(saved)
-                    if c is not None:
-                        by_row = c.reshape(-1, *([1] * (delta.dim() - 1)))
-                        if layer.remake is not None:
-                            # (c ⊙ Δ)ᵀ H = Δᵀ (c ⊙ H), and the H just made is a fresh tensor of ours (the
-                            # activations' values are out of place): scaled where it lies, no Δ-sized buffer
-                            h.mul_(by_row.to(h.dtype))
-                        else:
-                            delta = delta * by_row.to(delta.dtype)
-                    g = delta.reshape(-1, delta.shape[-1]).t().mm(h.reshape(-1, h.shape[-1]))  # (c ⊙ Δ)ᵀ H
+                    g = _deferred_gemm(layer, c)
                 _accumulate(w, g)
                 self._stamp(w)
             if b is not None:
-                rows = layer.bias_rows
-                _accumulate(b, rows.sum(0) if c is None else c.to(rows.dtype) @ rows)
+                # no local name for the rows: with T = 1 they are a view of Δ, which would outlive `del layer`
+                _accumulate(b, layer.bias_rows.sum(0) if c is None else c.to(layer.bias_rows.dtype) @ layer.bias_rows)
                 self._stamp(b)
                 if self.grad_sample:
-                    b.grad_sample = (rows * scale).to(b.dtype)
+                    b.grad_sample = (layer.bias_rows * scale).to(b.dtype)
             del layer
 
     def _stamp(self, p: torch.Tensor) -> None:
@@ -319,6 +307,24 @@ class _Layer:
         self.w, self.b = w, b
         self.sq = self.delta = self.input = self.remake = self.product = self.bias_rows = None
         self.make = self.samples = None
+
+
+def _deferred_gemm(layer: _Layer, c: torch.Tensor | None) -> torch.Tensor:
+    """``(c ⊙ Δ)ᵀ H`` (``Δᵀ H`` when ``c`` is None) from what ``layer`` holds. A function of its own so that
+    its temporaries, and its references to Δ and H, are gone when it returns (finish frees layer by layer)."""
+    delta, h = layer.delta, layer.input
+    if layer.remake is not None:
+        saved, value = layer.remake
+        h = value(saved)
+    if c is not None:
+        by_row = c.reshape(-1, *([1] * (delta.dim() - 1)))
+        if layer.remake is not None:
+            # (c ⊙ Δ)ᵀ H = Δᵀ (c ⊙ H), and the H just made is a fresh tensor of ours (the activations' values
+            # are out of place): scaled where it lies, no Δ-sized buffer
+            h.mul_(by_row.to(h.dtype))
+        else:
+            delta = delta * by_row.to(delta.dtype)
+    return delta.reshape(-1, delta.shape[-1]).t().mm(h.reshape(-1, h.shape[-1]))
 
 
 def _remake(h: torch.Tensor):
