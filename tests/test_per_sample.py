@@ -325,6 +325,35 @@ def test_autocast_norms_in_float32():
         assert_close(p.grad, g, rtol=5e-2, atol=5e-3)
 
 
+def test_autocast_sequence_layers_remade(monkeypatch):
+    # Under autocast the gelu runs in bfloat16 and its output reaches the next Linear uncast: the recorder holds
+    # the gelu's input and makes its output again at the end, with autocast off as in the forward (a float32
+    # remake would not even multiply with the bfloat16 Δ)
+    remade = []
+    original = _per_sample._remake
+
+    def spy(h):
+        found = original(h)
+        remade.append(found is not None and found[1] is not None)
+        return found
+
+    monkeypatch.setattr(_per_sample, "_remake", spy)
+    ours, ref = build("converted_seq", torch.float32)
+    x, y = torch.randn(B, T, N_IN), _class_targets((B, T))
+    per = ground_truth(ref, x, y, LOSSES["ce_mean"][0], "mean")
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torchderiv.per_sample(ours, max_norm=0.5) as ps:
+        out = ours(x)
+        assert out.dtype == torch.bfloat16
+        TD_LOSSES["ce_mean"](out.float(), y).backward()
+    assert True in remade
+    assert ps.norms.dtype == torch.float32
+    assert_close(ps.norms, norms, rtol=3e-2, atol=1e-3)
+    for p, g in zip(ours.parameters(), clipped_sum(per, norms, 0.5, "mean")):
+        assert p.grad.dtype == torch.float32
+        assert_close(p.grad, g, rtol=5e-2, atol=5e-3)
+
+
 # --- what it refuses ---------------------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from contextlib import nullcontext
 
 import torch
 
@@ -100,7 +101,9 @@ class Recorder:
         if w is None and b is None:
             return needs
         self._check(w if w is not None else b, delta, input)
-        self._enqueue(self._factors(w, b, delta, input))
+        with _autocast_off(delta.device.type):
+            layer = self._factors(w, b, delta, input)
+        self._enqueue(layer)
         return (needs[0], needs[1] and w is None, needs[2] and b is None)
 
     def take_rows(self, w, b, sq, make, samples, input) -> None:
@@ -211,6 +214,12 @@ class Recorder:
     def finish(self) -> None:
         """Norms and clipping factors from every layer's share, then the (clipped) gradients into ``.grad``."""
         pending, self.pending, self.queued = self.pending, [], None
+        # A backward called inside an autocast region runs this there too: the dtypes here are chosen explicitly
+        # (float32 norms; the deferred GEMMs in their operands' dtype, as the forward ran them).
+        with _autocast_off(pending[0].sq.device.type if pending else "cpu"):
+            self._finish(pending)
+
+    def _finish(self, pending: list) -> None:
         self.aliases.clear()
         seen = set()
         for layer in pending:
@@ -343,6 +352,13 @@ def _remake(h: torch.Tensor):
     if saved.shape != h.shape or saved.dtype != h.dtype:
         return None
     return saved, lambda z: act.value(z, *params)
+
+
+def _autocast_off(device_type: str):
+    """Autocast off for ``device_type`` where it is on (a no-op elsewhere, and for device types without it)."""
+    from ._core import autocast_enabled  # here: _core imports this module
+
+    return torch.autocast(device_type, enabled=False) if autocast_enabled(device_type) else nullcontext()
 
 
 def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
