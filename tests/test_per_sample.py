@@ -247,12 +247,13 @@ def _layer_input(maker, shape):
     [
         (1, 5, 4, "data", "rows"),  # ‖δᵢ‖² ‖hᵢ‖²
         (1, 5, 4, "gelu", "rows"),
-        (6, 16, 16, "data", "gram"),  # 2T² < n_in n_out, and Δᵢᵀ Hᵢ larger than Δ and H
-        (5, 16, 3, "gelu", "explicit"),  # 2T² ≥ n_in n_out; Δᵢᵀ Hᵢ larger than Δ: formed for the norm only
-        (5, 4, 3, "data", "product"),  # Δᵢᵀ Hᵢ no larger than Δ and H: kept, Δ and H let go
+        (6, 16, 16, "data", "gram"),  # Δᵢᵀ Hᵢ larger than Δ and H: two T×T Grams, Δ and H held
+        (6, 16, 16, "gelu", "gram"),  # the same, holding the gelu's input Z instead of H
+        (5, 4, 3, "data", "product"),  # Δᵢᵀ Hᵢ no larger than Δ and H: made now, Δ and H let go
         (5, 8, 3, "leaf", "product"),
-        (5, 8, 3, "tanh", "explicit"),  # the same sizes, but H is kept by its maker: Δᵢᵀ Hᵢ > Δ
-        (5, 8, 3, "gelu", "explicit"),
+        (5, 8, 3, "tanh", "later"),  # the same sizes, but H's maker keeps H through its own backward: made after
+        (5, 8, 3, "gelu", "later"),
+        (5, 16, 3, "gelu", "later"),
     ],
 )
 @pytest.mark.parametrize("chunk_floats", [None, 1], ids=["one-piece", "one-example-a-time"])
@@ -267,15 +268,55 @@ def test_each_norm_path_equals_the_explicit_product(t, n_in, n_out, maker, path,
         layer = rec._factors(w, b, d.squeeze(1) if t == 1 else d, h)
     assert (layer.product is not None) == (path == "product")
     assert (layer.delta is None) == (path == "product")
-    if path != "product":  # the deferred GEMM's H: held, or made again (bit for bit) from the gelu's input
+    assert layer.settle == (path == "later")
+    if path != "product":  # what the layer holds: H, or the gelu's input Z to make H again (bit for bit)
         assert (layer.remake is not None) == (maker == "gelu") and (layer.input is None) == (maker == "gelu")
         held = layer.input if layer.remake is None else layer.remake[1](layer.remake[0])
         assert torch.equal(held.reshape(h.shape), h.detach())
     g = torch.einsum("bto,bti->boi", d, h.detach().reshape(B, t, n_in))
-    expected = g.flatten(1).square().sum(1) + d.sum(1).square().sum(1)
-    assert_close(layer.sq, expected, rtol=1e-12, atol=1e-12)
+    bias_sq = d.sum(1).square().sum(1)
+    if path == "later":  # only the bias's share so far; the product comes at the next layer or at the end
+        assert_close(layer.sq, bias_sq, rtol=1e-12, atol=1e-12)
+        with torch.no_grad():
+            rec._settle([layer])
+        assert layer.product is not None and layer.delta is None and layer.input is None and layer.remake is None
+    assert_close(layer.sq, g.flatten(1).square().sum(1) + bias_sq, rtol=1e-12, atol=1e-12)
     if layer.product is not None:
         assert_close(layer.product, g, rtol=1e-12, atol=1e-12)
+
+
+def test_product_made_at_the_end_of_the_pass(monkeypatch):
+    # The first tracked layer's input made by a gelu (a frozen layer before it, an input that requires grad):
+    # its product waits for the gelu's backward, and no tracked layer comes after it: finish makes it.
+    settled = []
+    original = _per_sample.Recorder._settle
+
+    def spy(self, pending=None):
+        settled.append(any(layer.settle for layer in (self.pending if pending is None else pending)))
+        return original(self, pending)
+
+    monkeypatch.setattr(_per_sample.Recorder, "_settle", spy)
+
+    def net():
+        return nn.Sequential(nn.Linear(N_IN, 8), nn.GELU(), nn.Linear(8, N_OUT))
+
+    torch.manual_seed(3)
+    ours = torchderiv.convert(net()).double()
+    torch.manual_seed(3)
+    ref = net().double()
+    for m in (ours, ref):
+        m[0].requires_grad_(False)
+    x = torch.randn(B, T, N_IN, dtype=torch.float64, requires_grad=True)
+    y = _class_targets((B, T))
+    per = ground_truth(ref, x, y, LOSSES["ce_mean"][0], "mean")
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per))
+    with torchderiv.per_sample(ours, max_norm=0.7) as ps:
+        TD_LOSSES["ce_mean"](ours(x), y).backward()
+    assert settled == [False, True]  # at the layer's own take nothing waits; finish finds it waiting
+    assert_close(ps.norms, norms, rtol=1e-10, atol=1e-12)
+    for p, g in zip(ours[2].parameters(), clipped_sum(per, norms, 0.7, "mean")):
+        assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+    assert x.grad is not None  # the input's own gradient is untouched by the context
 
 
 def test_accumulates_over_backward_calls():

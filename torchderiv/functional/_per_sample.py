@@ -102,6 +102,7 @@ class Recorder:
             return needs
         self._check(w if w is not None else b, delta, input)
         with _autocast_off(delta.device.type):
+            self._settle()
             layer = self._factors(w, b, delta, input)
         self._enqueue(layer)
         return (needs[0], needs[1] and w is None, needs[2] and b is None)
@@ -112,6 +113,8 @@ class Recorder:
         gradients ``(∂W, ∂b)`` with example i's rows scaled by ``cᵢ`` (None: unscaled), ``samples()`` each
         example's ``(∂W, ∂b)``, ``(B, *p.shape)``."""
         self._check(w if w is not None else b, input, input)
+        with _autocast_off(input.device.type):
+            self._settle()
         layer = _Layer(w, b)
         layer.sq, layer.make, layer.samples = sq, make, samples
         self._enqueue(layer)
@@ -156,26 +159,20 @@ class Recorder:
         sq = torch.zeros(d.shape[0], dtype=dtype, device=d.device)
         delta_sq = None
         if w is not None:
-            # Keep Δᵢᵀ Hᵢ itself (then Δ and H may go at once, and the clipped gradient is Σᵢ cᵢ (Δᵢᵀ Hᵢ): the
-            # batched GEMM replaces the deferred one, so this is the faster form) when it is no larger than the
-            # factors the deferred GEMM would hold to the end, Δ and H. Except: when the Function that made H
-            # keeps H (or the input it is recomputed from) until its own backward, which runs next, holding the
-            # factors costs only Δ there, where a backward's memory peaks (that backward holds its input, its
-            # output's gradient and its result at once); then only a product no larger than Δ is kept. Sequence
-            # layers only: with T = 1 the product is B× the weight.
-            gram = 2 * t * t < n_in * n_out
+            # Keep Δᵢᵀ Hᵢ itself (then Δ and H may go, and the clipped gradient is Σᵢ cᵢ (Δᵢᵀ Hᵢ): the batched GEMM
+            # replaces the deferred one, the fastest form) when it is no larger than the factors the deferred GEMM
+            # would hold, Δ and H. Sequence layers only: with T = 1 it is B× the weight.
             remake = _remake(input)
-            held = t * (n_out + (0 if remake is not None else n_in))
-            if self.grad_sample or (t > 1 and n_in * n_out <= held):
-                # Δᵢᵀ Hᵢ as batched GEMMs on transposed views (einsum copied both operands first), a few examples
-                # at a time into the one buffer kept, each slice's norm taken at once: in one call, bmm's copy of
-                # its transposed operand and the squares came on top of the product
-                layer.product = d.new_empty(d.shape[0], n_out, n_in, dtype=dtype)
-                step = max(1, _GRAM_FLOATS * 2 // (t * n_out))  # the copy of Δ's slice: ~1 MiB (fp32)
-                for i in range(0, d.shape[0], step):
-                    part = layer.product[i : i + step]
-                    torch.bmm(d[i : i + step].to(dtype).mT, h[i : i + step].to(dtype), out=part)
-                    sq[i : i + step] += torch.linalg.vector_norm(part.flatten(1), dim=1).square()
+            if self.grad_sample or (t > 1 and n_in * n_out <= t * (n_in + n_out)):
+                if remake is None:
+                    _product(layer, d, h, sq)
+                else:
+                    # H's maker keeps H (or Z) until its own backward, the next step of this pass and where a
+                    # backward's memory peaks (it holds its input, its output's gradient and its result at once):
+                    # made now, the product would add to that peak. So Δ and H (or Z) wait, and the product is made
+                    # after that step, when the next tracked layer comes or at the end (_settle).
+                    layer.delta, layer.settle = delta, True
+                    layer.input, layer.remake = (input, None) if remake[1] is None else (None, remake)
             else:
                 layer.delta = delta
                 if remake is not None and remake[1] is not None:  # H again from its maker's saved input
@@ -186,19 +183,15 @@ class Recorder:
                     delta_sq = torch.linalg.vector_norm(d, dim=(1, 2), dtype=dtype).square()
                     sq += delta_sq * torch.linalg.vector_norm(h, dim=(1, 2), dtype=dtype).square()
                 else:
-                    # ⟨Δᵢ Δᵢᵀ, Hᵢ Hᵢᵀ⟩ clamped at 0 against round-off, or ‖Δᵢᵀ Hᵢ‖², over a few examples at a time
-                    # so the temporaries stay near _GRAM_FLOATS floats. NOTE: summing only the Gram blocks on and
-                    # above the diagonal (both are symmetric) was no faster on CPU: the smaller batched GEMMs lost
-                    # what the skipped blocks saved (measured on 32 × 128 × 256).
-                    step = max(1, _GRAM_FLOATS // (t * t if gram else n_in * n_out))
+                    # ⟨Δᵢ Δᵢᵀ, Hᵢ Hᵢᵀ⟩ (two T×T Grams) clamped at 0 against round-off: here the product is larger than
+                    # Δ and H, n_in n_out > T (n_in + n_out) ≥ 2T √(n_in n_out), so n_in n_out > 4T² and the Grams are
+                    # also the cheaper. A few examples at a time, so the temporaries stay near _GRAM_FLOATS floats.
+                    # NOTE: summing only the Gram blocks on and above the diagonal (both are symmetric) was no faster
+                    # on CPU: the smaller batched GEMMs lost what the skipped blocks saved (measured, 32 × 128 × 256).
+                    step = max(1, _GRAM_FLOATS // (t * t))
                     for i in range(0, d.shape[0], step):
                         dd, hh = d[i : i + step].to(dtype), h[i : i + step].to(dtype)
-                        if gram:
-                            sq[i : i + step] += ((dd @ dd.mT) * (hh @ hh.mT)).sum((1, 2)).clamp_min(0)
-                        else:
-                            sq[i : i + step] += torch.linalg.vector_norm(
-                                torch.bmm(dd.mT, hh).flatten(1), dim=1
-                            ).square()
+                        sq[i : i + step] += ((dd @ dd.mT) * (hh @ hh.mT)).sum((1, 2)).clamp_min(0)
         if b is not None:
             if t == 1:  # Σ_t δᵢₜ is δᵢ itself: a view, and its squared norm is already known when W is tracked
                 layer.bias_rows = d[:, 0].to(dtype)  # fp32 under autocast, as the sum below
@@ -219,7 +212,21 @@ class Recorder:
         with _autocast_off(pending[0].sq.device.type if pending else "cpu"):
             self._finish(pending)
 
+    def _settle(self, pending: list | None = None) -> None:
+        """Make the products that waited for their input's maker's backward (see _factors), letting Δ and H go."""
+        if pending is None:
+            if self.queued != torch._C._current_graph_task_id():
+                return  # what is pending was left by a failed pass: _enqueue drops it
+            pending = self.pending
+        for layer in pending:
+            if layer.settle:
+                h = layer.input if layer.remake is None else layer.remake[1](layer.remake[0])
+                layer.input = layer.remake = None  # Z goes now unless something else holds it
+                _product(layer, _by_sample(layer.delta), _by_sample(h), layer.sq)
+                layer.delta, layer.settle = None, False
+
     def _finish(self, pending: list) -> None:
+        self._settle(pending)
         self.aliases.clear()
         seen = set()
         for layer in pending:
@@ -310,12 +317,28 @@ class _Stamp:
 class _Layer:
     """What one tracked layer leaves for :meth:`Recorder.finish`."""
 
-    __slots__ = ("w", "b", "sq", "delta", "input", "remake", "product", "bias_rows", "make", "samples")
+    __slots__ = ("w", "b", "sq", "delta", "input", "remake", "settle", "product", "bias_rows", "make", "samples")
 
     def __init__(self, w, b):
         self.w, self.b = w, b
         self.sq = self.delta = self.input = self.remake = self.product = self.bias_rows = None
         self.make = self.samples = None
+        self.settle = False
+
+
+def _product(layer: _Layer, d: torch.Tensor, h: torch.Tensor, sq: torch.Tensor) -> None:
+    """``layer.product = Δᵢᵀ Hᵢ`` for every example i, ``(B, n_out, n_in)`` in ``sq``'s dtype, each one's squared
+    norm added to ``sq``. ``d: (B, T, n_out)``, ``h: (B, T, n_in)``."""
+    # Batched GEMMs on transposed views (einsum copied both operands first), a few examples at a time into the one
+    # buffer kept, each slice's norm taken at once: in one call, bmm's copy of its transposed operand and the
+    # squares came on top of the product
+    dtype = sq.dtype
+    layer.product = d.new_empty(d.shape[0], d.shape[2], h.shape[2], dtype=dtype)
+    step = max(1, _GRAM_FLOATS * 2 // (d.shape[1] * d.shape[2]))  # the copy of Δ's slice: ~1 MiB (fp32)
+    for i in range(0, d.shape[0], step):
+        part = layer.product[i : i + step]
+        torch.bmm(d[i : i + step].to(dtype).mT, h[i : i + step].to(dtype), out=part)
+        sq[i : i + step] += torch.linalg.vector_norm(part.flatten(1), dim=1).square()
 
 
 def _deferred_gemm(layer: _Layer, c: torch.Tensor | None) -> torch.Tensor:
