@@ -151,7 +151,8 @@ class Recorder:
             self.queued = task
 
     def _factors(self, w, b, delta, input) -> _Layer:
-        """One layer's share of ``‖gᵢ‖²`` now, and what its clipped gradient will need at the end."""
+        """One layer's share of ``‖gᵢ‖²`` (now, or its product's at :meth:`_settle`), and what its clipped gradient
+        will need at the end."""
         dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32  # fp32 norms under autocast
         d, h = _by_sample(delta), _by_sample(input)  # (B, T, n_out), (B, T, n_in)
         t, n_out, n_in = d.shape[1], d.shape[2], h.shape[2]
