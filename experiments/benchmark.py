@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -48,23 +49,33 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def interleaved(fns: dict, rounds: int, inner: int, device) -> dict[str, list[float]]:
-    """Seconds per call of each fn, one list entry per round, contenders alternating within a round."""
+def interleaved(fns: dict, rounds: int, inner: int, device, faults: dict | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each fn, one list entry per round, contenders alternating within a round.
+
+    ``faults``: if a dict, it receives each fn's minor page faults per call in each round (the process's
+    ``ru_minflt``): memory the allocator gave back to the system and a later call touched again, a cost of
+    the allocator's state rather than of the arithmetic.
+    """
     for fn in fns.values():  # warm-up (allocator, kernels, compilation)
         fn()
         fn()
     times = {k: [] for k in fns}
+    if faults is not None:
+        faults.update({k: [] for k in fns})
     names = list(fns)
     for r in range(rounds):
         # Every other round in reverse order, so that no contender always runs right after the same one.
         for name in names if r % 2 == 0 else names[::-1]:
             fn = fns[name]
             _sync(device)
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
             _sync(device)
             times[name].append((time.perf_counter() - t0) / inner)
+            if faults is not None:
+                faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / inner)
     return times
 
 

@@ -20,9 +20,11 @@ One step = zero the gradients, forward, loss, backward, (clip, noise), SGD updat
   it needs no torchvision for this).
 
 Time: interleaved rounds in this process (DESIGN §6), median of per-round ratios to ``plain`` with
-min–max. ``--device cuda``: everything on the GPU, memory the allocator's peak over one step (exact, so in this
-process). Memory (CPU): the extra peak RSS of one step, each contender in a fresh process (VmHWM after the step
-minus VmRSS before it; before it: model, data and optimizer state, no gradients, the high-water mark
+min–max; page faults / step: the median of each timed step's minor page faults (glibc gives large freed buffers
+back to the system, and a step that needs them again faults them in: part of its time, set by the allocator).
+``--device cuda``: everything on the GPU, memory the allocator's peak over one step (exact, so in this process).
+Memory (CPU): the extra peak RSS of one step, each contender in a fresh process (VmHWM after the step minus VmRSS
+before it; before it: model, data and optimizer state, no gradients, the high-water mark
 reset after a warm-up step; large buffers mmapped, so that RSS follows the bytes in use), as a ratio to
 ``plain``'s.
 Before timing, ``dp`` with σ = 0 is checked against ``vmap``'s clipped sum (the same numbers or no table).
@@ -278,10 +280,10 @@ def check_clipping(case: str, batch: int = 32) -> float:
     return worst
 
 
-def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
+def interleaved(fns: dict, rounds: int, faults: dict | None = None) -> dict[str, list[float]]:
     """Seconds per step of each contender, one entry per round (benchmark.interleaved, one step a timing;
-    on CUDA it synchronises around each)."""
-    return _interleaved(fns, rounds, 1, DEVICE)
+    on CUDA it synchronises around each); ``faults`` receives each step's minor page faults."""
+    return _interleaved(fns, rounds, 1, DEVICE, faults)
 
 
 def _status_mib(field: str) -> float:
@@ -351,7 +353,8 @@ def bench(case: str, names, rounds: int, threads: int, memory: bool = True) -> d
     if "backpack" in names and check_backpack(case) > 1e-4:
         raise SystemExit(f"{case}: BackPACK's clipped gradient differs from torch.func's")
     fns, _ = make_steps(case, names)
-    times = interleaved(fns, rounds)
+    faults: dict[str, list[float]] = {}
+    times = interleaved(fns, rounds, faults)
     if not memory:
         mem = {k: float("nan") for k in fns}
     elif DEVICE.type == "cuda":
@@ -359,6 +362,7 @@ def bench(case: str, names, rounds: int, threads: int, memory: bool = True) -> d
     else:
         mem = {k: measure_memory(case, k, threads) for k in fns}
     row = {"case": case, "clip_check_rel_err": err, "ms": {}, "time_vs_plain": {}, "mem_mib": mem, "mem_vs_plain": {}}
+    row["minor_faults"] = {k: statistics.median(v) for k, v in faults.items()}
     for k, t in times.items():
         r = [a / b for a, b in zip(t, times["plain"])]
         row["ms"][k] = 1e3 * statistics.median(t)
@@ -401,14 +405,14 @@ def markdown(rows, meta) -> str:
         lines += [
             f"**{title}** (clipped gradient vs torch.func: max rel. diff {row['clip_check_rel_err']:.1e})",
             "",
-            "| contender | ms | time vs plain | extra peak MiB | memory vs plain |",
-            "|---|---|---|---|---|",
+            "| contender | ms | time vs plain | page faults / step | extra peak MiB | memory vs plain |",
+            "|---|---|---|---|---|---|",
         ]
         for k in row["ms"]:
             s = row["time_vs_plain"][k]
             lines.append(
                 f"| {LABELS[k]} | {row['ms'][k]:.1f} | {s['median']:.2f} ({s['min']:.2f}–{s['max']:.2f}) | "
-                f"{row['mem_mib'][k]:.0f} | {row['mem_vs_plain'][k]:.2f} |"
+                f"{row['minor_faults'][k]:.0f} | {row['mem_mib'][k]:.0f} | {row['mem_vs_plain'][k]:.2f} |"
             )
         lines.append("")
     return "\n".join(lines)
