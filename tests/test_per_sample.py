@@ -508,22 +508,35 @@ def test_matches_opacus(mode, reduction):
             assert_close(p.grad_sample, g, rtol=1e-5, atol=1e-6)
 
 
-def test_a_failed_backward_leaves_nothing_behind():
-    # an error inside one backward pass (here a foreign gradient) must not leave deferred layers that a later
-    # pass would finish with its own, nor stop the later pass from finishing
-    layer = tdnn.Linear(N_IN, 3).double()
-    x = torch.randn(B, N_IN, dtype=torch.float64)
+def _tanh_seq():
+    # T = 5: the last layer's product (8 x 3) is no larger than its Δ and H, and waits for the tanh's backward
+    return torchderiv.convert(nn.Sequential(nn.Linear(N_IN, 8), nn.Tanh(), nn.Linear(8, 3)))
+
+
+@pytest.mark.parametrize(
+    "make, lead",
+    [(lambda: tdnn.Linear(N_IN, 3), (B,)), (_tanh_seq, (B, T))],
+    ids=["linear", "a-product-waiting"],
+)
+def test_a_failed_backward_leaves_nothing_behind(make, lead):
+    # an error inside one backward pass (here a foreign gradient) must not leave deferred layers (or products
+    # waiting to be made) that a later pass would finish with its own, nor stop the later pass from finishing
+    torch.manual_seed(0)
+    layer = make().double()
+    first = next(layer.parameters())
+    x = torch.randn(*lead, N_IN, dtype=torch.float64)
     with torchderiv.per_sample(layer, max_norm=0.5) as ps:
         with pytest.raises(RuntimeError, match="received a gradient from an op"):
-            (layer(x).sum() + layer.weight.sum()).backward()
+            (layer(x).sum() + first.sum()).backward()
         layer.zero_grad(set_to_none=True)
         layer(x).sum().backward()
     assert ps.norms.shape == (B,)
-    ref = tdnn.Linear(N_IN, 3).double()
+    ref = make().double()
     ref.load_state_dict(layer.state_dict())
     with torchderiv.per_sample(ref, max_norm=0.5):
         ref(x).sum().backward()
-    assert_close(layer.weight.grad, ref.weight.grad, rtol=0, atol=0)
+    for p, q in zip(layer.parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, rtol=0, atol=0)
 
 
 # --- the fused linear + cross-entropy head (LinearCrossEntropyLoss): its Δ is recomputed, never held ---------

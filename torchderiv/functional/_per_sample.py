@@ -137,18 +137,20 @@ class Recorder:
                 f"examples along dim 0, i.e. an input of shape (B, *, {input.shape[-1]})"
             )
 
-    def _enqueue(self, layer: _Layer) -> None:
-        task = torch._C._current_graph_task_id()
-        if self.queued != task:
-            # A backward pass that failed before its end (an error raised inside it) never ran finish: what
-            # it left is dropped, so a later pass cannot mix with it.
+    def _drop_stale(self) -> None:
+        """A backward pass that failed before its end (an error raised inside it) never ran finish: what it left
+        is dropped, so a later pass cannot mix with it."""
+        if self.queued != torch._C._current_graph_task_id():
             self.pending = []
             self.queued = None
+
+    def _enqueue(self, layer: _Layer) -> None:
+        self._drop_stale()
         self.pending.append(layer)
         if self.queued is None:
             # Runs once, when the whole backward pass is done: only then are all of ‖gᵢ‖'s terms known.
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
-            self.queued = task
+            self.queued = torch._C._current_graph_task_id()
 
     def _factors(self, w, b, delta, input) -> _Layer:
         """One layer's share of ``‖gᵢ‖²`` (now, or its product's at :meth:`_settle`), and what its clipped gradient
@@ -216,8 +218,7 @@ class Recorder:
     def _settle(self, pending: list | None = None) -> None:
         """Make the products that waited for their input's maker's backward (see _factors), letting Δ and H go."""
         if pending is None:
-            if self.queued != torch._C._current_graph_task_id():
-                return  # what is pending was left by a failed pass: _enqueue drops it
+            self._drop_stale()
             pending = self.pending
         for layer in pending:
             if layer.settle:
