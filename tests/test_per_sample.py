@@ -5,6 +5,7 @@ and for each example i one autograd backward of the batch loss in which every ot
 is detached — the gradient of example i's own term, the batch's divisor unchanged — times B for "mean".
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
+from torch.utils.checkpoint import checkpoint
 
 import torchderiv
 import torchderiv.functional as TF
@@ -141,7 +143,9 @@ def _inputs(name, dtype, batch=B):
     return torch.randn(*lead, N_IN, dtype=dtype), lead
 
 
-def run_case(model_name, loss_name, dtype, *, max_norm=0.7, frozen=(), via_mlp_ce=False, batch=B, grad_sample=False):
+def run_case(
+    model_name, loss_name, dtype, *, max_norm=0.7, frozen=(), via_mlp_ce=False, batch=B, grad_sample=False, forward=None
+):
     ours, ref = build(model_name, dtype)
     for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
         if n in frozen:
@@ -164,7 +168,7 @@ def run_case(model_name, loss_name, dtype, *, max_norm=0.7, frozen=(), via_mlp_c
             )
             loss, _ = ours.cross_entropy(x, y, reduction=reduction, **kw)
         else:
-            loss = TD_LOSSES[loss_name](ours(x), y)
+            loss = TD_LOSSES[loss_name](ours(x) if forward is None else forward(ours, x), y)
         loss.backward()
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     assert ps.norms.shape == (batch,)
@@ -457,6 +461,48 @@ def test_refuses_create_graph_and_transforms():
             torch.func.vmap(layer)(torch.randn(2, B, N_IN))
 
 
+@pytest.mark.parametrize("model_name", ["mlp", "converted_seq"])
+def test_refuses_a_pass_that_does_not_accumulate_into_grad(model_name):
+    # torch.autograd.grad (and backward(inputs=...) leaving a tracked parameter out) accumulates nothing into
+    # that .grad: the clipped gradient would land there anyway and the norms would count it. Refused, and the
+    # context still works afterwards.
+    ours, _ = build(model_name, torch.float64)
+    x, _ = _inputs(model_name, torch.float64)
+    params = list(ours.parameters())
+    match = r"does not accumulate into parameter .*\.grad \(torch\.autograd\.grad"
+    with torchderiv.per_sample(ours, max_norm=0.5) as ps:
+        with pytest.raises(RuntimeError, match=match):
+            torch.autograd.grad(ours(x).sum(), params, allow_unused=True)
+        with pytest.raises(RuntimeError, match=match):
+            ours(x).sum().backward(inputs=params[:1])
+        assert ps.norms is None and all(p.grad is None for p in params)
+        ours(x).sum().backward(inputs=params)  # every tracked parameter: as a plain backward
+    assert ps.norms.shape == (B,) and all(p.grad is not None for p in params)
+
+
+def test_torch_compile_in_and_out_of_the_context():
+    # One compiled model used for plain steps and per_sample steps in turn: each gives what the eager model gives
+    # (norms and clipped gradients inside, the ordinary gradient outside), whichever came first.
+    ours, _ = build("linear_stack", torch.float64)
+    eager = copy.deepcopy(ours)
+    compiled = torch.compile(ours)
+    x, y = torch.randn(B, N_IN, dtype=torch.float64), _class_targets((B,))
+
+    def step(model, run, private):
+        model.zero_grad(set_to_none=True)
+        with torchderiv.per_sample(model, max_norm=0.5) if private else contextlib.nullcontext() as ps:
+            F.cross_entropy(run(x), y).backward()
+        return (ps.norms if private else None), [p.grad for p in model.parameters()]
+
+    for private in (False, True, False, True):
+        norms, grads = step(ours, compiled, private)
+        norms_e, grads_e = step(eager, eager, private)
+        if private:
+            assert_close(norms, norms_e, rtol=1e-12, atol=0)
+        for g, ge in zip(grads, grads_e):
+            assert_close(g, ge, rtol=1e-12, atol=1e-15)
+
+
 def test_refuses_unbatched_input_and_nesting_and_bad_arguments():
     layer = tdnn.Linear(N_IN, 3)
     _refuses(layer, r"expected examples along dim 0", x=torch.randn(N_IN))
@@ -539,6 +585,63 @@ def test_a_failed_backward_leaves_nothing_behind(make, lead):
         assert_close(p.grad, q.grad, rtol=0, atol=0)
 
 
+# --- memory-saving forwards: saved-tensor hooks and activation checkpointing -------------------------------
+# Under saved-tensor hooks a Function's saved tensors come back in backward as other tensors (copies from the
+# CPU, recomputations), so a tracked parameter cannot be known by what backward unpacks (it is marked at
+# forward), and an activation's saved Z or H is not unpacked early to make H again (a checkpoint's may be
+# unpacked only once). A reentrant checkpoint runs its layers' backward as a pass of its own, nested in the
+# outer one: the norms are finished once, at the end of the outer pass, with every layer in them.
+
+
+def _save_on_cpu(model, *args):
+    with torch.autograd.graph.save_on_cpu():
+        return model(*args)
+
+
+def _checkpointed(reentrant):
+    def forward(model, x, *rest):
+        # the reentrant form needs an input requiring grad, or no gradient reaches the checkpointed parameters
+        return checkpoint(model, x.detach().requires_grad_() if reentrant else x, *rest, use_reentrant=reentrant)
+
+    return forward
+
+
+HOW = {"save_on_cpu": _save_on_cpu, "checkpoint": _checkpointed(False), "checkpoint_reentrant": _checkpointed(True)}
+
+
+@pytest.mark.parametrize("how", list(HOW))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_saved_tensor_hooks_and_checkpointing(model_name, how):
+    run_case(model_name, "ce_mean", torch.float64, grad_sample=True, forward=HOW[how])
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["checkpoint", "checkpoint_reentrant"])
+@pytest.mark.parametrize("segment", [(0, 2), (2, 4), (4, None)], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("model_name", ["converted_seq", "converted_mlp"])
+def test_one_segment_checkpointed(model_name, segment, reentrant):
+    # One segment of the Sequential checkpointed, the rest plain. "first" and "middle" end with an activation
+    # whose output feeds a plain layer (its saved Z or H is hooked); with reentrant=True the segment's layers
+    # come in a nested pass: before the outer pass's layers ("last"), after them ("first"), or between.
+    a, b = segment
+
+    def forward(model, x):
+        head, seg, tail = model[:a], model[a:b], model[b:] if b is not None else nn.Sequential()
+        h = head(x)
+        if reentrant and not h.requires_grad:
+            h = h.detach().requires_grad_()
+        return tail(checkpoint(seg, h, use_reentrant=reentrant))
+
+    run_case(model_name, "ce_mean", torch.float64, forward=forward)
+
+
+@pytest.mark.parametrize("how", list(HOW))
+def test_linear_cross_entropy_head_under_hooks_and_checkpointing(how):
+    def forward(model, x, y):
+        return HOW[how](lambda x, y: model.head(model.body(x), y), x, y)
+
+    run_head_case("mean", True, True, torch.float64, forward=forward)
+
+
 # --- the fused linear + cross-entropy head (LinearCrossEntropyLoss): its Δ is recomputed, never held ---------
 
 LCE_CASES = {  # name -> (LinearCrossEntropyLoss keyword arguments, F.cross_entropy's, with ignored rows)
@@ -572,6 +675,10 @@ class _HeadNet(nn.Module):
 @pytest.mark.parametrize("case", list(LCE_CASES))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_linear_cross_entropy_head_matches_ground_truth(case, bias, grad_sample, dtype):
+    run_head_case(case, bias, grad_sample, dtype)
+
+
+def run_head_case(case, bias, grad_sample, dtype, forward=None):
     loss_kw, ce_kw, ignore = LCE_CASES[case]
     reduction = ce_kw.get("reduction", "mean")
     torch.manual_seed(3)
@@ -589,7 +696,7 @@ def test_linear_cross_entropy_head_matches_ground_truth(case, bias, grad_sample,
     per = ground_truth(nn.Sequential(ref.body, ref.head), x, y, lambda z, t: F.cross_entropy(z, t, **ce_kw), reduction)
     norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per))
     with torchderiv.per_sample(ours, max_norm=0.7, grad_sample=grad_sample, loss_reduction=reduction) as ps:
-        ours.head(ours.body(x), y).backward()
+        (ours.head(ours.body(x), y) if forward is None else forward(ours, x, y)).backward()
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     assert_close(ps.norms, norms, **tol)
     params = [p for p in ours.parameters() if p.requires_grad]

@@ -146,9 +146,11 @@ def per_sample(
 
     Per layer, ``‖gᵢ‖²`` takes ``‖δᵢ‖² ‖hᵢ‖²`` (or the Gram form for inputs ``(B, T, n)``) plus the bias's
     ``‖Σ_t δᵢₜ‖²``, and the clipped gradient is the ordinary GEMM with scaled rows ``(c ⊙ Δ)ᵀ H``: one
-    backward pass. Refused with a clear error: parameters that torchderiv's Functions do not compute (unless
-    frozen), parameters used twice in one forward (tied weights, a module called twice), BatchNorm in
-    training mode, ``create_graph=True`` and torch.func transforms inside the context.
+    backward pass. Activation checkpointing (reentrant or not) and ``save_on_cpu`` work inside the context.
+    Refused with a clear error: parameters that torchderiv's Functions do not compute (unless frozen),
+    parameters used twice in one forward (tied weights, a module called twice), BatchNorm in training mode,
+    ``create_graph=True``, torch.func transforms, and a pass that does not accumulate into every tracked
+    ``.grad`` (``torch.autograd.grad``, ``backward(inputs=...)`` leaving one out) inside the context.
 
     Args:
         model: the module whose trainable parameters are clipped.

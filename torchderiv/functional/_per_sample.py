@@ -29,8 +29,9 @@ import weakref
 from contextlib import nullcontext
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
-__all__ = ["Recorder", "current", "defer"]
+__all__ = ["Recorder", "current", "defer", "mark", "marked"]
 
 # The active Recorder, or None. A module global (not thread-local), like autograd's own grad mode flag
 # is not: one per_sample context at a time in a process.
@@ -67,8 +68,10 @@ class Recorder:
         self.grad_sample = grad_sample
         self.loss_reduction = loss_reduction
         self.aliases: dict[int, tuple[torch.Tensor, torch.Parameter]] = {}
+        # the node that accumulates each into .grad, to ask the engine whether this pass runs it
+        self.accumulators = {k: get_gradient_edge(p).node for k, (p, _) in names.items()}
         self.pending: list[_Layer] = []
-        self.queued: int | None = None  # the id of the backward pass finish is queued in
+        self.queued: weakref.ref | None = None  # the callback queued on the backward pass that finishes
         self.norms: torch.Tensor | None = None
 
     # --- forward side: a tracked parameter may reach a Function as a cast copy (autocast) ----------
@@ -94,13 +97,21 @@ class Recorder:
 
     # --- backward side -------------------------------------------------------------------------------
 
-    def take(self, needs, delta, input, weight, bias):
-        """Keep ``(Δ, H)`` for the tracked ``weight``/``bias``; return ``needs`` without their GEMMs."""
-        w = self.param(weight) if needs[1] else None
-        b = self.param(bias) if bias is not None and needs[2] else None
+    def tracked(self, p):
+        """``p`` if it is one of the parameters tracked here, else None."""
+        entry = self.names.get(id(p)) if p is not None else None
+        return p if entry is not None and entry[0] is p else None
+
+    def take(self, needs, delta, input, weight, bias, params=None):
+        """Keep ``(Δ, H)`` for the tracked ``weight``/``bias``; return ``needs`` without their GEMMs. ``params``:
+        the pair :func:`mark` found at forward, or None to know them by the saved tensors."""
+        w_p, b_p = (self.param(weight), self.param(bias)) if params is None else map(self.tracked, params)
+        w = w_p if needs[1] else None
+        b = b_p if bias is not None and needs[2] else None
         if w is None and b is None:
             return needs
         self._check(w if w is not None else b, delta, input)
+        self._check_accumulated(w, b)
         with _autocast_off(delta.device.type):
             self._settle()
             layer = self._factors(w, b, delta, input)
@@ -113,6 +124,7 @@ class Recorder:
         gradients ``(∂W, ∂b)`` with example i's rows scaled by ``cᵢ`` (None: unscaled), ``samples()`` each
         example's ``(∂W, ∂b)``, ``(B, *p.shape)``."""
         self._check(w if w is not None else b, input, input)
+        self._check_accumulated(w, b)
         with _autocast_off(input.device.type):
             self._settle()
         layer = _Layer(w, b)
@@ -137,20 +149,48 @@ class Recorder:
                 f"examples along dim 0, i.e. an input of shape (B, *, {input.shape[-1]})"
             )
 
+    def _check_accumulated(self, *params) -> None:
+        """Refuse a pass that does not accumulate into a tracked parameter's ``.grad`` (``torch.autograd.grad``,
+        ``backward(inputs=...)`` without it): the (clipped) gradient is written there at the end, and each
+        example's norm needs every tracked parameter's share."""
+        for p in params:
+            if p is None:
+                continue
+            try:
+                accumulated = torch._C._will_engine_execute_node(self.accumulators[id(p)])
+            except RuntimeError:  # torch asks no leaf this during torch.autograd.grad, which accumulates nothing
+                accumulated = False
+            if not accumulated:
+                raise RuntimeError(
+                    f"per_sample: this backward pass does not accumulate into parameter {self.name(p)}'s .grad "
+                    f"(torch.autograd.grad, or backward(inputs=...) without it), where its clipped gradient "
+                    f"goes and from which each example's norm takes its share; call loss.backward() inside the "
+                    f"context, or freeze the parameter"
+                )
+
     def _drop_stale(self) -> None:
         """A backward pass that failed before its end (an error raised inside it) never ran finish: what it left
-        is dropped, so a later pass cannot mix with it."""
-        if self.queued != torch._C._current_graph_task_id():
+        is dropped, so a later pass cannot mix with it. Such a pass is over when the callback queued on it is
+        gone (the engine lets its callbacks go with the pass); a pass still running (one whose node runs a
+        backward of its own, as a reentrant checkpoint does) keeps it."""
+        if self.queued is not None and self.queued() is None:
             self.pending = []
             self.queued = None
 
-    def _enqueue(self, layer: _Layer) -> None:
+    def anchor(self) -> None:
+        """Queue :meth:`finish` on the backward pass running now, unless a live one already has it: called
+        when a layer's forward runs inside a backward pass (a reentrant checkpoint's recompute), whose own
+        backward is then a pass nested in this one and ends first."""
         self._drop_stale()
-        self.pending.append(layer)
         if self.queued is None:
             # Runs once, when the whole backward pass is done: only then are all of ‖gᵢ‖'s terms known.
-            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
-            self.queued = torch._C._current_graph_task_id()
+            finish = _Finish(self)
+            torch.autograd.Variable._execution_engine.queue_callback(finish)
+            self.queued = weakref.ref(finish)
+
+    def _enqueue(self, layer: _Layer) -> None:
+        self.anchor()
+        self.pending.append(layer)
 
     def _factors(self, w, b, delta, input) -> _Layer:
         """One layer's share of ``‖gᵢ‖²`` (now, or its product's at :meth:`_settle`), and what its clipped gradient
@@ -210,9 +250,11 @@ class Recorder:
     def finish(self) -> None:
         """Norms and clipping factors from every layer's share, then the (clipped) gradients into ``.grad``."""
         pending, self.pending, self.queued = self.pending, [], None
+        if not pending:  # anchored by a forward whose layers then took no gradient
+            return
         # A backward called inside an autocast region runs this there too: the dtypes here are chosen explicitly
         # (float32 norms; the deferred GEMMs in their operands' dtype, as the forward ran them).
-        with _autocast_off(pending[0].sq.device.type if pending else "cpu"):
+        with _autocast_off(pending[0].sq.device.type):
             self._finish(pending)
 
     def _settle(self, pending: list | None = None) -> None:
@@ -316,6 +358,18 @@ class _Stamp:
         self.max_norm, self.loss_reduction, self.clipped_sum = max_norm, loss_reduction, clipped_sum
 
 
+class _Finish:
+    """The callback queued on a backward pass: only that pass holds it, so it lives as long as the pass does."""
+
+    __slots__ = ("recorder", "__weakref__")
+
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+
+    def __call__(self) -> None:
+        self.recorder.finish()
+
+
 class _Layer:
     """What one tracked layer leaves for :meth:`Recorder.finish`."""
 
@@ -370,6 +424,10 @@ def _remake(h: torch.Tensor):
     act = getattr(getattr(node, "_forward_cls", None), "activation", None)
     if act is None:
         return None
+    if any(s.unpack_hook is not None for s in node._raw_saved_tensors):
+        # Saved through hooks (save_on_cpu, a non-reentrant checkpoint): unpacking copies or recomputes it, and
+        # a checkpoint's may be unpacked only once, by the node's own backward.
+        return None
     (saved,) = node.saved_tensors
     params = node.params
     if act.saves_output(*params):
@@ -395,10 +453,31 @@ def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
         p.grad.add_(g)
 
 
-def defer(needs, delta, input, weight, bias):
+def mark(ctx, *tensors) -> None:
+    """In a Function's ``setup_context``, inside a per_sample context: which tracked parameters ``tensors``
+    (weight, bias, …) are, kept on ``ctx`` as :func:`marked` gives them to backward. Backward cannot always tell
+    from its saved tensors: under saved-tensor hooks (``save_on_cpu``, a non-reentrant checkpoint) they come
+    back as copies or recomputations. A forward that runs inside a backward pass (a reentrant checkpoint's
+    recompute) also anchors :meth:`Recorder.finish` on that pass (:meth:`Recorder.anchor`)."""
+    rec = current
+    if rec is None:
+        return
+    ctx.per_sample = tuple(rec.param(t) for t in tensors)
+    if torch._C._current_graph_task_id() != -1:
+        rec.anchor()
+
+
+def marked(ctx, k: int = 0):
+    """The ``(weight, bias)`` pair ``k`` that :func:`mark` kept on ``ctx``, or None if it kept none."""
+    kept = getattr(ctx, "per_sample", None)
+    return None if kept is None else kept[2 * k : 2 * k + 2]
+
+
+def defer(needs, delta, input, weight, bias, params=None):
     """``needs`` for :func:`~torchderiv.functional.linear.linear_backward`: inside a per_sample context the
-    weight and bias GEMMs of tracked parameters are left to :meth:`Recorder.finish`."""
+    weight and bias GEMMs of tracked parameters are left to :meth:`Recorder.finish`. ``params``: what
+    :func:`marked` gives for this layer."""
     rec = current
     if rec is None or not (needs[1] or needs[2]):
         return needs
-    return rec.take(needs, delta, input, weight, bias)
+    return rec.take(needs, delta, input, weight, bias, params)

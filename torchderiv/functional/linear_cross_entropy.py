@@ -63,9 +63,10 @@ def _chunk_error(x, w, b, t, class_weight, ignore_index, eps, upcast, need_loss)
     return loss, grad_z.to(x.dtype)
 
 
-def _recompute(ctx, scale_rows, needs):
-    """Backward by recomputation, chunk by chunk, with differentiable ops (``create_graph``, "none")."""
-    input, w, b, target, class_weight = ctx.saved_tensors[:5]
+def _recompute(ctx, saved, scale_rows, needs):
+    """Backward by recomputation, chunk by chunk, with differentiable ops (``create_graph``, "none"). ``saved``:
+    ``ctx.saved_tensors`` as backward unpacked them (a checkpoint's may be unpacked only once)."""
+    input, w, b, target, class_weight = saved[:5]
     ignore_index, eps, chunk, upcast = ctx.config[1:]
     gi_parts, gw, gb = [], None, None
     for s, e in _chunks(input.shape[0], chunk):
@@ -85,13 +86,14 @@ def _recompute(ctx, scale_rows, needs):
     return gi, gw, gb
 
 
-def _per_sample_backward(ctx, rec, scale_rows, needs, tracked_w, tracked_b):
+def _per_sample_backward(ctx, saved, rec, scale_rows, needs, tracked_w, tracked_b):
     """Backward inside :func:`torchderiv.per_sample`, for a tracked weight and/or bias: ``∂J/∂X`` now; each
     example's share of ``‖gᵢ‖²`` now, ``s²‖δᵢ‖² (‖xᵢ‖² + 1)`` (weight, bias; s the incoming scale); the
     (clipped) weight and bias gradients ``Σᵢ cᵢ s δᵢᵀ xᵢ``, ``Σᵢ cᵢ s δᵢ`` at the end of the pass, when the
     factors cᵢ are known, by recomputing each chunk's ``Δ`` once more: holding ``Δ`` (B × classes) until then
-    would build the very logits-sized buffer this Function exists to avoid (DESIGN §9)."""
-    input, w, b, target, class_weight = ctx.saved_tensors[:5]
+    would build the very logits-sized buffer this Function exists to avoid (DESIGN §9). ``saved`` as in
+    :func:`_recompute`."""
+    input, w, b, target, class_weight = saved[:5]
     ignore_index, eps, chunk, upcast = ctx.config[1:]
     norm_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     chunks = _chunks(input.shape[0], chunk)
@@ -191,12 +193,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(input, w, b, target, class_weight, *output[1:])
         ctx.save_for_forward(input, w, b, target, class_weight)
+        if _per_sample.current is not None:
+            _per_sample.mark(ctx, w, b)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
         needs = ctx.needs_input_grad
         reduction = ctx.config[0]
-        input, w, b, target, class_weight, gi, gw, gb = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        input, w, b, target, class_weight, gi, gw, gb = saved
         none = (None,) * 8
         if not (needs[0] or needs[1] or needs[2]):
             return (None, None, None) + none
@@ -210,10 +215,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             scale_rows = lambda s, e: scale
         rec = _per_sample.current
         if rec is not None:
-            tracked_w = rec.param(w) if needs[1] else None
-            tracked_b = rec.param(b) if b is not None and needs[2] else None
+            params = _per_sample.marked(ctx)
+            w_p, b_p = (rec.param(w), rec.param(b)) if params is None else map(rec.tracked, params)
+            tracked_w = w_p if needs[1] else None
+            tracked_b = b_p if b is not None and needs[2] else None
             if tracked_w is not None or tracked_b is not None:
-                return _per_sample_backward(ctx, rec, scale_rows, needs, tracked_w, tracked_b) + none
+                return _per_sample_backward(ctx, saved, rec, scale_rows, needs, tracked_w, tracked_b) + none
         if reduction != "none":
             if ctx.precomputed and not torch.is_grad_enabled():
                 return (
@@ -221,7 +228,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     scale * gw if needs[1] else None,
                     scale * gb if (b is not None and needs[2]) else None,
                 ) + none
-        return _recompute(ctx, scale_rows, needs) + none
+        return _recompute(ctx, saved, scale_rows, needs) + none
 
     @staticmethod
     def jvp(ctx, d_input, d_w, d_b, *_):

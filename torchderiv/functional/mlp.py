@@ -69,6 +69,8 @@ class MLPFunction(torch.autograd.Function):
         kept = output if loss is None else output[1:]  # Z⁽ᴸ⁺¹⁾ (kept only with a loss), S⁽¹⁾ … S⁽ᴸ⁾
         ctx.save_for_backward(input, target, weight, *layers, *kept[loss is None :])
         ctx.save_for_forward(input, target, weight, *layers, *kept[loss is None :])
+        if _per_sample.current is not None:
+            _per_sample.mark(ctx, *layers)
 
     @staticmethod
     def _unpack(ctx):
@@ -118,7 +120,9 @@ class MLPFunction(torch.autograd.Function):
                     else:
                         h_prev = act.value(h_prev, *params)
                 if _per_sample.current is not None:  # per-example norms / clipping: weight GEMMs deferred
-                    layer_needs = _per_sample.defer(layer_needs, delta, h_prev, *layers[2 * k : 2 * k + 2])
+                    layer_needs = _per_sample.defer(
+                        layer_needs, delta, h_prev, *layers[2 * k : 2 * k + 2], _per_sample.marked(ctx, k)
+                    )
                 gi, layer_grads[2 * k], layer_grads[2 * k + 1] = linear_backward(
                     layer_needs, delta, h_prev, *layers[2 * k : 2 * k + 2]
                 )
