@@ -734,10 +734,13 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 @CUDA
+@pytest.mark.parametrize("how", [None, *HOW])
 @pytest.mark.parametrize("model_name", ["mlp", "converted_mlp", "converted_seq"])
-def test_cuda_matches_the_cpu_ground_truth(model_name):
+def test_cuda_matches_the_cpu_ground_truth(model_name, how):
     # The same network on the GPU: norms and clipped gradients equal the ground truth computed on the CPU
-    # (float64 on both: any difference is the device's arithmetic, not round-off of float32).
+    # (float64 on both: any difference is the device's arithmetic, not round-off of float32). Also under
+    # save_on_cpu and checkpointing: on CUDA the backward runs on the device's own thread, a reentrant
+    # checkpoint's nested pass too.
     ours, ref = build(model_name, torch.float64)
     x, lead = _inputs(model_name, torch.float64)
     y = _class_targets(lead)
@@ -745,7 +748,8 @@ def test_cuda_matches_the_cpu_ground_truth(model_name):
     norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per))
     ours = ours.cuda()
     with torchderiv.per_sample(ours, max_norm=0.7, grad_sample=True) as ps:
-        TD_LOSSES["ce_mean"](ours(x.cuda()), y.cuda()).backward()
+        z = ours(x.cuda()) if how is None else HOW[how](ours, x.cuda())
+        TD_LOSSES["ce_mean"](z, y.cuda()).backward()
     assert ps.norms.device.type == "cuda"
     assert_close(ps.norms.cpu(), norms, rtol=1e-10, atol=1e-12)
     for p, g, gs in zip(ours.parameters(), clipped_sum(per, norms, 0.7, "mean"), per):
