@@ -642,6 +642,31 @@ def test_linear_cross_entropy_head_under_hooks_and_checkpointing(how):
     run_head_case("mean", True, True, torch.float64, forward=forward)
 
 
+def test_a_failed_pass_around_a_reentrant_checkpoint_leaves_nothing_behind():
+    # The failed pass ran a nested pass first (its layers are pending, finish waits on the outer pass, which
+    # then raises): the next pass must neither finish with those layers nor take itself for a nested pass.
+    torch.manual_seed(0)
+    model = _tanh_seq().double()
+    clean = copy.deepcopy(model)
+    x = torch.randn(B, T, N_IN, dtype=torch.float64)
+
+    def forward(m):
+        return m[2:](checkpoint(m[:2], x.detach().requires_grad_(), use_reentrant=True)).sum()
+
+    with torchderiv.per_sample(model, max_norm=0.5) as ps:
+        with pytest.raises(RuntimeError, match="received a gradient from an op"):
+            # the direct use is made first, so its gradient (the error) comes after the checkpoint's backward
+            (model[0].weight.sum() + forward(model)).backward()
+        assert ps._recorder.pending and ps._recorder.host is not None  # the nested pass did run
+        model.zero_grad(set_to_none=True)
+        forward(model).backward()
+    with torchderiv.per_sample(clean, max_norm=0.5) as ps_clean:
+        forward(clean).backward()
+    assert_close(ps.norms, ps_clean.norms, rtol=0, atol=0)
+    for p, q in zip(model.parameters(), clean.parameters()):
+        assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
 # --- the fused linear + cross-entropy head (LinearCrossEntropyLoss): its Δ is recomputed, never held ---------
 
 LCE_CASES = {  # name -> (LinearCrossEntropyLoss keyword arguments, F.cross_entropy's, with ignored rows)

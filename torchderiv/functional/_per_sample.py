@@ -71,7 +71,9 @@ class Recorder:
         # the node that accumulates each into .grad, to ask the engine whether this pass runs it
         self.accumulators = {k: get_gradient_edge(p).node for k, (p, _) in names.items()}
         self.pending: list[_Layer] = []
-        self.queued: weakref.ref | None = None  # the callback queued on the backward pass that finishes
+        # (the callback queued on the backward pass that finishes, that pass's id)
+        self.queued: tuple[weakref.ref, int] | None = None
+        self.host: int | None = None  # a pass in which a layer's forward ran: passes nested in it are its own
         self.norms: torch.Tensor | None = None
 
     # --- forward side: a tracked parameter may reach a Function as a cast copy (autocast) ----------
@@ -170,23 +172,29 @@ class Recorder:
 
     def _drop_stale(self) -> None:
         """A backward pass that failed before its end (an error raised inside it) never ran finish: what it left
-        is dropped, so a later pass cannot mix with it. Such a pass is over when the callback queued on it is
-        gone (the engine lets its callbacks go with the pass); a pass still running (one whose node runs a
-        backward of its own, as a reentrant checkpoint does) keeps it."""
-        if self.queued is not None and self.queued() is None:
-            self.pending = []
-            self.queued = None
+        is dropped, so a later pass cannot mix with it. What another pass left is kept only when this pass is
+        nested in it (a reentrant checkpoint's backward, run by a node of the pass that recomputed its forward,
+        :meth:`anchor`) and that pass still runs: the engine lets go of a pass's callbacks when the pass ends."""
+        if self.queued is None:
+            return
+        finish, task = self.queued
+        if task == torch._C._current_graph_task_id() or (task == self.host and finish() is not None):
+            return
+        self.pending = []
+        self.queued = None
 
-    def anchor(self) -> None:
-        """Queue :meth:`finish` on the backward pass running now, unless a live one already has it: called
-        when a layer's forward runs inside a backward pass (a reentrant checkpoint's recompute), whose own
-        backward is then a pass nested in this one and ends first."""
+    def anchor(self, host: bool = False) -> None:
+        """Queue :meth:`finish` on the backward pass running now, unless it or a pass this one is nested in
+        has it. ``host``: a layer's forward runs inside this pass (a reentrant checkpoint's recompute), whose
+        backward will be a pass nested in this one, ending first; finish waits for this one's end."""
         self._drop_stale()
         if self.queued is None:
             # Runs once, when the whole backward pass is done: only then are all of ‖gᵢ‖'s terms known.
             finish = _Finish(self)
             torch.autograd.Variable._execution_engine.queue_callback(finish)
-            self.queued = weakref.ref(finish)
+            self.queued = (weakref.ref(finish), torch._C._current_graph_task_id())
+        if host:
+            self.host = self.queued[1]
 
     def _enqueue(self, layer: _Layer) -> None:
         self.anchor()
@@ -249,7 +257,7 @@ class Recorder:
 
     def finish(self) -> None:
         """Norms and clipping factors from every layer's share, then the (clipped) gradients into ``.grad``."""
-        pending, self.pending, self.queued = self.pending, [], None
+        pending, self.pending, self.queued, self.host = self.pending, [], None, None
         if not pending:  # anchored by a forward whose layers then took no gradient
             return
         # A backward called inside an autocast region runs this there too: the dtypes here are chosen explicitly
@@ -359,7 +367,7 @@ class _Stamp:
 
 
 class _Finish:
-    """The callback queued on a backward pass: only that pass holds it, so it lives as long as the pass does."""
+    """The callback queued on a backward pass: only that pass holds it, so it lives no longer than the pass."""
 
     __slots__ = ("recorder", "__weakref__")
 
@@ -464,7 +472,7 @@ def mark(ctx, *tensors) -> None:
         return
     ctx.per_sample = tuple(rec.param(t) for t in tensors)
     if torch._C._current_graph_task_id() != -1:
-        rec.anchor()
+        rec.anchor(host=True)
 
 
 def marked(ctx, k: int = 0):
