@@ -84,12 +84,14 @@ class Recorder:
             if c is not p and isinstance(p, torch.Tensor) and id(p) in self.names:
                 self.aliases[id(c)] = (c, p)
 
+    def tracked(self, p):
+        """``p`` if it is one of the parameters tracked here, else None."""
+        entry = self.names.get(id(p)) if p is not None else None
+        return p if entry is not None and entry[0] is p else None
+
     def param(self, t: torch.Tensor | None):
         """The tracked parameter that ``t`` is (or is a cast of), or None."""
-        if t is None:
-            return None
-        entry = self.names.get(id(t))
-        if entry is not None and entry[0] is t:
+        if self.tracked(t) is not None or t is None:
             return t
         entry = self.aliases.get(id(t))
         return entry[1] if entry is not None and entry[0] is t else None
@@ -99,15 +101,15 @@ class Recorder:
 
     # --- backward side -------------------------------------------------------------------------------
 
-    def tracked(self, p):
-        """``p`` if it is one of the parameters tracked here, else None."""
-        entry = self.names.get(id(p)) if p is not None else None
-        return p if entry is not None and entry[0] is p else None
+    def pair(self, weight, bias, params=None):
+        """The tracked parameters (or None) behind a Function's ``weight`` and ``bias``: ``params``, the pair
+        :func:`mark` kept at forward, or, when it kept none (a forward outside the context), the saved tensors."""
+        return (self.param(weight), self.param(bias)) if params is None else tuple(map(self.tracked, params))
 
     def take(self, needs, delta, input, weight, bias, params=None):
         """Keep ``(Δ, H)`` for the tracked ``weight``/``bias``; return ``needs`` without their GEMMs. ``params``:
-        the pair :func:`mark` found at forward, or None to know them by the saved tensors."""
-        w_p, b_p = (self.param(weight), self.param(bias)) if params is None else map(self.tracked, params)
+        as :meth:`pair` takes it."""
+        w_p, b_p = self.pair(weight, bias, params)
         w = w_p if needs[1] else None
         b = b_p if bias is not None and needs[2] else None
         if w is None and b is None:
@@ -272,7 +274,7 @@ class Recorder:
             pending = self.pending
         for layer in pending:
             if layer.settle:
-                h = layer.input if layer.remake is None else layer.remake[1](layer.remake[0])
+                h = _input_of(layer)
                 layer.input = layer.remake = None  # Z goes now unless something else holds it
                 _product(layer, _by_sample(layer.delta), _by_sample(h), layer.sq)
                 layer.delta, layer.settle = None, False
@@ -405,13 +407,18 @@ def _product(layer: _Layer, d: torch.Tensor, h: torch.Tensor, sq: torch.Tensor) 
         sq[i : i + step] += torch.linalg.vector_norm(part.flatten(1), dim=1).square()
 
 
+def _input_of(layer: _Layer) -> torch.Tensor:
+    """The layer's input H: held, or made again from its maker's saved input (:func:`_remake`)."""
+    if layer.remake is None:
+        return layer.input
+    saved, value = layer.remake
+    return value(saved)
+
+
 def _deferred_gemm(layer: _Layer, c: torch.Tensor | None) -> torch.Tensor:
     """``(c ⊙ Δ)ᵀ H`` (``Δᵀ H`` when ``c`` is None) from what ``layer`` holds. A function of its own so that
     its temporaries, and its references to Δ and H, are gone when it returns (finish frees layer by layer)."""
-    delta, h = layer.delta, layer.input
-    if layer.remake is not None:
-        saved, value = layer.remake
-        h = value(saved)
+    delta, h = layer.delta, _input_of(layer)
     if c is not None:
         by_row = c.reshape(-1, *([1] * (delta.dim() - 1)))
         if layer.remake is not None:

@@ -215,8 +215,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             scale_rows = lambda s, e: scale
         rec = _per_sample.current
         if rec is not None:
-            params = _per_sample.marked(ctx)
-            w_p, b_p = (rec.param(w), rec.param(b)) if params is None else map(rec.tracked, params)
+            w_p, b_p = rec.pair(w, b, _per_sample.marked(ctx))
             tracked_w = w_p if needs[1] else None
             tracked_b = b_p if b is not None and needs[2] else None
             if tracked_w is not None or tracked_b is not None:
