@@ -138,13 +138,30 @@ def clipped_sum(per, norms, max_norm, reduction):
     return [(g * c.reshape(-1, *([1] * (g.dim() - 1)))).sum(0) / (n if reduction == "mean" else 1) for g in per]
 
 
+def _scale_of(loss_scale):
+    """S as a float: 1 without one, a GradScaler's current scale."""
+    if loss_scale is None:
+        return 1.0
+    return loss_scale.get_scale() if hasattr(loss_scale, "get_scale") else float(loss_scale)
+
+
 def _inputs(name, dtype, batch=B):
     lead = (batch, T) if name in SEQUENCE else (batch,)
     return torch.randn(*lead, N_IN, dtype=dtype), lead
 
 
 def run_case(
-    model_name, loss_name, dtype, *, max_norm=0.7, frozen=(), via_mlp_ce=False, batch=B, grad_sample=False, forward=None
+    model_name,
+    loss_name,
+    dtype,
+    *,
+    max_norm=0.7,
+    frozen=(),
+    via_mlp_ce=False,
+    batch=B,
+    grad_sample=False,
+    forward=None,
+    loss_scale=None,
 ):
     ours, ref = build(model_name, dtype)
     for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
@@ -159,7 +176,11 @@ def run_case(
     per = ground_truth(ref, x, y, loss_fn, reduction)
     norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per))
 
-    with torchderiv.per_sample(ours, max_norm=max_norm, grad_sample=grad_sample, loss_reduction=reduction) as ps:
+    # a scaled loss (mixed precision): the backward sees S × the loss; .grad keeps S, norms and grad_sample do not
+    s = _scale_of(loss_scale)
+    with torchderiv.per_sample(
+        ours, max_norm=max_norm, grad_sample=grad_sample, loss_reduction=reduction, loss_scale=loss_scale
+    ) as ps:
         if via_mlp_ce:
             kw = (
                 {"weight": torch.tensor([0.5, 2.0, 1.0], dtype=dtype), "label_smoothing": 0.1}
@@ -169,7 +190,7 @@ def run_case(
             loss, _ = ours.cross_entropy(x, y, reduction=reduction, **kw)
         else:
             loss = TD_LOSSES[loss_name](ours(x) if forward is None else forward(ours, x), y)
-        loss.backward()
+        (loss if loss_scale is None else loss * s).backward()
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     assert ps.norms.shape == (batch,)
     assert_close(ps.norms, norms, **tol)
@@ -182,7 +203,7 @@ def run_case(
     assert len(trainable) == len(per)
     for (n, p), g, gs in zip(trainable, expected, per):
         assert p.grad is not None, n
-        assert_close(p.grad, g, msg=lambda m, n=n: f"{n}.grad: {m}", **tol)
+        assert_close(p.grad, g * s, msg=lambda m, n=n: f"{n}.grad: {m}", **tol)
         if grad_sample:
             assert_close(p.grad_sample, gs, msg=lambda m, n=n: f"{n}.grad_sample: {m}", **tol)
         else:
@@ -503,6 +524,62 @@ def test_torch_compile_in_and_out_of_the_context():
             assert_close(g, ge, rtol=1e-12, atol=1e-15)
 
 
+# --- a scaled loss (mixed precision's GradScaler) --------------------------------------------------------------
+
+SCALES = {
+    "float": lambda: 1024.0,
+    "tensor": lambda: torch.tensor(2.0**-3),
+    "grad_scaler": lambda: torch.amp.GradScaler("cpu", init_scale=2.0**12),
+}
+
+
+@pytest.mark.parametrize("scale", list(SCALES))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_scaled_loss_clips_the_unscaled_examples(model_name, scale):
+    # Without loss_scale the backward's factors carry S and every norm came out S times too large: clipped S
+    # times too strongly (a silent error, found when the GradScaler was tried inside the context)
+    run_case(model_name, "ce_mean", torch.float64, grad_sample=True, loss_scale=SCALES[scale]())
+    run_case(model_name, "mse_mean", torch.float64, max_norm=None, loss_scale=SCALES[scale]())
+
+
+@pytest.mark.parametrize("scale", list(SCALES))
+def test_scaled_loss_fused_head_and_one_function(scale):
+    run_head_case("mean", True, True, torch.float64, loss_scale=SCALES[scale]())
+    run_case("mlp", "ce_weight_smooth", torch.float64, via_mlp_ce=True, grad_sample=True, loss_scale=SCALES[scale]())
+
+
+def _grad_scaler_step(model, x, y, scaler):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with torchderiv.per_sample(model, max_norm=0.3, loss_scale=scaler) as ps:
+        scaler.scale(TF.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    return ps.norms
+
+
+def test_grad_scaler_step_equals_the_unscaled_step():
+    ours, _ = build("converted_mlp", torch.float32)
+    twin = copy.deepcopy(ours)
+    x, y = torch.randn(B, N_IN), _class_targets((B,))
+    with torchderiv.per_sample(twin, max_norm=0.3) as ps:
+        TF.cross_entropy(twin(x), y).backward()
+    torch.optim.SGD(twin.parameters(), lr=0.5).step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
+    norms = _grad_scaler_step(ours, x, y, scaler)
+    assert_close(norms, ps.norms, rtol=1e-6, atol=0)
+    assert (norms > 0.3).any()  # some example was clipped
+    for p, q in zip(ours.parameters(), twin.parameters()):
+        assert_close(p, q, rtol=1e-6, atol=1e-7)
+    # An overflow: the clipped sum is not finite either (cᵢ = 0 times inf), so the scaler skips the step and
+    # lowers its scale, as without the context
+    before = [p.detach().clone() for p in ours.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    _grad_scaler_step(ours, x * 1e3, y, scaler)
+    assert scaler.get_scale() == 2.0**126
+    for p, p0 in zip(ours.parameters(), before):
+        assert torch.equal(p.detach(), p0)
+
+
 def test_refuses_unbatched_input_and_nesting_and_bad_arguments():
     layer = tdnn.Linear(N_IN, 3)
     _refuses(layer, r"expected examples along dim 0", x=torch.randn(N_IN))
@@ -513,6 +590,11 @@ def test_refuses_unbatched_input_and_nesting_and_bad_arguments():
         torchderiv.per_sample(layer, max_norm=0)
     with pytest.raises(ValueError, match="loss_reduction"):
         torchderiv.per_sample(layer, loss_reduction="none")
+    for bad, what in [(0.0, "0.0"), (-2, "-2"), (float("inf"), "inf"), (True, "True"), ("1", "'1'")]:
+        with pytest.raises(ValueError, match=f"expected loss_scale .* got {what}$"):
+            torchderiv.per_sample(layer, loss_scale=bad)
+    with pytest.raises(ValueError, match=r"got a tensor of shape \(2,\) and dtype torch.float32"):
+        torchderiv.per_sample(layer, loss_scale=torch.ones(2))
 
 
 # --- against Opacus, the library DP-SGD users run today -------------------------------------------------
@@ -703,7 +785,7 @@ def test_linear_cross_entropy_head_matches_ground_truth(case, bias, grad_sample,
     run_head_case(case, bias, grad_sample, dtype)
 
 
-def run_head_case(case, bias, grad_sample, dtype, forward=None):
+def run_head_case(case, bias, grad_sample, dtype, forward=None, loss_scale=None):
     loss_kw, ce_kw, ignore = LCE_CASES[case]
     reduction = ce_kw.get("reduction", "mean")
     torch.manual_seed(3)
@@ -720,14 +802,18 @@ def run_head_case(case, bias, grad_sample, dtype, forward=None):
     ce_kw = {k: (v.to(dtype) if torch.is_tensor(v) else v) for k, v in ce_kw.items()}
     per = ground_truth(nn.Sequential(ref.body, ref.head), x, y, lambda z, t: F.cross_entropy(z, t, **ce_kw), reduction)
     norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per))
-    with torchderiv.per_sample(ours, max_norm=0.7, grad_sample=grad_sample, loss_reduction=reduction) as ps:
-        (ours.head(ours.body(x), y) if forward is None else forward(ours, x, y)).backward()
+    s = _scale_of(loss_scale)
+    with torchderiv.per_sample(
+        ours, max_norm=0.7, grad_sample=grad_sample, loss_reduction=reduction, loss_scale=loss_scale
+    ) as ps:
+        loss = ours.head(ours.body(x), y) if forward is None else forward(ours, x, y)
+        (loss if loss_scale is None else loss * s).backward()
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     assert_close(ps.norms, norms, **tol)
     params = [p for p in ours.parameters() if p.requires_grad]
     assert len(params) == len(per)
     for p, g, gs in zip(params, clipped_sum(per, norms, 0.7, reduction), per):
-        assert_close(p.grad, g, **tol)
+        assert_close(p.grad, g * s, **tol)
         if grad_sample:
             assert_close(p.grad_sample, gs, **tol)
     if ignore:
@@ -803,3 +889,29 @@ def test_cuda_linear_cross_entropy_head_and_autocast():
         loss.backward()
     assert ps.norms.dtype == torch.float32  # norms in float32 under autocast
     assert_close(ps.norms.cpu(), norms, rtol=2e-2, atol=1e-3)  # bfloat16's 8 bits of mantissa
+
+
+@CUDA
+def test_cuda_fp16_autocast_with_a_grad_scaler():
+    # The real use of loss_scale: fp16 autocast on a GPU, the scaler's default S = 2¹⁶. The norms are those of
+    # the float32 run on the CPU to fp16's precision, not 2¹⁶ times them; the clipped step matches too.
+    ours, _ = build("converted_seq", torch.float32)
+    twin = copy.deepcopy(ours)
+    x, lead = _inputs("converted_seq", torch.float32)
+    y = _class_targets(lead)
+    with torchderiv.per_sample(twin, max_norm=0.3) as ps:
+        TD_LOSSES["ce_mean"](twin(x), y).backward()
+    ours.cuda()
+    scaler = torch.amp.GradScaler("cuda")
+    opt = torch.optim.SGD(ours.parameters(), lr=0.5)
+    with torchderiv.per_sample(ours, max_norm=0.3, loss_scale=scaler) as ps16:
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = TD_LOSSES["ce_mean"](ours(x.cuda()), y.cuda())
+        scaler.scale(loss).backward()
+    assert ps16.norms.dtype == torch.float32
+    assert_close(ps16.norms.cpu(), ps.norms, rtol=1e-2, atol=1e-4)  # fp16's 11 bits of mantissa
+    for p, q in zip(ours.parameters(), twin.parameters()):
+        assert_close(p.grad.cpu() / scaler.get_scale(), q.grad, rtol=2e-2, atol=1e-4)
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**16  # no overflow: the step was taken

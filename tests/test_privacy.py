@@ -1,5 +1,6 @@
 """Private training: torchderiv's clipping with Opacus's optimizer equals Opacus's own make_private."""
 
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -113,6 +114,24 @@ def test_private_optimizer_with_its_clipping_equals_opacus_make_private(reductio
     with opt.clipping():
         F.cross_entropy(ours(x), y, reduction=reduction).backward()
     opt.step()
+    for a, b in zip(ours.parameters(), theirs):
+        assert_close(a.detach(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_private_optimizer_with_a_grad_scaler_equals_opacus_make_private():
+    # fp16 recipe: the clipping told the scaler's S clips the unscaled examples; scaler.step unscales .grad,
+    # then the optimizer adds the noise and steps (and the accountant counts the step)
+    ours, ref = _models()
+    x, y = torch.randn(5, 6) * 3, torch.randint(0, 4, (5,))
+    theirs = _opacus_step(ref, "hooks", "mean", x, y, 0.5)
+    opt = _private(ours)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    opt.zero_grad()
+    with opt.clipping(loss_scale=scaler):
+        scaler.scale(F.cross_entropy(ours(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**8
     for a, b in zip(ours.parameters(), theirs):
         assert_close(a.detach(), b, rtol=1e-5, atol=1e-6)
 
@@ -305,6 +324,25 @@ def test_empty_poisson_batches_train(tmp_path):
     trainer.fit(model, dm)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert float(trainer.callback_metrics["privacy/epsilon"]) > 0
+
+
+def test_private_fit_under_fp16_loss_scaling_equals_the_unscaled_run(tmp_path):
+    # precision="16-mixed" scales the loss by its GradScaler's S before the backward and unscales .grad in
+    # opt.step(). Here the scaling alone (autocast left off, so the arithmetic is float32 in both runs and S a
+    # power of two): the run must end where the unscaled one does. Clipped at S‖gᵢ‖ instead (the scale not
+    # passed to per_sample), every example would count ~2¹⁰ times too little.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    class LossScalingOnly(MixedPrecision):
+        def autocast_context_manager(self):
+            return contextlib.nullcontext()
+
+    _, plain = _fit(tmp_path / "a", 1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    _, scaled = _fit(tmp_path / "b", 1, plugins=[LossScalingOnly("16-mixed", "cpu", scaler=scaler)])
+    assert scaler.get_scale() == 2.0**10  # no step was skipped
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        assert_close(a, b, rtol=0, atol=1e-5)
 
 
 def test_privacy_refuses_what_breaks_the_guarantee():

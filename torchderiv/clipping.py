@@ -69,7 +69,7 @@ class PerSample:
         max_norm, grad_sample, loss_reduction: as given.
     """
 
-    def __init__(self, model: nn.Module, max_norm, grad_sample, loss_reduction, clipped_sum=False):
+    def __init__(self, model: nn.Module, max_norm, grad_sample, loss_reduction, clipped_sum=False, loss_scale=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"per_sample: expected an nn.Module, got {type(model).__name__}")
         if max_norm is not None and not (
@@ -78,11 +78,13 @@ class PerSample:
             raise ValueError(f"per_sample: expected max_norm to be a positive finite number or None, got {max_norm!r}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"per_sample: expected loss_reduction 'mean' or 'sum', got {loss_reduction!r}")
+        _check_loss_scale(loss_scale)
         self.model = model
         self.max_norm = None if max_norm is None else float(max_norm)
         self.grad_sample = bool(grad_sample)
         self.loss_reduction = loss_reduction
         self.clipped_sum = bool(clipped_sum)
+        self.loss_scale = loss_scale
         self._recorder: _per_sample.Recorder | None = None
         self._hooks: list = []
 
@@ -95,7 +97,7 @@ class PerSample:
             raise RuntimeError("per_sample: contexts do not nest; one is already active")
         tracked = _check_model(self.model)
         self._recorder = _per_sample.Recorder(
-            tracked, self.max_norm, self.grad_sample, self.loss_reduction, self.clipped_sum
+            tracked, self.max_norm, self.grad_sample, self.loss_reduction, self.clipped_sum, self.loss_scale
         )
         for p, name in tracked.values():
             # A gradient reaching a tracked parameter by autograd means an op other than torchderiv's
@@ -109,6 +111,26 @@ class PerSample:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+
+
+def _check_loss_scale(loss_scale) -> None:
+    if loss_scale is None or callable(getattr(loss_scale, "get_scale", None)):
+        return
+    if isinstance(loss_scale, torch.Tensor):
+        if loss_scale.numel() == 1 and loss_scale.is_floating_point():
+            return
+    elif isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
+        if loss_scale > 0 and math.isfinite(loss_scale):
+            return
+    what = (
+        f"a tensor of shape {tuple(loss_scale.shape)} and dtype {loss_scale.dtype}"
+        if isinstance(loss_scale, torch.Tensor)
+        else repr(loss_scale)
+    )
+    raise ValueError(
+        f"per_sample: expected loss_scale to be None, a positive finite number, a one-element floating tensor or a "
+        f"GradScaler, got {what}"
+    )
 
 
 def _foreign(name: str):
@@ -130,6 +152,7 @@ def per_sample(
     grad_sample: bool = False,
     loss_reduction: str = "mean",
     clipped_sum: bool = False,
+    loss_scale=None,
 ) -> PerSample:
     """Per-example gradient norms, flat clipping and per-example gradients in the ordinary backward.
 
@@ -160,6 +183,12 @@ def per_sample(
         clipped_sum: ``.grad`` receives ``Σᵢ cᵢ gᵢ`` also for "mean" (not divided by this batch's size):
             what Opacus's ``DPOptimizerFastGradientClipping`` takes, which then adds the noise and divides by
             the *expected* batch size (Poisson sampling varies the actual one).
+        loss_scale: S when the loss that is backpropagated is S times the loss (mixed precision's loss
+            scaling): a number, a one-element tensor, or a ``torch.amp.GradScaler``, whose current scale is
+            read at the end of each backward pass. Norms, clipping factors and ``grad_sample`` are then of the
+            unscaled loss (example i's gradient is the backward's ``S gᵢ`` divided by S), while ``.grad`` keeps
+            the scale, ``S Σᵢ cᵢ gᵢ`` (/ B), for the scaler's ``unscale_``/``step`` as without the context.
+            Without it, a scaled loss would be clipped at ``S‖gᵢ‖``: every example S times too strongly.
 
     Example::
 
@@ -168,4 +197,4 @@ def per_sample(
         >>> ps.norms.shape
         torch.Size([B])
     """
-    return PerSample(model, max_norm, grad_sample, loss_reduction, clipped_sum)
+    return PerSample(model, max_norm, grad_sample, loss_reduction, clipped_sum, loss_scale)

@@ -162,13 +162,15 @@ def _optimizer_class(distributed: bool):
             from opacus.optimizers import DPOptimizerFastGradientClipping as base
 
         class Checked(base):
-            def clipping(self):
-                """The per_sample context whose clipping this optimizer's noise is calibrated to."""
+            def clipping(self, loss_scale=None):
+                """The per_sample context whose clipping this optimizer's noise is calibrated to; ``loss_scale``:
+                a GradScaler (or S) when the loss is scaled, then step through ``scaler.step(optimizer)``."""
                 return per_sample(
                     self._torchderiv_model,
                     max_norm=self.max_grad_norm,
                     loss_reduction=self.loss_reduction,
                     clipped_sum=True,
+                    loss_scale=loss_scale,
                 )
 
             def accumulate(self):

@@ -57,16 +57,26 @@ class Recorder:
         loss_reduction: ``"mean"`` (example i's gradient is B × its share of the batch gradient, as
             Opacus scales it) or ``"sum"``.
         clipped_sum: ``.grad`` receives ``Σᵢ cᵢ gᵢ`` for "mean" too (not divided by B).
+        loss_scale: S by which the backpropagated loss was multiplied (a number, a tensor, or an object with
+            ``get_scale()``, read at :meth:`finish`); norms, ``cᵢ`` and grad_sample are then of the unscaled loss,
+            ``.grad`` keeps the scale.
     """
 
     def __init__(
-        self, names: dict, max_norm: float | None, grad_sample: bool, loss_reduction: str, clipped_sum: bool = False
+        self,
+        names: dict,
+        max_norm: float | None,
+        grad_sample: bool,
+        loss_reduction: str,
+        clipped_sum: bool = False,
+        loss_scale=None,
     ):
         self.names = names
         self.max_norm = max_norm
         self.clipped_sum = clipped_sum
         self.grad_sample = grad_sample
         self.loss_reduction = loss_reduction
+        self.loss_scale = loss_scale
         self.aliases: dict[int, tuple[torch.Tensor, torch.Parameter]] = {}
         # the node that accumulates each into .grad, to ask the engine whether this pass runs it
         self.accumulators = {k: get_gradient_edge(p).node for k, (p, _) in names.items()}
@@ -303,9 +313,15 @@ class Recorder:
         sq = pending[0].sq.to(dtype)
         for layer in pending[1:]:
             sq = sq + layer.sq.to(dtype)
-        norms = sq.sqrt_().mul_(scale)
+        # The backward's factors carry the loss scale S: example i's gradient is their product divided by S
+        unit = scale / self._loss_scale(dtype)
+        norms = sq.sqrt_().mul_(unit)
         self.norms = norms
         c = None if self.max_norm is None else (self.max_norm / (norms + 1e-6)).clamp_(max=1.0)
+        if c is not None and self.loss_scale is not None:
+            # An overflow in a scaled backward must reach .grad, where the scaler looks for it (and then skips the
+            # step and lowers S): cᵢ = 0 for an infinite norm would hide it when only the squares overflowed.
+            c = c.masked_fill_(~norms.isfinite(), math.nan)
         if self.clipped_sum and scale != 1.0:
             # Σᵢ cᵢ gᵢ itself rather than its mean over this batch: each row scaled by B (gᵢ carries the 1/B)
             c = torch.full_like(norms, scale) if c is None else c * scale
@@ -323,7 +339,7 @@ class Recorder:
                 if self.grad_sample:
                     for p, g in zip((w, b), layer.samples()):
                         if p is not None:
-                            p.grad_sample = (g * scale).to(p.dtype)
+                            p.grad_sample = (g * unit).to(p.dtype)
                 del layer
                 continue
             if w is not None:
@@ -334,7 +350,7 @@ class Recorder:
                         else torch.einsum("b,boi->oi", c.to(layer.product.dtype), layer.product)
                     )
                     if self.grad_sample:
-                        w.grad_sample = (layer.product * scale).to(w.dtype)
+                        w.grad_sample = (layer.product * unit).to(w.dtype)
                 else:
                     g = _deferred_gemm(layer, c)
                 _accumulate(w, g)
@@ -344,8 +360,17 @@ class Recorder:
                 _accumulate(b, layer.bias_rows.sum(0) if c is None else c.to(layer.bias_rows.dtype) @ layer.bias_rows)
                 self._stamp(b)
                 if self.grad_sample:
-                    b.grad_sample = (layer.bias_rows * scale).to(b.dtype)
+                    b.grad_sample = (layer.bias_rows * unit).to(b.dtype)
             del layer
+
+    def _loss_scale(self, dtype):
+        """S, as a float or a 0-dim tensor of ``dtype`` (1.0 without a loss scale)."""
+        s = self.loss_scale
+        if s is None:
+            return 1.0
+        if callable(getattr(s, "get_scale", None)):
+            s = s.get_scale()
+        return s.detach().reshape(()).to(dtype) if isinstance(s, torch.Tensor) else float(s)
 
     def _stamp(self, p: torch.Tensor) -> None:
         """Mark ``p.grad`` as made by this clipping (what the private optimizer checks before its noise)."""

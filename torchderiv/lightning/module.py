@@ -188,7 +188,10 @@ class MLPModule(LightningModule):
         # Under DDP the gradients are not all-reduced by the backward (its hooks would see no gradient: the
         # clipped ones land in .grad at the end of the pass) but by Opacus's distributed optimizer, after the
         # noise, which it adds on rank 0 only.
-        with per_sample(self.net, max_norm=self.privacy.max_grad_norm, clipped_sum=True):
+        # Under fp16 mixed precision the backward runs on the loss times the GradScaler's scale: per_sample
+        # clips the unscaled examples and leaves .grad scaled, for the scaler's unscale_ inside opt.step().
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        with per_sample(self.net, max_norm=self.privacy.max_grad_norm, clipped_sum=True, loss_scale=scaler):
             loss = self._step(batch, "train")
             strategy = self.trainer.strategy
             with strategy.block_backward_sync() if hasattr(strategy, "block_backward_sync") else nullcontext():
