@@ -524,6 +524,50 @@ def test_torch_compile_in_and_out_of_the_context():
             assert_close(g, ge, rtol=1e-12, atol=1e-15)
 
 
+@pytest.fixture
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("find_unused", [False, True], ids=["default", "find_unused_parameters"])
+@pytest.mark.parametrize("model_name", ["mlp", "converted_seq"])
+def test_distributed_data_parallel_only_under_no_sync(one_process_group, model_name, find_unused):
+    # DDP's reducer all-reduces .grad as each parameter's accumulator runs, before the clipped gradients exist,
+    # and wrote its result over them: zeros (found: every .grad was 0), or with find_unused_parameters each
+    # process's own. Refused at DDP's forward inside the context; under no_sync the context works as without DDP.
+    ours, _ = build(model_name, torch.float64)
+    twin = copy.deepcopy(ours)
+    ddp = nn.parallel.DistributedDataParallel(ours, find_unused_parameters=find_unused)
+    x, lead = _inputs(model_name, torch.float64)
+    y = _class_targets(lead)
+    with pytest.raises(RuntimeError, match=r"DistributedDataParallel .* ddp\.no_sync\(\)"):
+        with torchderiv.per_sample(ddp, max_norm=0.7):
+            ddp(x)
+    with torchderiv.per_sample(ddp, max_norm=0.7) as ps, ddp.no_sync():
+        TD_LOSSES["ce_mean"](ddp(x), y).backward()
+    with torchderiv.per_sample(twin, max_norm=0.7) as expected:
+        TD_LOSSES["ce_mean"](twin(x), y).backward()
+    assert_close(ps.norms, expected.norms, rtol=1e-12, atol=0)
+    for p, q in zip(ours.parameters(), twin.parameters()):
+        assert p.grad.abs().sum() > 0
+        assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
+    # outside the context DDP is untouched: its usual all-reduced (here: one process's) gradient
+    ours.zero_grad(set_to_none=True)
+    twin.zero_grad(set_to_none=True)
+    TD_LOSSES["ce_mean"](ddp(x), y).backward()
+    TD_LOSSES["ce_mean"](twin(x), y).backward()
+    for p, q in zip(ours.parameters(), twin.parameters()):
+        assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
+
+
 # --- a scaled loss (mixed precision's GradScaler) --------------------------------------------------------------
 
 SCALES = {

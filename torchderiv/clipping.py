@@ -99,6 +99,9 @@ class PerSample:
         self._recorder = _per_sample.Recorder(
             tracked, self.max_norm, self.grad_sample, self.loss_reduction, self.clipped_sum, self.loss_scale
         )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Only where DistributedDataParallel can run; a global hook, as the DDP wrapper may sit above `model`
+            self._hooks.append(nn.modules.module.register_module_forward_pre_hook(_refuse_synced_ddp(tracked)))
         for p, name in tracked.values():
             # A gradient reaching a tracked parameter by autograd means an op other than torchderiv's
             # Functions used it (torchderiv's defer theirs and return None): its norm would be missed.
@@ -131,6 +134,31 @@ def _check_loss_scale(loss_scale) -> None:
         f"per_sample: expected loss_scale to be None, a positive finite number, a one-element floating tensor or a "
         f"GradScaler, got {what}"
     )
+
+
+def _refuse_synced_ddp(tracked: dict):
+    """A forward pre-hook on every module: refuse a DistributedDataParallel forward over tracked parameters that
+    prepares an all-reducing backward. DDP's reducer all-reduces .grad when each parameter's accumulator runs,
+    before the end of the pass where the clipped gradients are made, and then writes its result over them:
+    .grad came out zero (or, with find_unused_parameters, each process's own), silently."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    def hook(module, args):
+        if (
+            isinstance(module, DistributedDataParallel)
+            and module.require_backward_grad_sync
+            and torch.is_grad_enabled()
+            and any(id(p) in tracked for p in module.module.parameters())
+        ):
+            raise RuntimeError(
+                "per_sample: a DistributedDataParallel forward that all-reduces in its backward: DDP would reduce "
+                ".grad before the (clipped) gradients are made at the end of the pass and overwrite them; run the "
+                "forward and backward under ddp.no_sync() and all-reduce the gradients after the pass (Opacus's "
+                "DistributedDPOptimizer, torchderiv.privacy.private_optimizer(..., distributed=True), does it for "
+                "clipped sums, adding the noise once)"
+            )
+
+    return hook
 
 
 def _foreign(name: str):
@@ -172,8 +200,10 @@ def per_sample(
     backward pass. Activation checkpointing (reentrant or not) and ``save_on_cpu`` work inside the context.
     Refused with a clear error: parameters that torchderiv's Functions do not compute (unless frozen),
     parameters used twice in one forward (tied weights, a module called twice), BatchNorm in training mode,
-    ``create_graph=True``, torch.func transforms, and a pass that does not accumulate into every tracked
-    ``.grad`` (``torch.autograd.grad``, ``backward(inputs=...)`` leaving one out) inside the context.
+    ``create_graph=True``, torch.func transforms, a pass that does not accumulate into every tracked
+    ``.grad`` (``torch.autograd.grad``, ``backward(inputs=...)`` leaving one out) inside the context, and a
+    ``DistributedDataParallel`` forward there outside ``ddp.no_sync()`` (its reducer would all-reduce ``.grad``
+    before the clipped gradients exist and overwrite them; all-reduce after the pass instead).
 
     Args:
         model: the module whose trainable parameters are clipped.
