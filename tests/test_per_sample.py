@@ -452,6 +452,30 @@ def test_refuses_batchnorm_in_training():
         model(torch.randn(B, N_IN)).sum().backward()
 
 
+@pytest.mark.parametrize("model_name", ["mlp", "converted_seq"])
+def test_refuses_a_model_changed_since_the_context_began(model_name):
+    # The context spans several passes (gradient accumulation, a whole epoch): a parameter unfrozen meanwhile is
+    # not tracked, and got an ordinary, unclipped gradient missing from every norm; BatchNorm set to training
+    # would mix the examples. Checked once per pass.
+    ours, _ = build(model_name, torch.float64)
+    x, lead = _inputs(model_name, torch.float64)
+    y = _class_targets(lead)
+    name, first = next(iter(ours.named_parameters()))
+    first.requires_grad_(False)
+    with torchderiv.per_sample(ours, max_norm=0.5):
+        TD_LOSSES["ce_mean"](ours(x), y).backward()
+        assert first.grad is None
+        first.requires_grad_(True)
+        with pytest.raises(RuntimeError, match=rf"parameter\(s\) {name} require grad now but did not"):
+            TD_LOSSES["ce_mean"](ours(x), y).backward()
+    model = nn.Sequential(tdnn.Linear(N_IN, 4), nn.BatchNorm1d(4, affine=False)).eval()
+    with torchderiv.per_sample(model):
+        model(torch.randn(B, N_IN)).sum().backward()
+        model.train()
+        with pytest.raises(RuntimeError, match=r"1 \(BatchNorm1d\) is in training mode"):
+            model(torch.randn(B, N_IN)).sum().backward()
+
+
 def test_refuses_tied_weights():
     a, b = tdnn.Linear(N_IN, N_IN), tdnn.Linear(N_IN, N_IN)
     b.weight = a.weight

@@ -136,6 +136,37 @@ def test_private_optimizer_with_a_grad_scaler_equals_opacus_make_private():
         assert_close(a.detach(), b, rtol=1e-5, atol=1e-6)
 
 
+def test_private_optimizer_with_opacus_batch_memory_manager():
+    # Opacus's virtual steps: each logical batch of 16 runs as physical batches of at most 5 (the optimizer skips
+    # the step until the last, summing the clipped sums); the same parameters as one clipped step per batch of 16
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    ours, _ = _models()
+    twin = copy.deepcopy(ours)
+    loader = DataLoader(TensorDataset(torch.randn(64, 6) * 3, torch.randint(0, 4, (64,))), batch_size=16)
+    physical = 0
+    for model, batches in ((ours, 5), (twin, None)):
+        opt = _private(model, expected_batch_size=16)
+        manager = (
+            BatchMemoryManager(data_loader=loader, max_physical_batch_size=batches, optimizer=opt)
+            if batches
+            else contextlib.nullcontext(loader)
+        )
+        with manager as data:
+            for x, y in data:
+                opt.zero_grad()
+                with opt.clipping():
+                    F.cross_entropy(model(x), y).backward()
+                opt.step()
+                physical += batches is not None
+    assert physical == 16  # 4 batches of 16 in physical batches of 5, 5, 5, 1
+    moved = False
+    for a, b, p0 in zip(ours.parameters(), twin.parameters(), _models()[0].parameters()):
+        assert_close(a, b, rtol=1e-5, atol=1e-6)
+        moved = moved or not torch.equal(a, p0)
+    assert moved
+
+
 def test_private_optimizer_must_be_over_the_models_parameters():
     ours, _ = _models()
     with pytest.raises(ValueError, match=r"does not hold the model's trainable parameter\(s\) layers.1.weight"):

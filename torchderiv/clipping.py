@@ -97,7 +97,13 @@ class PerSample:
             raise RuntimeError("per_sample: contexts do not nest; one is already active")
         tracked = _check_model(self.model)
         self._recorder = _per_sample.Recorder(
-            tracked, self.max_norm, self.grad_sample, self.loss_reduction, self.clipped_sum, self.loss_scale
+            tracked,
+            self.max_norm,
+            self.grad_sample,
+            self.loss_reduction,
+            self.clipped_sum,
+            self.loss_scale,
+            recheck=lambda: _check_model(self.model),
         )
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Only where DistributedDataParallel can run; a global hook, as the DDP wrapper may sit above `model`

@@ -60,6 +60,8 @@ class Recorder:
         loss_scale: S by which the backpropagated loss was multiplied (a number, a tensor, or an object with
             ``get_scale()``, read at :meth:`finish`); norms, ``cᵢ`` and grad_sample are then of the unscaled loss,
             ``.grad`` keeps the scale.
+        recheck: called once per backward pass, returns the parameters to track now (as ``names``) or raises:
+            the model may have changed since the context began (a parameter unfrozen, BatchNorm set training).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class Recorder:
         loss_reduction: str,
         clipped_sum: bool = False,
         loss_scale=None,
+        recheck=None,
     ):
         self.names = names
         self.max_norm = max_norm
@@ -77,6 +80,7 @@ class Recorder:
         self.grad_sample = grad_sample
         self.loss_reduction = loss_reduction
         self.loss_scale = loss_scale
+        self.recheck = recheck
         self.aliases: dict[int, tuple[torch.Tensor, torch.Parameter]] = {}
         # the node that accumulates each into .grad, to ask the engine whether this pass runs it
         self.accumulators = {k: get_gradient_edge(p).node for k, (p, _) in names.items()}
@@ -201,12 +205,27 @@ class Recorder:
         backward will be a pass nested in this one, ending first; finish waits for this one's end."""
         self._drop_stale()
         if self.queued is None:
+            self._recheck()
             # Runs once, when the whole backward pass is done: only then are all of ‖gᵢ‖'s terms known.
             finish = _Finish(self)
             torch.autograd.Variable._execution_engine.queue_callback(finish)
             self.queued = (weakref.ref(finish), torch._C._current_graph_task_id())
         if host:
             self.host = self.queued[1]
+
+    def _recheck(self) -> None:
+        """Refuse a pass of a model whose trainable parameters are no longer those the context tracks: one made
+        trainable since would get an unclipped gradient by another path, missing from every norm."""
+        if self.recheck is None:
+            return
+        now = self.recheck()
+        added = [name for k, (_, name) in now.items() if k not in self.names]
+        if added:
+            raise RuntimeError(
+                f"per_sample: parameter(s) {', '.join(added)} require grad now but did not when the context was "
+                f"entered, so they are not tracked (their per-example gradients would be missing from the norms and "
+                f"unclipped); enter the context after changing which parameters are trainable"
+            )
 
     def _enqueue(self, layer: _Layer) -> None:
         self.anchor()
