@@ -66,7 +66,7 @@ class PerSample:
     Attributes:
         norms: ``(B,)``, each example's gradient norm over the tracked parameters (float32, or float64
             for a float64 model), from the latest backward pass; None before the first.
-        max_norm, grad_sample, loss_reduction: as given.
+        max_norm, grad_sample, loss_reduction, clipped_sum, loss_scale: as given.
     """
 
     def __init__(self, model: nn.Module, max_norm, grad_sample, loss_reduction, clipped_sum=False, loss_scale=None):
