@@ -11,6 +11,8 @@ One step = zero the gradients, forward, loss, backward, (clip, noise), SGD updat
 * ``norms``: the same inside ``torchderiv.per_sample(model)``: every example's gradient norm, no clipping.
 * ``dp``: inside ``per_sample(model, max_norm=C)``, plus Gaussian noise ``N(0, σ²C²)/B`` added to
   ``.grad``: a full DP-SGD step.
+* ``clip`` and ``noise``: the two halves of ``dp``, to tell their costs apart: ``dp`` with σ = 0 (clipping
+  only), and the non-private step with ``dp``'s noise added (drawing it only).
 * ``autograd``: the same network as torch modules, non-private (for scale).
 * ``opacus_hooks``, ``opacus_ghost``: Opacus's ``GradSampleModule`` + ``DPOptimizer`` and its ghost
   clipping (``GradSampleModuleFastGradientClipping``, two backward passes), when Opacus is installed.
@@ -131,12 +133,22 @@ def make_steps(case: str, names) -> tuple[dict, dict]:
                 p.grad.add_(torch.randn_like(p), alpha=sigma * C / batch)
         opt.step()
 
+    def clip():  # the DP step without its noise: what per_sample itself costs
+        dp(sigma=0)
+
+    def noise():  # the plain step with the DP step's noise: what drawing it costs, clipping aside
+        opt.zero_grad(set_to_none=True)
+        forward_loss().backward()
+        for p in ours.parameters():
+            p.grad.add_(torch.randn_like(p), alpha=SIGMA * C / batch)
+        opt.step()
+
     def autograd():
         opt_ref.zero_grad(set_to_none=True)
         _flat_ce(F.cross_entropy)(theirs(x), y).backward()
         opt_ref.step()
 
-    steps = {"plain": plain, "norms": norms, "dp": dp, "autograd": autograd}
+    steps = {"plain": plain, "norms": norms, "dp": dp, "clip": clip, "noise": noise, "autograd": autograd}
     if "vmap" in names:
         steps["vmap"] = _vmap_step(theirs, x, y, opt_ref)
     if "backpack" in names:
@@ -385,6 +397,8 @@ LABELS = {
     "plain": "torchderiv, non-private (base)",
     "norms": "torchderiv `per_sample`, norms only",
     "dp": "torchderiv `per_sample(max_norm=1)` + noise",
+    "clip": "… its clipping alone: `per_sample(max_norm=1)`, σ = 0",
+    "noise": "… its noise alone: the non-private step + the same noise",
     "autograd": "torch autograd, non-private",
     "opacus_hooks": "Opacus 1.6 hooks",
     "opacus_ghost": "Opacus 1.6 ghost clipping",
@@ -428,7 +442,7 @@ def run(
 ) -> list[dict]:
     torch.set_num_threads(threads)
     rounds = rounds or (5 if quick else 7)
-    base = ["plain", "norms", "dp", "autograd"]
+    base = ["plain", "norms", "dp", "clip", "noise", "autograd"]
     opacus = ["opacus_ghost"] + ([] if quick else ["opacus_hooks"]) if _have("opacus") else []
     rows = []
     for case in cases or CASES:

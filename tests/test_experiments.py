@@ -76,7 +76,7 @@ def test_dp_benchmark_checks_its_clipping_and_writes_its_table(tmp_path):
     _run(["dp_benchmark.py", "--quick", "--rounds", "1", "--cases", "mlp_relu", "--no-memory", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "dp_benchmark.json").read_text())["rows"]
     assert [r["case"] for r in rows] == ["mlp_relu"]
-    assert {"plain", "norms", "dp", "autograd"} <= set(rows[0]["ms"])
+    assert {"plain", "norms", "dp", "clip", "noise", "autograd"} <= set(rows[0]["ms"])
     assert set(rows[0]["minor_faults"]) == set(rows[0]["ms"]) and min(rows[0]["minor_faults"].values()) >= 0
     assert "per_sample(max_norm=1)" in (tmp_path / "dp_benchmark.md").read_text()
 
