@@ -124,13 +124,16 @@ def make_steps(case: str, names) -> tuple[dict, dict]:
             forward_loss().backward()
         opt.step()
 
+    def add_noise(sigma):
+        for p in ours.parameters():  # noise on the clipped sum, in the mean's scale
+            p.grad.add_(torch.randn_like(p), alpha=sigma * C / batch)
+
     def dp(sigma=SIGMA):
         opt.zero_grad(set_to_none=True)
         with torchderiv.per_sample(ours, max_norm=C):
             forward_loss().backward()
         if sigma:
-            for p in ours.parameters():  # noise on the clipped sum, in the mean's scale
-                p.grad.add_(torch.randn_like(p), alpha=sigma * C / batch)
+            add_noise(sigma)
         opt.step()
 
     def clip():  # the DP step without its noise: what per_sample itself costs
@@ -139,8 +142,7 @@ def make_steps(case: str, names) -> tuple[dict, dict]:
     def noise():  # the plain step with the DP step's noise: what drawing it costs, clipping aside
         opt.zero_grad(set_to_none=True)
         forward_loss().backward()
-        for p in ours.parameters():
-            p.grad.add_(torch.randn_like(p), alpha=SIGMA * C / batch)
+        add_noise(SIGMA)
         opt.step()
 
     def autograd():

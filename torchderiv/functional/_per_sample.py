@@ -340,7 +340,7 @@ class Recorder:
         if c is not None and self.loss_scale is not None:
             # An overflow in a scaled backward must reach .grad, where the scaler looks for it (and then skips the
             # step and lowers S): cᵢ = 0 for an infinite norm would hide it when only the squares overflowed.
-            c = c.masked_fill_(~norms.isfinite(), math.nan)
+            c.masked_fill_(~norms.isfinite(), math.nan)
         if self.clipped_sum and scale != 1.0:
             # Σᵢ cᵢ gᵢ itself rather than its mean over this batch: each row scaled by B (gᵢ carries the 1/B)
             c = torch.full_like(norms, scale) if c is None else c * scale
