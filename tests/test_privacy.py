@@ -118,6 +118,25 @@ def test_private_optimizer_with_its_clipping_equals_opacus_make_private(reductio
         assert_close(a.detach(), b, rtol=1e-5, atol=1e-6)
 
 
+def test_private_optimizer_passes_batch_first_to_its_clipping():
+    # sequence-first inputs (T, B, n): the optimizer's clipping reads the examples along dim 1, as told
+    torch.manual_seed(0)
+    ours = torchderiv.nn.MLP([6, 8, 4]).double()
+    twin = copy.deepcopy(ours)
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    opt = _private(ours, batch_first=False)
+    opt.zero_grad()
+    with opt.clipping() as ps:
+        ours(x).square().sum().backward()
+    assert ps.batch_first is False and ps.norms.shape == (5,)
+    with torchderiv.per_sample(twin, max_norm=0.5, clipped_sum=True, batch_first=False) as ref:
+        twin(x).square().sum().backward()
+    assert_close(ps.norms, ref.norms, rtol=1e-12, atol=0)
+    for p, q in zip(ours.parameters(), twin.parameters()):
+        assert_close(p.grad, q.grad, rtol=1e-12, atol=0)
+    assert _private(ours).clipping().batch_first is True  # per_sample's default, as Opacus's
+
+
 def test_private_optimizer_with_a_grad_scaler_equals_opacus_make_private():
     # fp16 recipe: the clipping told the scaler's S clips the unscaled examples; scaler.step unscales .grad,
     # then the optimizer adds the noise and steps (and the accountant counts the step)
@@ -188,7 +207,7 @@ def test_private_optimizer_must_be_over_the_models_parameters():
     ours.layers[1].bias.requires_grad_(False)
     with pytest.raises(ValueError, match="parameter layers.1.bias of the model, which is frozen"):
         _private(ours)
-    with pytest.raises(RuntimeError, match="per_sample: parameter 0.weight of Linear is not computed"):
+    with pytest.raises(RuntimeError, match=r"parameters 0\.weight, 0\.bias of Linear: not computed"):
         _private(nn.Sequential(nn.Linear(3, 2)))
 
 

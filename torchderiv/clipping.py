@@ -9,6 +9,7 @@ gradients" and :mod:`torchderiv.functional._per_sample`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,44 +21,98 @@ from .nn.modules import Linear, LinearCrossEntropyLoss
 __all__ = ["per_sample", "PerSample"]
 
 
+def _own_batch_first(module: nn.Module) -> bool | None:
+    """The layout a torch transformer module declares for the inputs of the Linears it holds (None: not one):
+    an encoder/decoder layer's linear1/linear2 see the layer's own input, (B, T, d) or (T, B, d), as its
+    attention (``self_attn.batch_first``) is told."""
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        module = module.self_attn
+    if isinstance(module, (nn.MultiheadAttention, nn.Transformer)):
+        return bool(module.batch_first)
+    return None
+
+
 def _check_model(model: nn.Module) -> dict:
-    """``{id(p): (p, name)}`` of the parameters to track; a clear error for what cannot be done exactly."""
+    """``{id(p): (p, name)}`` of the parameters to track; one clear error naming every part of the model whose
+    per-example gradient cannot be computed exactly, each with what to do instead."""
     tracked: dict[int, tuple[torch.Tensor, str]] = {}
     owner: dict[int, str] = {}
     fused: set[int] = set()
+    problems: list[str] = []
+    uncovered: dict[str, tuple[nn.Module, list[str]]] = {}  # module name -> (module, its parameters' names)
     for mod_name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, LinearCrossEntropyLoss) and not module.out_features:
             # its (torch) Linear, visited next, runs through the fused Function
             fused.add(id(module.linear))
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            raise RuntimeError(
-                f"per_sample: {mod_name or 'the model'} ({type(module).__name__}) is in training mode: batch "
-                f"statistics mix the examples, so no example has a gradient of its own; use GroupNorm/LayerNorm "
-                f"or call .eval() on it"
+            problems.append(
+                f"{mod_name or 'the model'} ({type(module).__name__}) is in training mode: batch statistics mix the "
+                f"examples, so no example has a gradient of its own; use GroupNorm/LayerNorm or call .eval() on it"
             )
         for p_name, p in module._parameters.items():
             if p is None or not p.requires_grad:
                 continue
             name = f"{mod_name}.{p_name}" if mod_name else p_name
             if id(p) in owner:
-                raise RuntimeError(
-                    f"per_sample: parameter {name} is also {owner[id(p)]} (tied weights): each example's gradient "
-                    f"is then a sum whose norm the per-layer factors do not give; not supported"
+                problems.append(
+                    f"parameter {name} is also {owner[id(p)]} (tied weights): each example's gradient is then a sum "
+                    f"whose norm the per-layer factors do not give; untie them or freeze one"
                 )
+                continue
             owner[id(p)] = name
             if not ((isinstance(module, Linear) or id(module) in fused) and p_name in ("weight", "bias")):
-                hint = (
-                    "convert the model first with torchderiv.convert(model)"
-                    if type(module) is nn.Linear
-                    else "freeze it (requires_grad_(False)) or leave it out of the model"
-                )
-                raise RuntimeError(
-                    f"per_sample: parameter {name} of {type(module).__name__} is not computed by torchderiv's "
-                    f"Functions (Linear, Dense, MLP, LinearCrossEntropyLoss), so its per-example gradient is "
-                    f"unknown; {hint}"
-                )
+                uncovered.setdefault(mod_name, (module, []))[1].append(name)
+                continue
             tracked[id(p)] = (p, name)
+    for mod_name, (module, names) in uncovered.items():
+        problems.append(
+            f"parameter{'s' if len(names) > 1 else ''} {', '.join(names)} of {type(module).__name__}: not computed by "
+            f"torchderiv's Functions (Linear, Dense, MLP, LinearCrossEntropyLoss), so the per-example gradient is "
+            f"unknown; {_alternative(model, mod_name, module)}"
+        )
+    if problems:
+        raise RuntimeError(
+            f"per_sample: {len(problems)} part{'s' if len(problems) > 1 else ''} of the model cannot be clipped per "
+            f"example:\n  - " + "\n  - ".join(problems)
+        )
     return tracked
+
+
+def _alternative(model: nn.Module, mod_name: str, module: nn.Module) -> str:
+    """What to do about a module whose trainable parameters no torchderiv Function computes."""
+    freeze = f"freeze it ({mod_name or 'model'}.requires_grad_(False))"
+    parent = model.get_submodule(mod_name.rpartition(".")[0]) if mod_name else None
+    if isinstance(parent, LinearCrossEntropyLoss):
+        return (
+            f"a K-dimensional LinearCrossEntropyLoss (out_features={parent.out_features}) runs outside the fused "
+            f"Function: {freeze}"
+        )
+    if type(module) is nn.Linear:
+        return "convert the model first with torchderiv.convert(model)"
+    if isinstance(module, nn.MultiheadAttention) or isinstance(parent, nn.MultiheadAttention):
+        return (
+            f"attention's packed projections run inside F.multi_head_attention_forward, not through modules: {freeze}"
+        )
+    return f"{freeze} or leave it out of the model"
+
+
+def _layouts(model: nn.Module, tracked: dict, batch_first: bool) -> dict[int, int]:
+    """``{id(p): 0 or 1}`` for the tracked parameters: where the examples are in their layer's (3-D or longer)
+    inputs. ``batch_first`` decides, except inside torch's transformer modules, whose own ``batch_first`` does."""
+    layouts: dict[int, int] = {}
+
+    def walk(module: nn.Module, layout: int) -> None:
+        own = _own_batch_first(module)
+        if own is not None:
+            layout = 0 if own else 1
+        for p in module._parameters.values():
+            if p is not None and id(p) in tracked:
+                layouts[id(p)] = layout
+        for child in module.children():
+            walk(child, layout)
+
+    walk(model, 0 if batch_first else 1)
+    return layouts
 
 
 class PerSample:
@@ -66,10 +121,19 @@ class PerSample:
     Attributes:
         norms: ``(B,)``, each example's gradient norm over the tracked parameters (float32, or float64
             for a float64 model), from the latest backward pass; None before the first.
-        max_norm, grad_sample, loss_reduction, clipped_sum, loss_scale: as given.
+        max_norm, grad_sample, loss_reduction, clipped_sum, loss_scale, batch_first: as given.
     """
 
-    def __init__(self, model: nn.Module, max_norm, grad_sample, loss_reduction, clipped_sum=False, loss_scale=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        max_norm,
+        grad_sample,
+        loss_reduction,
+        clipped_sum=False,
+        loss_scale=None,
+        batch_first=True,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"per_sample: expected an nn.Module, got {type(model).__name__}")
         if max_norm is not None and not (
@@ -79,7 +143,10 @@ class PerSample:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"per_sample: expected loss_reduction 'mean' or 'sum', got {loss_reduction!r}")
         _check_loss_scale(loss_scale)
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"per_sample: expected batch_first to be True or False, got {batch_first!r}")
         self.model = model
+        self.batch_first = batch_first
         self.max_norm = None if max_norm is None else float(max_norm)
         self.grad_sample = bool(grad_sample)
         self.loss_reduction = loss_reduction
@@ -104,7 +171,11 @@ class PerSample:
             self.clipped_sum,
             self.loss_scale,
             recheck=lambda: _check_model(self.model),
+            layouts=_layouts(self.model, tracked, self.batch_first),
         )
+        # a partial of a module-level function: a model deep-copied or pickled inside the context copies it as is
+        note = functools.partial(_note_batch, id(self.model), self.batch_first)
+        self._hooks.append(self.model.register_forward_pre_hook(note, with_kwargs=True))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Only where DistributedDataParallel can run; a global hook, as the DDP wrapper may sit above `model`
             self._hooks.append(nn.modules.module.register_module_forward_pre_hook(_refuse_synced_ddp(tracked)))
@@ -120,6 +191,23 @@ class PerSample:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+
+
+def _note_batch(model_id: int, batch_first: bool, module, args, kwargs) -> None:
+    """The model's forward pre-hook: read B off its input (the first tensor argument) at each forward that builds a
+    graph; every tracked layer must then see B examples, or the norms would be per row or per position
+    (``Recorder._one_batch``). A copy of the model made inside the context carries the hook but is not the model."""
+    rec = _per_sample.current
+    if rec is None or id(module) != model_id or not torch.is_grad_enabled():
+        return
+    found = None
+    for t in (*args, *kwargs.values()):
+        if isinstance(t, torch.Tensor):
+            dim = 0 if batch_first or t.dim() < 2 else 1
+            if t.dim() > dim:
+                found = (t.shape[dim], f"{tuple(t.shape)} along dim {dim} (batch_first={batch_first})")
+            break
+    rec.batch = found
 
 
 def _check_loss_scale(loss_scale) -> None:
@@ -187,12 +275,14 @@ def per_sample(
     loss_reduction: str = "mean",
     clipped_sum: bool = False,
     loss_scale=None,
+    batch_first: bool = True,
 ) -> PerSample:
     """Per-example gradient norms, flat clipping and per-example gradients in the ordinary backward.
 
     Inside ``with torchderiv.per_sample(model, ...) as ps:`` one ``loss.backward()`` of a model built from
     torchderiv's ``Linear``, ``Dense`` and ``MLP`` (with any of its activations and losses, or a model
-    after :func:`torchderiv.convert`) also gives, for every example i along dim 0 of the input:
+    after :func:`torchderiv.convert`) also gives, for every example i of the batch (along dim 0 of the model's
+    input, or dim 1 with ``batch_first=False``):
 
     - ``ps.norms[i] = ‖gᵢ‖``, the norm over every parameter of ``model`` that requires grad of example
       i's gradient ``gᵢ``: the gradient of example i's own term of the batch loss (the batch's divisor
@@ -200,6 +290,14 @@ def per_sample(
     - with ``max_norm=C``: ``.grad`` receives ``Σᵢ cᵢ gᵢ`` (divided by B for "mean"),
       ``cᵢ = min(1, C / (‖gᵢ‖ + 1e-6))``, instead of the unclipped ``Σᵢ gᵢ`` (/ B);
     - with ``grad_sample=True``: ``p.grad_sample``, ``(B, *p.shape)``, each example's (unclipped) ``gᵢ``.
+
+    The examples' dim is never guessed: each tracked layer reads example i's rows along dim 0 of its input
+    ``(B, T, …, n)``, or dim 1 ``(T, B, …, n)`` with ``batch_first=False`` (Opacus's argument), except inside
+    torch's ``TransformerEncoderLayer``/``TransformerDecoderLayer``, whose own ``batch_first`` decides; a 2-D
+    input is ``(B, n)`` either way. Every tracked layer, and the model's input (its first tensor argument at
+    its latest forward), must then show the same B, or the backward raises naming each: a sequence-first
+    input read batch-first, or a batch folded into rows (``x.reshape(-1, n)``), would give per-position or
+    per-row norms.
 
     Per layer, ``‖gᵢ‖²`` takes ``‖δᵢ‖² ‖hᵢ‖²`` (or the Gram form for inputs ``(B, T, n)``) plus the bias's
     ``‖Σ_t δᵢₜ‖²``, and the clipped gradient is the ordinary GEMM with scaled rows ``(c ⊙ Δ)ᵀ H``: one
@@ -219,6 +317,8 @@ def per_sample(
         clipped_sum: ``.grad`` receives ``Σᵢ cᵢ gᵢ`` also for "mean" (not divided by this batch's size):
             what Opacus's ``DPOptimizerFastGradientClipping`` takes, which then adds the noise and divides by
             the *expected* batch size (Poisson sampling varies the actual one).
+        batch_first: where the examples are in the model's input and in the (3-D or longer) inputs of its
+            tracked layers: dim 0 (True) or dim 1 (False, torch's sequence-first ``(T, B, …)`` layout).
         loss_scale: S when the loss that is backpropagated is S times the loss (mixed precision's loss
             scaling): a number, a one-element tensor, or a ``torch.amp.GradScaler``, whose current scale is
             read at the end of each backward pass. Norms, clipping factors and ``grad_sample`` are then of the
@@ -233,4 +333,4 @@ def per_sample(
         >>> ps.norms.shape
         torch.Size([B])
     """
-    return PerSample(model, max_norm, grad_sample, loss_reduction, clipped_sum, loss_scale)
+    return PerSample(model, max_norm, grad_sample, loss_reduction, clipped_sum, loss_scale, batch_first)

@@ -93,6 +93,7 @@ def private_optimizer(
     loss_reduction: str = "mean",
     generator: torch.Generator | None = None,
     distributed: bool = False,
+    batch_first: bool = True,
 ):
     """Opacus's ``DPOptimizerFastGradientClipping`` over ``optimizer``, for a ``.grad`` clipped by torchderiv.
 
@@ -113,6 +114,8 @@ def private_optimizer(
         noise_multiplier: σ. max_grad_norm: C. loss_reduction: ``"mean"`` or ``"sum"``, as the loss.
         expected_batch_size: the Poisson sampler's expected batch size (per process under DDP).
         generator: the noise's random stream (keep it to checkpoint it); torch's default one if None.
+        batch_first: where the examples are, as :func:`~torchderiv.per_sample` takes it (False: sequence-first
+            inputs ``(T, B, …)``); ``optimizer.clipping()`` passes it on.
     """
     if loss_reduction not in ("mean", "sum"):
         raise ValueError(f"privacy: expected loss_reduction 'mean' or 'sum', got {loss_reduction!r}")
@@ -146,6 +149,7 @@ def private_optimizer(
         generator=generator,
     )
     opt._torchderiv_model = model
+    opt._torchderiv_batch_first = batch_first
     opt._torchderiv_names = names
     return opt
 
@@ -171,6 +175,7 @@ def _optimizer_class(distributed: bool):
                     loss_reduction=self.loss_reduction,
                     clipped_sum=True,
                     loss_scale=loss_scale,
+                    batch_first=self._torchderiv_batch_first,
                 )
 
             def accumulate(self):

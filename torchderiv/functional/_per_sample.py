@@ -38,9 +38,26 @@ __all__ = ["Recorder", "current", "defer", "mark", "marked"]
 current: Recorder | None = None
 
 
-def _by_sample(t: torch.Tensor) -> torch.Tensor:
-    """``(B, *, n) -> (B, T, n)`` with ``T = prod(*)`` (1 for a 2-D tensor)."""
+def _by_sample(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``(B, *, n) -> (B, T, n)`` with ``T = prod(*)`` (1 for a 2-D tensor); with ``dim = 1`` the examples are
+    along dim 1, ``(T₀, B, *, n)``, and example i's rows are ``t[:, i]`` (a view where it can be)."""
+    if dim:
+        t = t.movedim(dim, 0)
     return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
+
+
+def batch_dim(layout: int, t: torch.Tensor) -> int:
+    """Where the examples are in a layer's input ``t`` of shape ``(*, n)``: a 2-D input is ``(B, n)`` whatever
+    the layout (rows are examples: a head on pooled features); a longer one is ``(B, T, …, n)`` for layout 0,
+    ``(T, B, …, n)`` for layout 1 (torch's sequence-first transformers)."""
+    return layout if t.dim() > 2 else 0
+
+
+def _by_row(c: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """``c`` (B,) shaped to multiply ``like``'s rows of example i, the examples along ``dim``."""
+    shape = [1] * like.dim()
+    shape[dim] = -1
+    return c.reshape(shape).to(like.dtype)
 
 
 # Elements per temporary when a layer's norm is taken a few examples at a time (Gram or product form).
@@ -62,6 +79,9 @@ class Recorder:
             ``.grad`` keeps the scale.
         recheck: called once per backward pass, returns the parameters to track now (as ``names``) or raises:
             the model may have changed since the context began (a parameter unfrozen, BatchNorm set training).
+        layouts: ``{id(parameter): 0 or 1}``, where the examples are in the inputs (3-D or more) of the layer
+            that holds it: dim 0, ``(B, T, …, n)``, or dim 1, ``(T, B, …, n)``; 0 for one not listed
+            (:func:`batch_dim`).
     """
 
     def __init__(
@@ -73,8 +93,12 @@ class Recorder:
         clipped_sum: bool = False,
         loss_scale=None,
         recheck=None,
+        layouts=None,
     ):
         self.names = names
+        self.layouts = {} if layouts is None else layouts
+        # (B, what it was read from) of the model's latest forward, which every tracked layer must see
+        self.batch: tuple[int, str] | None = None
         self.max_norm = max_norm
         self.clipped_sum = clipped_sum
         self.grad_sample = grad_sample
@@ -128,11 +152,14 @@ class Recorder:
         b = b_p if bias is not None and needs[2] else None
         if w is None and b is None:
             return needs
-        self._check(w if w is not None else b, delta, input)
+        p = w if w is not None else b
+        self._check(p, delta, input)
         self._check_accumulated(w, b)
+        dim = batch_dim(self.layouts.get(id(p), 0), input)
         with _autocast_off(delta.device.type):
             self._settle()
-            layer = self._factors(w, b, delta, input)
+            layer = self._factors(w, b, delta, input, dim)
+        layer.seen = (tuple(input.shape), dim)
         self._enqueue(layer)
         return (needs[0], needs[1] and w is None, needs[2] and b is None)
 
@@ -147,6 +174,7 @@ class Recorder:
             self._settle()
         layer = _Layer(w, b)
         layer.sq, layer.make, layer.samples = sq, make, samples
+        layer.seen = (tuple(input.shape), 0)
         self._enqueue(layer)
 
     def _check(self, p, delta, input) -> None:
@@ -163,8 +191,9 @@ class Recorder:
             )
         if delta.dim() < 2:
             raise RuntimeError(
-                f"per_sample: parameter {who} was used on an input of shape {tuple(input.shape)}; expected "
-                f"examples along dim 0, i.e. an input of shape (B, *, {input.shape[-1]})"
+                f"per_sample: parameter {who} was used on an input of shape {tuple(input.shape)}, which holds no "
+                f"batch of examples; expected an input of shape (B, *, {input.shape[-1]}), or (T, B, *, "
+                f"{input.shape[-1]}) with batch_first=False"
             )
 
     def _check_accumulated(self, *params) -> None:
@@ -231,13 +260,14 @@ class Recorder:
         self.anchor()
         self.pending.append(layer)
 
-    def _factors(self, w, b, delta, input) -> _Layer:
+    def _factors(self, w, b, delta, input, dim: int = 0) -> _Layer:
         """One layer's share of ``‖gᵢ‖²`` (now, or its product's at :meth:`_settle`), and what its clipped gradient
-        will need at the end."""
+        will need at the end; ``dim``: the examples' dim in ``delta`` and ``input``."""
         dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32  # fp32 norms under autocast
-        d, h = _by_sample(delta), _by_sample(input)  # (B, T, n_out), (B, T, n_in)
+        d, h = _by_sample(delta, dim), _by_sample(input, dim)  # (B, T, n_out), (B, T, n_in)
         t, n_out, n_in = d.shape[1], d.shape[2], h.shape[2]
         layer = _Layer(w, b)
+        layer.dim = dim
         sq = torch.zeros(d.shape[0], dtype=dtype, device=d.device)
         delta_sq = None
         if w is not None:
@@ -305,7 +335,7 @@ class Recorder:
             if layer.settle:
                 h = _input_of(layer)
                 layer.input = layer.remake = None  # Z goes now unless something else holds it
-                _product(layer, _by_sample(layer.delta), _by_sample(h), layer.sq)
+                _product(layer, _by_sample(layer.delta, layer.dim), _by_sample(h, layer.dim), layer.sq)
                 layer.delta, layer.settle = None, False
 
     def _finish(self, pending: list) -> None:
@@ -323,10 +353,7 @@ class Recorder:
                         f"then a sum whose norm the per-layer factors do not give; not supported"
                     )
                 seen.add(id(p))
-        batch = {layer.sq.shape[0] for layer in pending}
-        if len(batch) != 1:
-            raise RuntimeError(f"per_sample: the tracked layers saw different batch sizes {sorted(batch)} along dim 0")
-        (n,) = batch
+        n = self._one_batch(pending)
         scale = float(n) if self.loss_reduction == "mean" else 1.0
         dtype = torch.float64 if any(layer.sq.dtype == torch.float64 for layer in pending) else torch.float32
         sq = pending[0].sq.to(dtype)
@@ -382,6 +409,29 @@ class Recorder:
                     b.grad_sample = (layer.bias_rows * unit).to(b.dtype)
             del layer
 
+    def _one_batch(self, pending: list) -> int:
+        """B, which every tracked layer and the model's input must agree on; else an error naming each of them.
+        A layer that sees the examples' rows folded into its leading dim (``reshape(-1, n)``), or a sequence-first
+        input read batch-first, sees another count: its norms would be per row or per position, silently."""
+        sizes = {layer.sq.shape[0] for layer in pending}
+        if self.batch is not None:
+            sizes.add(self.batch[0])
+        if len(sizes) == 1:
+            return sizes.pop()
+        lines = [] if self.batch is None else [f"the model's input {self.batch[1]}: {self.batch[0]} examples"]
+        for layer in reversed(pending):  # first layer first
+            shape, dim = layer.seen
+            names = ", ".join(self.name(p) for p in (layer.w, layer.b) if p is not None)
+            lines.append(f"{names}: input {shape}, {layer.sq.shape[0]} examples along dim {dim}")
+        raise RuntimeError(
+            "per_sample: the tracked layers do not see one batch of examples:\n  "
+            + "\n  ".join(lines)
+            + "\nEach example must lie along one dim of every tracked layer's input: dim 0 (batch_first=True, "
+            "(B, T, …, n)) or, with per_sample(..., batch_first=False), dim 1 ((T, B, …, n)); a 2-D input is "
+            "always (B, n). A batch folded into the rows (x.reshape(-1, n)) before a tracked layer gives per-row "
+            "norms: keep the batch dim instead"
+        )
+
     def _loss_scale(self, dtype):
         """S, as a float or a 0-dim tensor of ``dtype`` (1.0 without a loss scale)."""
         s = self.loss_scale
@@ -427,10 +477,26 @@ class _Finish:
 class _Layer:
     """What one tracked layer leaves for :meth:`Recorder.finish`."""
 
-    __slots__ = ("w", "b", "sq", "delta", "input", "remake", "settle", "product", "bias_rows", "make", "samples")
+    __slots__ = (
+        "w",
+        "b",
+        "sq",
+        "delta",
+        "input",
+        "remake",
+        "settle",
+        "product",
+        "bias_rows",
+        "make",
+        "samples",
+        "dim",
+        "seen",
+    )
 
     def __init__(self, w, b):
         self.w, self.b = w, b
+        self.dim = 0  # the examples' dim in delta and input
+        self.seen = ((), 0)  # (the input's shape, the examples' dim), for errors
         self.sq = self.delta = self.input = self.remake = self.product = self.bias_rows = None
         self.make = self.samples = None
         self.settle = False
@@ -464,13 +530,12 @@ def _deferred_gemm(layer: _Layer, c: torch.Tensor | None) -> torch.Tensor:
     its temporaries, and its references to Δ and H, are gone when it returns (finish frees layer by layer)."""
     delta, h = layer.delta, _input_of(layer)
     if c is not None:
-        by_row = c.reshape(-1, *([1] * (delta.dim() - 1)))
         if layer.remake is not None:
             # (c ⊙ Δ)ᵀ H = Δᵀ (c ⊙ H), and the H just made is a fresh tensor of ours (the activations' values
             # are out of place): scaled where it lies, no Δ-sized buffer
-            h.mul_(by_row.to(h.dtype))
+            h.mul_(_by_row(c, h, layer.dim))
         else:
-            delta = delta * by_row.to(delta.dtype)
+            delta = delta * _by_row(c, delta, layer.dim)
     return delta.reshape(-1, delta.shape[-1]).t().mm(h.reshape(-1, h.shape[-1]))
 
 
