@@ -201,7 +201,12 @@ def test_convert_reports_what_it_changed_and_what_it_left(caplog):
     import logging
 
     model = nn.Sequential(
-        nn.Linear(4, 8), nn.ReLU(), nn.LayerNorm(8), nn.LazyLinear(3), nn.TransformerEncoderLayer(8, 2)
+        nn.Linear(4, 8),
+        nn.ReLU(),
+        nn.LayerNorm(8),
+        nn.LazyLinear(3),
+        nn.TransformerEncoderLayer(8, 2),
+        nn.Conv1d(8, 8, 1),
     )
     with caplog.at_level(logging.INFO, logger="torchderiv"):
         assert torchderiv.convert(model) is model
@@ -213,13 +218,15 @@ def test_convert_reports_what_it_changed_and_what_it_left(caplog):
     assert left["3"][0] == "LazyLinear" and "not yet initialised" in left["3"][1]
     assert left["4.self_attn"][0] == "MultiheadAttention" and "packed in_proj_weight" in left["4.self_attn"][1]
     assert "subclass of nn.Linear" in left["4.self_attn.out_proj"][1]
-    assert left["2"] == ("LayerNorm", "no torchderiv twin for this layer")
+    assert ("2", "nn.LayerNorm -> torchderiv.LayerNorm") in report.converted
+    assert ("4.norm1", "nn.LayerNorm -> torchderiv.LayerNorm") in report.converted
+    assert left["5"] == ("Conv1d", "no torchderiv twin for this layer")
     text = str(report)
-    assert text.startswith("torchderiv.convert: 5 converted, 6 left on torch") and text in caplog.text
+    assert text.startswith("torchderiv.convert: 8 converted, 4 left on torch") and text in caplog.text
     # print(model) says which layers are torchderiv's
     shown = repr(model)
     assert "(0): torchderiv.Linear(in_features=4, out_features=8, bias=True)" in shown
-    assert "(1): torchderiv.ReLU()" in shown and "(2): LayerNorm(" in shown
+    assert "(1): torchderiv.ReLU()" in shown and "(2): torchderiv.LayerNorm(" in shown and "(5): Conv1d(" in shown
 
 
 def test_convert_report_names_what_filter_fn_excluded():

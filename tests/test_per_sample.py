@@ -293,7 +293,7 @@ def test_each_norm_path_equals_the_explicit_product(t, n_in, n_out, maker, path,
         layer = rec._factors(w, b, d.squeeze(1) if t == 1 else d, h)
     assert (layer.product is not None) == (path == "product")
     assert (layer.delta is None) == (path == "product")
-    assert layer.settle == (path == "later")
+    assert layer.waiting == (path == "later")
     if path != "product":  # what the layer holds: H, or the gelu's input Z to make H again (bit for bit)
         assert (layer.remake is not None) == (maker == "gelu") and (layer.input is None) == (maker == "gelu")
         held = layer.input if layer.remake is None else layer.remake[1](layer.remake[0])
@@ -317,7 +317,7 @@ def test_product_made_at_the_end_of_the_pass(monkeypatch):
     original = _per_sample.Recorder._settle
 
     def spy(self, pending=None):
-        settled.append(any(layer.settle for layer in (self.pending if pending is None else pending)))
+        settled.append(any(layer.waiting for layer in (self.pending if pending is None else pending)))
         return original(self, pending)
 
     monkeypatch.setattr(_per_sample.Recorder, "_settle", spy)

@@ -63,6 +63,15 @@ def _scalar_ops():
         lambda x: TF.binary_cross_entropy_with_logits(TF.linear(x, W, B), T_PROB),
         lambda x: F.binary_cross_entropy_with_logits(F.linear(x, W, B), T_PROB),
     )
+    g, b = torch.randn(4, dtype=D, generator=torch.Generator().manual_seed(5)), B[:1].expand(4).clone()
+    ops["layer_norm"] = (
+        lambda x: TF.linear(TF.layer_norm(x, (4,), g, b), W).pow(2).sum(),
+        lambda x: F.linear(F.layer_norm(x, (4,), g, b), W).pow(2).sum(),
+    )
+    ops["rms_norm"] = (
+        lambda x: TF.linear(TF.rms_norm(x, (4,), g, eps=1e-6), W).pow(2).sum(),
+        lambda x: F.linear(F.rms_norm(x, (4,), g, eps=1e-6), W).pow(2).sum(),
+    )
     return ops
 
 
@@ -176,6 +185,15 @@ def _autocast_cases(device):
         "bce": (
             lambda: TF.binary_cross_entropy_with_logits(TF.linear(x, w, b), y.sigmoid()),
             lambda: F.binary_cross_entropy_with_logits(F.linear(x, w, b), y.sigmoid()),
+        ),
+        # a lower-precision input (the Linear's output) with float32 γ, β: torch's dtype on each device
+        "layer_norm-of-linear": (
+            lambda: TF.layer_norm(TF.linear(x, w, b), (3,), y[0], y[1]),
+            lambda: F.layer_norm(F.linear(x, w, b), (3,), y[0], y[1]),
+        ),
+        "rms_norm-of-linear": (
+            lambda: TF.rms_norm(TF.linear(x, w, b), (3,), y[0]),
+            lambda: F.rms_norm(F.linear(x, w, b), (3,), y[0]),
         ),
     }, (w, b)
 

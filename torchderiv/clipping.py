@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .functional import _per_sample
-from .nn.modules import Linear, LinearCrossEntropyLoss
+from .nn.convert import _MODULE_TWINS, _embedding_options
+from .nn.modules import LinearCrossEntropyLoss, Positional, TorchderivModule
 
 __all__ = ["per_sample", "PerSample"]
 
@@ -27,7 +28,7 @@ def _own_batch_first(module: nn.Module) -> bool | None:
     attention (``self_attn.batch_first``) is told."""
     if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
         module = module.self_attn
-    if isinstance(module, (nn.MultiheadAttention, nn.Transformer)):
+    if isinstance(module, (nn.MultiheadAttention, nn.Transformer, Positional)):
         return bool(module.batch_first)
     return None
 
@@ -37,13 +38,11 @@ def _check_model(model: nn.Module) -> dict:
     per-example gradient cannot be computed exactly, each with what to do instead."""
     tracked: dict[int, tuple[torch.Tensor, str]] = {}
     owner: dict[int, str] = {}
-    fused: set[int] = set()
+    # what torchderiv's modules say their Functions hand per_sample a rule for (TorchderivModule)
+    covered = {id(p) for m in model.modules() if isinstance(m, TorchderivModule) for p in m.per_sample_parameters()}
     problems: list[str] = []
     uncovered: dict[str, tuple[nn.Module, list[str]]] = {}  # module name -> (module, its parameters' names)
     for mod_name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, LinearCrossEntropyLoss) and not module.out_features:
-            # its (torch) Linear, visited next, runs through the fused Function
-            fused.add(id(module.linear))
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             problems.append(
                 f"{mod_name or 'the model'} ({type(module).__name__}) is in training mode: batch statistics mix the "
@@ -60,15 +59,15 @@ def _check_model(model: nn.Module) -> dict:
                 )
                 continue
             owner[id(p)] = name
-            if not ((isinstance(module, Linear) or id(module) in fused) and p_name in ("weight", "bias")):
+            if id(p) not in covered:
                 uncovered.setdefault(mod_name, (module, []))[1].append(name)
                 continue
             tracked[id(p)] = (p, name)
     for mod_name, (module, names) in uncovered.items():
         problems.append(
             f"parameter{'s' if len(names) > 1 else ''} {', '.join(names)} of {type(module).__name__}: not computed by "
-            f"torchderiv's Functions (Linear, Dense, MLP, LinearCrossEntropyLoss), so the per-example gradient is "
-            f"unknown; {_alternative(model, mod_name, module)}"
+            f"torchderiv's Functions (Linear, Dense, MLP, LayerNorm, RMSNorm, Embedding, Positional, "
+            f"LinearCrossEntropyLoss), so the per-example gradient is unknown; {_alternative(model, mod_name, module)}"
         )
     if problems:
         raise RuntimeError(
@@ -87,8 +86,15 @@ def _alternative(model: nn.Module, mod_name: str, module: nn.Module) -> str:
             f"a K-dimensional LinearCrossEntropyLoss (out_features={parent.out_features}) runs outside the fused "
             f"Function: {freeze}"
         )
-    if type(module) is nn.Linear:
+    if type(module) in _MODULE_TWINS and not (isinstance(module, nn.Embedding) and _embedding_options(module)):
         return "convert the model first with torchderiv.convert(model)"
+    if not type(module).__module__.startswith(("torch.", "torchderiv.")):
+        # a parameter of the user's own module, used directly in its forward (x + self.pos)
+        return (
+            f"a parameter used directly in a forward has no Function to compute its per-example gradient: hold an "
+            f"added position parameter in torchderiv.nn.Positional (or look positions up in torchderiv.nn.Embedding), "
+            f"or {freeze}"
+        )
     if isinstance(module, nn.MultiheadAttention) or isinstance(parent, nn.MultiheadAttention):
         return (
             f"attention's packed projections run inside F.multi_head_attention_forward, not through modules: {freeze}"

@@ -4,11 +4,14 @@ The lowercase wrappers take exactly torch 2.13's parameters, in torch's order.
 """
 
 from .activations import ACTIVATIONS, elu, gelu, get_activation, leaky_relu, relu, sigmoid, silu, softplus, tanh
+from .embedding import embedding
 from .fused import dense
 from .linear import linear
 from .linear_cross_entropy import linear_cross_entropy
 from .losses import binary_cross_entropy_with_logits, cross_entropy, huber_loss, mse_loss
 from .mlp import mlp, mlp_cross_entropy
+from .norms import layer_norm, rms_norm
+from .positional import positional
 
 __all__ = [
     "ACTIVATIONS",
@@ -30,4 +33,8 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "cross_entropy",
     "linear_cross_entropy",
+    "layer_norm",
+    "rms_norm",
+    "embedding",
+    "positional",
 ]

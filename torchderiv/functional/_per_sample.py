@@ -31,19 +31,35 @@ from contextlib import nullcontext
 import torch
 from torch.autograd.graph import get_gradient_edge
 
-__all__ = ["Recorder", "current", "defer", "mark", "marked"]
+__all__ = [
+    "Recorder",
+    "Rule",
+    "DenseRule",
+    "ExampleRule",
+    "current",
+    "defer",
+    "mark",
+    "marked",
+    "per_example_sum",
+    "by_sample",
+]
 
 # The active Recorder, or None. A module global (not thread-local), like autograd's own grad mode flag
 # is not: one per_sample context at a time in a process.
 current: Recorder | None = None
 
 
-def _by_sample(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+def by_sample(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """``(B, *, n) -> (B, T, n)`` with ``T = prod(*)`` (1 for a 2-D tensor); with ``dim = 1`` the examples are
     along dim 1, ``(T₀, B, *, n)``, and example i's rows are ``t[:, i]`` (a view where it can be)."""
     if dim:
         t = t.movedim(dim, 0)
     return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
+
+
+def per_example_sum(t: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """``Σ_t tᵢₜ`` over each example's rows: ``(*, n) -> (B, n)`` in ``dtype``, the examples along ``dim``."""
+    return by_sample(t, dim).sum(1, dtype=dtype)
 
 
 def batch_dim(layout: int, t: torch.Tensor) -> int:
@@ -108,7 +124,7 @@ class Recorder:
         self.aliases: dict[int, tuple[torch.Tensor, torch.Parameter]] = {}
         # the node that accumulates each into .grad, to ask the engine whether this pass runs it
         self.accumulators = {k: get_gradient_edge(p).node for k, (p, _) in names.items()}
-        self.pending: list[_Layer] = []
+        self.pending: list[Rule] = []
         # (the callback queued on the backward pass that finishes, that pass's id)
         self.queued: tuple[weakref.ref, int] | None = None
         self.host: int | None = None  # a pass in which a layer's forward ran: passes nested in it are its own
@@ -145,22 +161,14 @@ class Recorder:
         return (self.param(weight), self.param(bias)) if params is None else tuple(map(self.tracked, params))
 
     def take(self, needs, delta, input, weight, bias, params=None):
-        """Keep ``(Δ, H)`` for the tracked ``weight``/``bias``; return ``needs`` without their GEMMs. ``params``:
-        as :meth:`pair` takes it."""
+        """The dense rule's entry: keep ``(Δ, H)`` for the tracked ``weight``/``bias`` (:class:`DenseRule`); return
+        ``needs`` without their GEMMs. ``params``: as :meth:`pair` takes it."""
         w_p, b_p = self.pair(weight, bias, params)
         w = w_p if needs[1] else None
         b = b_p if bias is not None and needs[2] else None
         if w is None and b is None:
             return needs
-        p = w if w is not None else b
-        self._check(p, delta, input)
-        self._check_accumulated(w, b)
-        dim = batch_dim(self.layouts.get(id(p), 0), input)
-        with _autocast_off(delta.device.type):
-            self._settle()
-            layer = self._factors(w, b, delta, input, dim)
-        layer.seen = (tuple(input.shape), dim)
-        self._enqueue(layer)
+        self.keep((w, b), delta, input, lambda dim: self._factors(w, b, delta, input, dim))
         return (needs[0], needs[1] and w is None, needs[2] and b is None)
 
     def take_rows(self, w, b, sq, make, samples, input) -> None:
@@ -168,14 +176,22 @@ class Recorder:
         whose ``Δ`` is ``(B, classes)``): ``sq`` its ``(B,)`` share of ``‖gᵢ‖²``, ``make(c)`` its (clipped)
         gradients ``(∂W, ∂b)`` with example i's rows scaled by ``cᵢ`` (None: unscaled), ``samples()`` each
         example's ``(∂W, ∂b)``, ``(B, *p.shape)``."""
-        self._check(w if w is not None else b, input, input)
-        self._check_accumulated(w, b)
-        with _autocast_off(input.device.type):
+        self.keep((w, b), input, input, lambda dim: Rule((w, b), sq, make, samples))
+
+    def keep(self, params, delta, input, build) -> None:
+        """The one way a Function hands over a tracked layer: ``params`` the layer's parameters that are tracked
+        here (None for the others), ``delta`` the gradient arriving at its output and ``input`` its input (both
+        ``(*, n)`` with the examples along the same dim), ``build(dim)`` its :class:`Rule` given the examples' dim
+        in them. The rule is built after what waited for this layer's backward is made (:meth:`_settle`)."""
+        p = next(q for q in params if q is not None)
+        self._check(p, delta, input)
+        self._check_accumulated(*params)
+        dim = batch_dim(self.layouts.get(id(p), 0), input)
+        with _autocast_off(delta.device.type):
             self._settle()
-        layer = _Layer(w, b)
-        layer.sq, layer.make, layer.samples = sq, make, samples
-        layer.seen = (tuple(input.shape), 0)
-        self._enqueue(layer)
+            rule = build(dim)
+        rule.seen = (tuple(input.shape), dim)
+        self._enqueue(rule)
 
     def _check(self, p, delta, input) -> None:
         who = self.name(p)
@@ -256,18 +272,17 @@ class Recorder:
                 f"unclipped); enter the context after changing which parameters are trainable"
             )
 
-    def _enqueue(self, layer: _Layer) -> None:
+    def _enqueue(self, rule: Rule) -> None:
         self.anchor()
-        self.pending.append(layer)
+        self.pending.append(rule)
 
-    def _factors(self, w, b, delta, input, dim: int = 0) -> _Layer:
+    def _factors(self, w, b, delta, input, dim: int = 0) -> DenseRule:
         """One layer's share of ``‖gᵢ‖²`` (now, or its product's at :meth:`_settle`), and what its clipped gradient
         will need at the end; ``dim``: the examples' dim in ``delta`` and ``input``."""
         dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32  # fp32 norms under autocast
-        d, h = _by_sample(delta, dim), _by_sample(input, dim)  # (B, T, n_out), (B, T, n_in)
+        d, h = by_sample(delta, dim), by_sample(input, dim)  # (B, T, n_out), (B, T, n_in)
         t, n_out, n_in = d.shape[1], d.shape[2], h.shape[2]
-        layer = _Layer(w, b)
-        layer.dim = dim
+        layer = DenseRule(w, b, dim)
         sq = torch.zeros(d.shape[0], dtype=dtype, device=d.device)
         delta_sq = None
         if w is not None:
@@ -283,7 +298,7 @@ class Recorder:
                     # backward's memory peaks (it holds its input, its output's gradient and its result at once):
                     # made now, the product would add to that peak. So Δ and H (or Z) wait, and the product is made
                     # after that step, when the next tracked layer comes or at the end (_settle).
-                    layer.delta, layer.settle = delta, True
+                    layer.delta, layer.waiting = delta, True
                     layer.input, layer.remake = (input, None) if remake[1] is None else (None, remake)
             else:
                 layer.delta = delta
@@ -331,19 +346,15 @@ class Recorder:
         if pending is None:
             self._drop_stale()
             pending = self.pending
-        for layer in pending:
-            if layer.settle:
-                h = _input_of(layer)
-                layer.input = layer.remake = None  # Z goes now unless something else holds it
-                _product(layer, _by_sample(layer.delta, layer.dim), _by_sample(h, layer.dim), layer.sq)
-                layer.delta, layer.settle = None, False
+        for rule in pending:
+            rule.settle()
 
     def _finish(self, pending: list) -> None:
         self._settle(pending)
         self.aliases.clear()
         seen = set()
-        for layer in pending:
-            for p in (layer.w, layer.b):
+        for rule in pending:
+            for p in rule.params:
                 if p is None:
                     continue
                 if id(p) in seen:
@@ -355,10 +366,10 @@ class Recorder:
                 seen.add(id(p))
         n = self._one_batch(pending)
         scale = float(n) if self.loss_reduction == "mean" else 1.0
-        dtype = torch.float64 if any(layer.sq.dtype == torch.float64 for layer in pending) else torch.float32
+        dtype = torch.float64 if any(rule.sq.dtype == torch.float64 for rule in pending) else torch.float32
         sq = pending[0].sq.to(dtype)
-        for layer in pending[1:]:
-            sq = sq + layer.sq.to(dtype)
+        for rule in pending[1:]:
+            sq = sq + rule.sq.to(dtype)
         # The backward's factors carry the loss scale S: example i's gradient is their product divided by S
         unit = scale / self._loss_scale(dtype)
         norms = sq.sqrt_().mul_(unit)
@@ -374,55 +385,31 @@ class Recorder:
         # First layer first, each layer's buffers let go as soon as its gradient is made: the peak is then
         # below "every Δ and H, plus every gradient".
         while pending:
-            layer = pending.pop()
-            w, b = layer.w, layer.b
-            if layer.make is not None:
-                gw, gb = layer.make(c)
-                for p, g in ((w, gw), (b, gb)):
+            rule = pending.pop()
+            for p, g in zip(rule.params, rule.clipped(c)):
+                if p is not None:
+                    _accumulate(p, g)
+                    self._stamp(p)
+            if self.grad_sample:
+                for p, g in zip(rule.params, rule.samples()):
                     if p is not None:
-                        _accumulate(p, g)
-                        self._stamp(p)
-                if self.grad_sample:
-                    for p, g in zip((w, b), layer.samples()):
-                        if p is not None:
-                            p.grad_sample = (g * unit).to(p.dtype)
-                del layer
-                continue
-            if w is not None:
-                if layer.product is not None:
-                    g = (
-                        layer.product.sum(0)
-                        if c is None
-                        else torch.einsum("b,boi->oi", c.to(layer.product.dtype), layer.product)
-                    )
-                    if self.grad_sample:
-                        w.grad_sample = (layer.product * unit).to(w.dtype)
-                else:
-                    g = _deferred_gemm(layer, c)
-                _accumulate(w, g)
-                self._stamp(w)
-            if b is not None:
-                # no local name for the rows: with T = 1 they are a view of Δ, which would outlive `del layer`
-                _accumulate(b, layer.bias_rows.sum(0) if c is None else c.to(layer.bias_rows.dtype) @ layer.bias_rows)
-                self._stamp(b)
-                if self.grad_sample:
-                    b.grad_sample = (layer.bias_rows * unit).to(b.dtype)
-            del layer
+                        p.grad_sample = (g * unit).to(p.dtype)
+            del rule
 
     def _one_batch(self, pending: list) -> int:
         """B, which every tracked layer and the model's input must agree on; else an error naming each of them.
         A layer that sees the examples' rows folded into its leading dim (``reshape(-1, n)``), or a sequence-first
         input read batch-first, sees another count: its norms would be per row or per position, silently."""
-        sizes = {layer.sq.shape[0] for layer in pending}
+        sizes = {rule.sq.shape[0] for rule in pending}
         if self.batch is not None:
             sizes.add(self.batch[0])
         if len(sizes) == 1:
             return sizes.pop()
         lines = [] if self.batch is None else [f"the model's input {self.batch[1]}: {self.batch[0]} examples"]
-        for layer in reversed(pending):  # first layer first
-            shape, dim = layer.seen
-            names = ", ".join(self.name(p) for p in (layer.w, layer.b) if p is not None)
-            lines.append(f"{names}: input {shape}, {layer.sq.shape[0]} examples along dim {dim}")
+        for rule in reversed(pending):  # first layer first
+            shape, dim = rule.seen
+            names = ", ".join(self.name(p) for p in rule.params if p is not None)
+            lines.append(f"{names}: input {shape}, {rule.sq.shape[0]} examples along dim {dim}")
         raise RuntimeError(
             "per_sample: the tracked layers do not see one batch of examples:\n  "
             + "\n  ".join(lines)
@@ -474,35 +461,101 @@ class _Finish:
         self.recorder.finish()
 
 
-class _Layer:
-    """What one tracked layer leaves for :meth:`Recorder.finish`."""
+class Rule:
+    """One tracked layer's per-example gradients, as its Function hands them to the recorder (:meth:`Recorder.keep`).
 
-    __slots__ = (
-        "w",
-        "b",
-        "sq",
-        "delta",
-        "input",
-        "remake",
-        "settle",
-        "product",
-        "bias_rows",
-        "make",
-        "samples",
-        "dim",
-        "seen",
-    )
+    A Function that holds parameters gives, from what it already has in its backward: ``sq``, ``(B,)``, the layer's
+    share of each example's ``‖gᵢ‖²``; ``clipped(c)``, the layer's gradient ``Σᵢ cᵢ gᵢ`` for each of ``params``
+    (``c`` None: ``Σᵢ gᵢ``), called once, at the end of the pass; ``samples()``, each example's ``gᵢ``,
+    ``(B, *p.shape)``, when grad_sample is asked for. Each ``gᵢ`` is of the backward's loss J (the recorder
+    applies B for "mean" and the loss scale). This base class takes them as given (the fused head's rule, whose
+    gradients are recomputed chunk by chunk); :class:`DenseRule` and :class:`ExampleRule` are the others.
 
-    def __init__(self, w, b):
-        self.w, self.b = w, b
-        self.dim = 0  # the examples' dim in delta and input
-        self.seen = ((), 0)  # (the input's shape, the examples' dim), for errors
-        self.sq = self.delta = self.input = self.remake = self.product = self.bias_rows = None
-        self.make = self.samples = None
-        self.settle = False
+    Attributes:
+        params: the layer's parameters tracked here, None for the others (e.g. ``(weight, None)``).
+        seen: ``(its input's shape, the examples' dim)``, for errors.
+    """
+
+    def __init__(self, params, sq=None, clipped=None, samples=None):
+        self.params = tuple(params)
+        self.sq = sq
+        self.seen = ((), 0)
+        if clipped is not None:
+            self.clipped = clipped
+        if samples is not None:
+            self.samples = samples
+
+    def settle(self) -> None:
+        """Called when the next tracked layer's backward starts and at the end of the pass (nothing by default)."""
+
+    def clipped(self, c):
+        raise NotImplementedError
+
+    def samples(self):
+        raise NotImplementedError
 
 
-def _product(layer: _Layer, d: torch.Tensor, h: torch.Tensor, sq: torch.Tensor) -> None:
+class ExampleRule(Rule):
+    """A layer whose per-example gradients are small enough to form directly (LayerNorm's ``γ`` and ``β``:
+    ``(B, n)`` each): ``grads[k]`` is ``(B, *params[k].shape)``, in the norms' dtype. ``‖gᵢ‖²`` is their squared
+    sum, the clipped gradient ``Σᵢ cᵢ gᵢ``."""
+
+    def __init__(self, params, grads):
+        super().__init__(params)
+        self.grads = grads
+        b = next(g.shape[0] for g in grads if g is not None)
+        self.sq = sum(torch.linalg.vector_norm(g.reshape(b, -1), dim=1).square() for g in grads if g is not None)
+
+    def clipped(self, c):
+        return tuple(
+            None if g is None else (g.sum(0) if c is None else torch.tensordot(c.to(g.dtype), g, dims=1))
+            for g in self.grads
+        )
+
+    def samples(self):
+        return self.grads
+
+
+class DenseRule(Rule):
+    """The dense layer ``Z = H Wᵀ + b``: example i's ``(Δᵢᵀ Hᵢ, Σ_t δᵢₜ)`` from the layer's two factors
+    (:meth:`Recorder._factors` decides what is held: the product, the Gram form's Δ and H, or Z to make H again)."""
+
+    def __init__(self, w, b, dim: int = 0):
+        super().__init__((w, b))
+        self.dim = dim  # the examples' dim in delta and input
+        self.delta = self.input = self.remake = self.product = self.bias_rows = None
+        self.waiting = False  # the product waits for the backward of H's maker
+
+    def settle(self) -> None:
+        """Make the product that waited for its input's maker's backward, letting Δ and H (or Z) go."""
+        if self.waiting:
+            h = _input_of(self)
+            self.input = self.remake = None  # Z goes now unless something else holds it
+            _product(self, by_sample(self.delta, self.dim), by_sample(h, self.dim), self.sq)
+            self.delta, self.waiting = None, False
+
+    def clipped(self, c):
+        w, b = self.params
+        gw = gb = None
+        if w is not None:
+            if self.product is not None:
+                gw = (
+                    self.product.sum(0)
+                    if c is None
+                    else torch.einsum("b,boi->oi", c.to(self.product.dtype), self.product)
+                )
+            else:
+                gw = _deferred_gemm(self, c)
+                self.delta = self.input = self.remake = None  # let them go before the next layer's GEMM
+        if b is not None:
+            gb = self.bias_rows.sum(0) if c is None else c.to(self.bias_rows.dtype) @ self.bias_rows
+        return gw, gb
+
+    def samples(self):
+        return self.product, self.bias_rows
+
+
+def _product(layer: DenseRule, d: torch.Tensor, h: torch.Tensor, sq: torch.Tensor) -> None:
     """``layer.product = Δᵢᵀ Hᵢ`` for every example i, ``(B, n_out, n_in)`` in ``sq``'s dtype, each one's squared
     norm added to ``sq``. ``d: (B, T, n_out)``, ``h: (B, T, n_in)``."""
     # Batched GEMMs on transposed views (einsum copied both operands first), a few examples at a time into the one
@@ -517,7 +570,7 @@ def _product(layer: _Layer, d: torch.Tensor, h: torch.Tensor, sq: torch.Tensor) 
         sq[i : i + step] += torch.linalg.vector_norm(part.flatten(1), dim=1).square()
 
 
-def _input_of(layer: _Layer) -> torch.Tensor:
+def _input_of(layer: DenseRule) -> torch.Tensor:
     """The layer's input H: held, or made again from its maker's saved input (:func:`_remake`)."""
     if layer.remake is None:
         return layer.input
@@ -525,7 +578,7 @@ def _input_of(layer: _Layer) -> torch.Tensor:
     return value(saved)
 
 
-def _deferred_gemm(layer: _Layer, c: torch.Tensor | None) -> torch.Tensor:
+def _deferred_gemm(layer: DenseRule, c: torch.Tensor | None) -> torch.Tensor:
     """``(c ⊙ Δ)ᵀ H`` (``Δᵀ H`` when ``c`` is None) from what ``layer`` holds. A function of its own so that
     its temporaries, and its references to Δ and H, are gone when it returns (finish frees layer by layer)."""
     delta, h = layer.delta, _input_of(layer)

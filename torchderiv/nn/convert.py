@@ -28,6 +28,9 @@ _MODULE_TWINS: dict[type, type] = {
     nn.Softplus: M.Softplus,
     nn.GELU: M.GELU,
     nn.SiLU: M.SiLU,
+    nn.LayerNorm: M.LayerNorm,
+    nn.RMSNorm: M.RMSNorm,
+    nn.Embedding: M.Embedding,
 }
 
 # torch activation functions a module may hold as an attribute (TransformerEncoderLayer.activation).
@@ -70,6 +73,8 @@ class ConversionReport:
 
 def _reason_left(module: nn.Module) -> str | None:
     """Why a module that was not swapped stays on torch (None: nothing worth reporting)."""
+    if isinstance(module, nn.Embedding) and _embedding_options(module):
+        return f"{', '.join(_embedding_options(module))}: not supported by torchderiv's embedding"
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "not yet initialised (lazy): run one forward pass first, then convert"
     if isinstance(module, nn.MultiheadAttention):
@@ -85,6 +90,19 @@ def _reason_left(module: nn.Module) -> str | None:
     if module._parameters and any(p is not None for p in module._parameters.values()):
         return "no torchderiv twin for this layer"
     return None
+
+
+def _embedding_options(module: nn.Embedding) -> list[str]:
+    """The options of an Embedding that torchderiv's embedding refuses (it then stays on torch)."""
+    return [
+        name
+        for name, on in (
+            ("max_norm", module.max_norm is not None),
+            ("scale_grad_by_freq", module.scale_grad_by_freq),
+            ("sparse", module.sparse),
+        )
+        if on
+    ]
 
 
 def convert(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
@@ -115,6 +133,8 @@ def convert(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None
     report = ConversionReport()
     for name, module in model.named_modules():
         twin = _MODULE_TWINS.get(type(module))
+        if twin is M.Embedding and _embedding_options(module):
+            twin = None
         if filter_fn is not None and not filter_fn(module, name):
             if twin is not None or _reason_left(module) is not None:
                 report.left.append((name, type(module).__name__, "excluded by filter_fn"))

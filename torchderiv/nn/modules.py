@@ -7,6 +7,7 @@ inspection tool sees ordinary torch modules.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
@@ -31,6 +32,10 @@ __all__ = [
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
     "LinearCrossEntropyLoss",
+    "LayerNorm",
+    "RMSNorm",
+    "Embedding",
+    "Positional",
 ]
 
 
@@ -40,6 +45,16 @@ class TorchderivModule:
 
     def _get_name(self) -> str:
         return "torchderiv." + type(self).__name__
+
+    def per_sample_parameters(self) -> tuple:
+        """The parameters whose per-example gradients this module's Functions hand to
+        :func:`torchderiv.per_sample` (a rule each, ``functional/_per_sample.py``); per_sample tracks these and
+        refuses any other trainable parameter. None by default (activations, losses)."""
+        return ()
+
+
+def _own(module: nn.Module, *names: str) -> tuple:
+    return tuple(p for p in (getattr(module, n) for n in names) if p is not None)
 
 
 class Linear(TorchderivModule, nn.Linear):
@@ -56,6 +71,9 @@ class Linear(TorchderivModule, nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         return TF.linear(input, self.weight, self.bias)
+
+    def per_sample_parameters(self) -> tuple:
+        return _own(self, "weight", "bias")
 
 
 class Dense(Linear):
@@ -332,3 +350,88 @@ class LinearCrossEntropyLoss(TorchderivModule, nn.LinearCrossEntropyLoss):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", chunk_size={self.chunk_size}" if self.chunk_size is not None else "")
+
+    def per_sample_parameters(self) -> tuple:
+        # its (torch) Linear's, which run through the fused Function unless reshaped for K-dimensional outputs
+        return () if self.out_features else _own(self.linear, "weight", "bias")
+
+
+class LayerNorm(TorchderivModule, nn.LayerNorm):
+    r"""``y = γ ⊙ (x − μ)/r + β`` — :class:`torch.nn.LayerNorm` through :func:`torchderiv.functional.layer_norm`.
+
+    Args / Shape: as :class:`torch.nn.LayerNorm` (``elementwise_affine``, ``bias``; input ``(*, *normalized_shape)``).
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return TF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def per_sample_parameters(self) -> tuple:
+        return _own(self, "weight", "bias")
+
+
+class RMSNorm(TorchderivModule, nn.RMSNorm):
+    r"""``y = γ ⊙ x/r``, ``r = (mean(x²) + ε)^½`` — :class:`torch.nn.RMSNorm` through
+    :func:`torchderiv.functional.rms_norm`."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return TF.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+    def per_sample_parameters(self) -> tuple:
+        return _own(self, "weight")
+
+
+class Embedding(TorchderivModule, nn.Embedding):
+    r"""``out[…] = W[x[…]]`` — :class:`torch.nn.Embedding` through :func:`torchderiv.functional.embedding`.
+
+    ``max_norm``, ``scale_grad_by_freq`` and ``sparse`` are refused at the forward (``NotImplementedError``).
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return TF.embedding(
+            input, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
+
+    def per_sample_parameters(self) -> tuple:
+        return _own(self, "weight")
+
+
+class Positional(TorchderivModule, nn.Module):
+    r"""A learned additive position parameter: ``y[…, t, :] = x[…, t, :] + P[t]`` for the T positions of ``x``.
+
+    What a bare ``self.pos = nn.Parameter(...)`` added in a model's forward does, as a module whose Function
+    :func:`torchderiv.per_sample` can clip (each example's gradient is its own ``Δᵢ``, T × d).
+
+    Args:
+        num_positions: the longest sequence (rows of P). embedding_dim: d.
+        batch_first: inputs ``(B, T, d)`` (True) or ``(T, B, d)`` (False, torch's transformer default).
+        init_std: P starts as ``N(0, init_std²)``.
+
+    Shape: input ``(B, T, d)`` or ``(T, B, d)`` with ``T ≤ num_positions``, or ``(T, d)`` unbatched; output the same.
+    """
+
+    def __init__(
+        self,
+        num_positions: int,
+        embedding_dim: int,
+        batch_first: bool = True,
+        init_std: float = 0.02,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.num_positions, self.embedding_dim, self.batch_first = num_positions, embedding_dim, batch_first
+        self.weight = nn.Parameter(torch.empty(num_positions, embedding_dim, device=device, dtype=dtype))
+        self.init_std = init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return TF.positional(input, self.weight, self.batch_first)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_positions}, {self.embedding_dim}, batch_first={self.batch_first}"
+
+    def per_sample_parameters(self) -> tuple:
+        return (self.weight,)
