@@ -178,7 +178,9 @@ def test_convert_transformer_encoder_layer_in_train_mode():
     layer.train(), reference.train()
     torchderiv.convert(layer)
     assert type(layer.linear1) is tnn.Linear and type(layer.linear2) is tnn.Linear
-    assert type(layer.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear  # left alone
+    # attention's twin computes out_proj's parameters itself: the module keeps its class and state_dict key
+    assert type(layer.self_attn) is tnn.MultiheadAttention
+    assert type(layer.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
     assert layer.activation is torchderiv.functional.relu
     x = torch.randn(3, 4, 8)
     out = _same_outputs_and_grads(layer, reference, x, seed=5)
@@ -207,6 +209,7 @@ def test_convert_reports_what_it_changed_and_what_it_left(caplog):
         nn.LazyLinear(3),
         nn.TransformerEncoderLayer(8, 2),
         nn.Conv1d(8, 8, 1),
+        nn.MultiheadAttention(8, 2, add_bias_kv=True),
     )
     with caplog.at_level(logging.INFO, logger="torchderiv"):
         assert torchderiv.convert(model) is model
@@ -216,13 +219,15 @@ def test_convert_reports_what_it_changed_and_what_it_left(caplog):
     assert any(name == "4.activation" for name, _ in report.converted)
     left = {name: (kind, why) for name, kind, why in report.left}
     assert left["3"][0] == "LazyLinear" and "not yet initialised" in left["3"][1]
-    assert left["4.self_attn"][0] == "MultiheadAttention" and "packed in_proj_weight" in left["4.self_attn"][1]
-    assert "subclass of nn.Linear" in left["4.self_attn.out_proj"][1]
+    assert ("4.self_attn", "nn.MultiheadAttention -> torchderiv.MultiheadAttention") in report.converted
+    assert "4.self_attn.out_proj" not in left  # run by its converted parent
+    assert left["6"] == ("MultiheadAttention", "add_bias_kv: not supported by torchderiv's attention")
+    assert "subclass of nn.Linear" in left["6.out_proj"][1]
     assert ("2", "nn.LayerNorm -> torchderiv.LayerNorm") in report.converted
     assert ("4.norm1", "nn.LayerNorm -> torchderiv.LayerNorm") in report.converted
     assert left["5"] == ("Conv1d", "no torchderiv twin for this layer")
     text = str(report)
-    assert text.startswith("torchderiv.convert: 8 converted, 4 left on torch") and text in caplog.text
+    assert text.startswith("torchderiv.convert: 9 converted, 4 left on torch") and text in caplog.text
     # print(model) says which layers are torchderiv's
     shown = repr(model)
     assert "(0): torchderiv.Linear(in_features=4, out_features=8, bias=True)" in shown

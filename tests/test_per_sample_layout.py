@@ -67,10 +67,7 @@ def _encoder_layer(batch_first, norm_first):
         D, 2, FF, dropout=0.0, activation="gelu", batch_first=batch_first, norm_first=norm_first
     ).double()
     ours = torchderiv.convert(copy.deepcopy(ref))
-    for m in (ours, ref):  # attention has no torchderiv Function yet: the feed-forward and the norms train
-        for n, p in m.named_parameters():
-            p.requires_grad_(not n.startswith("self_attn"))
-    return ours, ref
+    return ours, ref  # every parameter trains: attention's projections, the feed-forward and the norms
 
 
 @pytest.mark.parametrize("seq", [T, B], ids=["T!=B", "T=B"])
@@ -185,6 +182,7 @@ def test_every_refusal_named_in_one_error():
         {
             "emb": nn.Embedding(10, D),
             "attn": nn.MultiheadAttention(D, 2),
+            "attn_kv": nn.MultiheadAttention(D, 2, add_bias_kv=True),
             "norm": nn.LayerNorm(D),
             "plain": nn.Linear(D, D),
             "bn": nn.BatchNorm1d(D),
@@ -196,7 +194,7 @@ def test_every_refusal_named_in_one_error():
     with pytest.raises(RuntimeError) as err:
         torchderiv.per_sample(model).__enter__()
     message = str(err.value)
-    assert message.startswith("per_sample: 8 parts of the model cannot be clipped per example:")
+    assert message.startswith("per_sample: 10 parts of the model cannot be clipped per example:")
     for line in [
         "bn (BatchNorm1d) is in training mode",
         "parameters bn.weight, bn.bias of BatchNorm1d: not computed",
@@ -205,7 +203,8 @@ def test_every_refusal_named_in_one_error():
         "freeze it (bn.requires_grad_(False))",
         "parameters attn.in_proj_weight, attn.in_proj_bias of MultiheadAttention: not computed",
         "parameters attn.out_proj.weight, attn.out_proj.bias of NonDynamicallyQuantizableLinear: not computed",
-        "attention's packed projections run inside F.multi_head_attention_forward",
+        "parameters attn_kv.in_proj_weight, attn_kv.in_proj_bias, attn_kv.bias_k, attn_kv.bias_v of MultiheadAttention",
+        "add_bias_kv: not supported by torchderiv's Function; freeze it (attn_kv.requires_grad_(False))",
         "parameters norm.weight, norm.bias of LayerNorm: not computed",
         "parameters plain.weight, plain.bias of Linear: not computed",
         "convert the model first with torchderiv.convert(model)",

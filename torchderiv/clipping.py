@@ -17,7 +17,7 @@ from torch import nn
 
 from .functional import _per_sample
 from .nn.convert import _MODULE_TWINS, _embedding_options
-from .nn.modules import LinearCrossEntropyLoss, Positional, TorchderivModule
+from .nn.modules import LinearCrossEntropyLoss, MultiheadAttention, Positional, TorchderivModule, attention_options
 
 __all__ = ["per_sample", "PerSample"]
 
@@ -26,6 +26,8 @@ def _own_batch_first(module: nn.Module) -> bool | None:
     """The layout a torch transformer module declares for the inputs of the Linears it holds (None: not one):
     an encoder/decoder layer's linear1/linear2 see the layer's own input, (B, T, d) or (T, B, d), as its
     attention (``self_attn.batch_first``) is told."""
+    if isinstance(module, MultiheadAttention):
+        return False  # it works sequence-first whatever its batch_first: its projections see (T, B, d)
     if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
         module = module.self_attn
     if isinstance(module, (nn.MultiheadAttention, nn.Transformer, Positional)):
@@ -86,7 +88,17 @@ def _alternative(model: nn.Module, mod_name: str, module: nn.Module) -> str:
             f"a K-dimensional LinearCrossEntropyLoss (out_features={parent.out_features}) runs outside the fused "
             f"Function: {freeze}"
         )
-    if type(module) in _MODULE_TWINS and not (isinstance(module, nn.Embedding) and _embedding_options(module)):
+    attention = module if isinstance(module, nn.MultiheadAttention) else parent
+    options = (
+        attention_options(attention)
+        if isinstance(attention, nn.MultiheadAttention)
+        else _embedding_options(module)
+        if isinstance(module, nn.Embedding)
+        else []
+    )
+    if options:
+        return f"{', '.join(options)}: not supported by torchderiv's Function; {freeze}"
+    if type(module) in _MODULE_TWINS or isinstance(attention, nn.MultiheadAttention):
         return "convert the model first with torchderiv.convert(model)"
     if not type(module).__module__.startswith(("torch.", "torchderiv.")):
         # a parameter of the user's own module, used directly in its forward (x + self.pos)
@@ -94,10 +106,6 @@ def _alternative(model: nn.Module, mod_name: str, module: nn.Module) -> str:
             f"a parameter used directly in a forward has no Function to compute its per-example gradient: hold an "
             f"added position parameter in torchderiv.nn.Positional (or look positions up in torchderiv.nn.Embedding), "
             f"or {freeze}"
-        )
-    if isinstance(module, nn.MultiheadAttention) or isinstance(parent, nn.MultiheadAttention):
-        return (
-            f"attention's packed projections run inside F.multi_head_attention_forward, not through modules: {freeze}"
         )
     return f"{freeze} or leave it out of the model"
 

@@ -160,3 +160,70 @@ def test_module_error_inputs_raise_torchs_exception_type(info):
         module = ours(*c.args, **c.kwargs)
         with pytest.raises(err.error_type):
             module(*f.args, **f.kwargs)
+
+
+# --- torch's module samples (ModuleInfo): values and gradients of every twin equal to torch's module ---------
+
+
+SAMPLE_MODULES = [m for m in module_db if m.module_cls in MODULE_TWINS]
+
+
+def _floats(out):
+    """The floating tensors in a module's output (a tensor or a tuple such as attention's (out, weights))."""
+    items = out if isinstance(out, (tuple, list)) else (out,)
+    return [t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _fresh(obj):
+    """A copy of a sample's arguments whose tensors are new leaves (requires_grad kept)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone().requires_grad_(obj.requires_grad)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_fresh(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _fresh(v) for k, v in obj.items()}
+    return obj
+
+
+def test_module_samples_exist():
+    assert {m.module_cls.__name__ for m in SAMPLE_MODULES} >= {"Linear", "LayerNorm", "MultiheadAttention", "Embedding"}
+
+
+@pytest.mark.parametrize("info", SAMPLE_MODULES, ids=lambda m: m.module_cls.__name__)
+def test_module_samples_match_torch(info):
+    compared = 0
+    for sample in info.module_inputs_func(info, "cpu", torch.float64, True, training=False):
+        c, f = sample.constructor_input, sample.forward_input
+        if f is None:
+            continue
+        torch.manual_seed(0)  # the same initialisation for both
+        theirs = info.module_cls(*c.args, **c.kwargs).to(torch.float64).eval()
+        torch.manual_seed(0)
+        ours = MODULE_TWINS[info.module_cls](*c.args, **c.kwargs).to(torch.float64).eval()
+        args_a, args_b = _fresh((f.args, f.kwargs)), _fresh((f.args, f.kwargs))
+        try:
+            out_a = _floats(ours(*args_a[0], **args_a[1]))
+        except NotImplementedError:  # an option torchderiv refuses (and convert leaves on torch)
+            continue
+        out_b = _floats(theirs(*args_b[0], **args_b[1]))
+        assert len(out_a) == len(out_b)
+        for a, b in zip(out_a, out_b):
+            torch.testing.assert_close(a, b, equal_nan=True, atol=1e-10, rtol=1e-7)
+        leaves_a = [t for t in (*args_a[0], *ours.parameters()) if isinstance(t, torch.Tensor) and t.requires_grad]
+        leaves_b = [t for t in (*args_b[0], *theirs.parameters()) if isinstance(t, torch.Tensor) and t.requires_grad]
+        diff = [a for a in out_a if a.requires_grad]
+        if diff and leaves_a:
+            gen = torch.Generator().manual_seed(1)
+            weights = [torch.randn(a.shape, dtype=a.dtype, generator=gen) for a in diff]
+            total_a = sum((a.nan_to_num() * w).sum() for a, w in zip(diff, weights))
+            total_b = sum((b.nan_to_num() * w).sum() for b, w in zip([b for b in out_b if b.requires_grad], weights))
+            grads_a = torch.autograd.grad(total_a, leaves_a, allow_unused=True)
+            grads_b = torch.autograd.grad(total_b, leaves_b, allow_unused=True)
+            for ga, gb in zip(grads_a, grads_b):
+                if gb is None:
+                    assert ga is None or not ga.any()
+                    continue
+                torch.testing.assert_close(ga, gb, equal_nan=True, atol=1e-10, rtol=1e-7)
+        compared += 1
+    if compared == 0:
+        pytest.skip(f"every sample of {info.module_cls.__name__} uses an option torchderiv leaves on torch")

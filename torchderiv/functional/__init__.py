@@ -4,6 +4,7 @@ The lowercase wrappers take exactly torch 2.13's parameters, in torch's order.
 """
 
 from .activations import ACTIVATIONS, elu, gelu, get_activation, leaky_relu, relu, sigmoid, silu, softplus, tanh
+from .attention import multi_head_attention, packed_linear
 from .embedding import embedding
 from .fused import dense
 from .linear import linear
@@ -37,4 +38,6 @@ __all__ = [
     "rms_norm",
     "embedding",
     "positional",
+    "packed_linear",
+    "multi_head_attention",
 ]

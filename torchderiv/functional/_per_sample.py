@@ -36,6 +36,7 @@ __all__ = [
     "Rule",
     "DenseRule",
     "ExampleRule",
+    "BlockRule",
     "current",
     "defer",
     "mark",
@@ -170,6 +171,16 @@ class Recorder:
             return needs
         self.keep((w, b), delta, input, lambda dim: self._factors(w, b, delta, input, dim))
         return (needs[0], needs[1] and w is None, needs[2] and b is None)
+
+    def take_blocks(self, w, b, deltas, inputs) -> None:
+        """A packed dense layer, row blocks ``W_b`` of one weight on inputs ``H_b`` (attention's ``in_proj`` on separate
+        query, key and value): one dense rule per block, stacked (:class:`BlockRule`). ``w``/``b``: tracked or None."""
+        self.keep(
+            (w, b),
+            deltas[0],
+            inputs[0],
+            lambda dim: BlockRule((w, b), [self._factors(w, b, d, h, dim) for d, h in zip(deltas, inputs)]),
+        )
 
     def take_rows(self, w, b, sq, make, samples, input) -> None:
         """Keep a layer whose factors are recomputed rather than held (the fused linear + cross-entropy,
@@ -514,6 +525,30 @@ class ExampleRule(Rule):
 
     def samples(self):
         return self.grads
+
+
+class BlockRule(Rule):
+    """A parameter made of row blocks, each a layer of its own (:meth:`Recorder.take_blocks`): example i's gradient
+    is the blocks' stacked, ``‖gᵢ‖² = Σ_blocks ‖gᵢᵇ‖²`` (disjoint rows), the clipped sum the blocks' stacked."""
+
+    def __init__(self, params, blocks):
+        super().__init__(params)
+        self.blocks = blocks
+        self.sq = sum(block.sq for block in blocks)
+
+    def settle(self) -> None:
+        if any(getattr(block, "waiting", False) for block in self.blocks):
+            for block in self.blocks:
+                block.settle()
+            self.sq = sum(block.sq for block in self.blocks)
+
+    def clipped(self, c):
+        parts = [block.clipped(c) for block in self.blocks]
+        return tuple(None if p is None else torch.cat([g[k] for g in parts]) for k, p in enumerate(self.params))
+
+    def samples(self):
+        parts = [block.samples() for block in self.blocks]
+        return tuple(None if p is None else torch.cat([g[k] for g in parts], 1) for k, p in enumerate(self.params))
 
 
 class DenseRule(Rule):

@@ -65,7 +65,11 @@ class EmbeddingFunction(torch.autograd.Function):
                 rec.keep((w,), grad_output, grad_output, rule)
                 return None, None, None
         index = input.reshape(-1)
-        return None, _index_add_rows(num, index, grad_output.reshape(index.shape[0], grad_output.shape[-1]), padding_idx), None
+        return (
+            None,
+            _index_add_rows(num, index, grad_output.reshape(index.shape[0], grad_output.shape[-1]), padding_idx),
+            None,
+        )
 
     @staticmethod
     def jvp(ctx, d_input, d_weight, _):

@@ -15,6 +15,7 @@ from .modules import (
     Linear,
     LinearCrossEntropyLoss,
     MSELoss,
+    MultiheadAttention,
     Positional,
     ReLU,
     RMSNorm,
@@ -45,5 +46,6 @@ __all__ = [
     "RMSNorm",
     "Embedding",
     "Positional",
+    "MultiheadAttention",
     "convert",
 ]

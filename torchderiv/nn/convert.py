@@ -31,6 +31,7 @@ _MODULE_TWINS: dict[type, type] = {
     nn.LayerNorm: M.LayerNorm,
     nn.RMSNorm: M.RMSNorm,
     nn.Embedding: M.Embedding,
+    nn.MultiheadAttention: M.MultiheadAttention,
 }
 
 # torch activation functions a module may hold as an attribute (TransformerEncoderLayer.activation).
@@ -77,11 +78,8 @@ def _reason_left(module: nn.Module) -> str | None:
         return f"{', '.join(_embedding_options(module))}: not supported by torchderiv's embedding"
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "not yet initialised (lazy): run one forward pass first, then convert"
-    if isinstance(module, nn.MultiheadAttention):
-        return (
-            "its packed in_proj_weight and out_proj are used inside F.multi_head_attention_forward, not through "
-            "modules: no torchderiv Function computes them"
-        )
+    if isinstance(module, nn.MultiheadAttention) and M.attention_options(module):
+        return f"{', '.join(M.attention_options(module))}: not supported by torchderiv's attention"
     if isinstance(module, nn.Linear):
         return (
             f"a subclass of nn.Linear ({type(module).__name__}) may be used other than through its forward "
@@ -131,9 +129,14 @@ def convert(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
     report = ConversionReport()
+    handled: set[int] = set()  # children whose parameters a converted parent's Function computes (out_proj)
     for name, module in model.named_modules():
+        if id(module) in handled:
+            continue
         twin = _MODULE_TWINS.get(type(module))
-        if twin is M.Embedding and _embedding_options(module):
+        if (twin is M.Embedding and _embedding_options(module)) or (
+            twin is M.MultiheadAttention and M.attention_options(module)
+        ):
             twin = None
         if filter_fn is not None and not filter_fn(module, name):
             if twin is not None or _reason_left(module) is not None:
@@ -142,6 +145,8 @@ def convert(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None
         if twin is not None:
             report.converted.append((name, f"nn.{type(module).__name__} -> torchderiv.{twin.__name__}"))
             module.__class__ = twin
+            if twin is M.MultiheadAttention:
+                handled.add(id(module.out_proj))
         elif not isinstance(module, M.TorchderivModule):
             reason = _reason_left(module)
             if reason is not None:

@@ -36,6 +36,7 @@ __all__ = [
     "RMSNorm",
     "Embedding",
     "Positional",
+    "MultiheadAttention",
 ]
 
 
@@ -435,3 +436,66 @@ class Positional(TorchderivModule, nn.Module):
 
     def per_sample_parameters(self) -> tuple:
         return (self.weight,)
+
+
+class MultiheadAttention(TorchderivModule, nn.MultiheadAttention):
+    r""":class:`torch.nn.MultiheadAttention` with both projections through torchderiv's dense Functions
+    (:func:`torchderiv.functional.multi_head_attention`): the packed ``in_proj_weight``/``in_proj_bias`` (one dense
+    layer with 3d outputs for self-attention; three row blocks on separate query, key, value) and ``out_proj``.
+    The attention core is torch's ``scaled_dot_product_attention``.
+
+    Same constructor, parameters, ``state_dict`` and forward arguments as torch's. Not supported (refused at the
+    forward with ``NotImplementedError``; :func:`torchderiv.convert` leaves such a module on torch): ``kdim``/``vdim``
+    other than ``embed_dim`` (separate projection weights), ``add_bias_kv``, ``add_zero_attn``.
+    """
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
+        unsupported = attention_options(self)
+        if unsupported:
+            raise NotImplementedError(
+                f"torchderiv.nn.MultiheadAttention: {', '.join(unsupported)} not supported "
+                f"(use torch.nn.MultiheadAttention)"
+            )
+        return TF.multi_head_attention(
+            query,
+            key,
+            value,
+            self.num_heads,
+            self.in_proj_weight,
+            self.in_proj_bias,
+            self.out_proj.weight,
+            self.out_proj.bias,
+            batch_first=self.batch_first,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+
+    def per_sample_parameters(self) -> tuple:
+        return _own(self, "in_proj_weight", "in_proj_bias") + _own(self.out_proj, "weight", "bias")
+
+
+def attention_options(module: nn.MultiheadAttention) -> list[str]:
+    """The options of a MultiheadAttention that torchderiv's attention does not support."""
+    return [
+        name
+        for name, on in (
+            ("kdim/vdim other than embed_dim", not module._qkv_same_embed_dim),
+            ("add_bias_kv", module.bias_k is not None),
+            ("add_zero_attn", module.add_zero_attn),
+        )
+        if on
+    ]
