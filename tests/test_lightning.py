@@ -261,7 +261,9 @@ def test_cli_print_config(tmp_path, capsys):
         CLI(args=["fit", *_cli_args(tmp_path), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["sizes"] == [64, 128, 10]
+    # a config without model.class_path configures MLPModule, as before ModelModule existed
+    assert printed["model"]["class_path"] == "torchderiv.lightning.MLPModule"
+    assert printed["model"]["init_args"]["sizes"] == [64, 128, 10]
     assert printed["trainer"]["enable_progress_bar"] is None
     assert printed["data"]["class_path"] == "torchderiv.lightning.DigitsDataModule"
 
@@ -270,7 +272,7 @@ def test_cli_print_config(tmp_path, capsys):
     "override, named",
     [
         ("--model.activation=rleu", "rleu"),
-        ("--model.lr=fast", "model.lr"),
+        ("--model.lr=fast", 'Parser key "lr"'),
         ("--model.sizez=[1,2]", "sizez"),
     ],
     ids=["unknown-activation", "wrong-type", "unknown-key"],
@@ -295,7 +297,18 @@ def test_cli_unknown_key_in_config_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "name", ["digits", "digits_autograd", "breast_cancer", "student", "ddp_cpu", "digits_dp", "breast_cancer_dp"]
+    "name",
+    [
+        "digits",
+        "digits_autograd",
+        "breast_cancer",
+        "student",
+        "ddp_cpu",
+        "digits_dp",
+        "breast_cancer_dp",
+        "digits_transformer",
+        "digits_transformer_dp",
+    ],
 )
 def test_every_config_parses_and_comments_every_value(name, capsys):
     path = ROOT / "configs" / f"{name}.yaml"
@@ -347,3 +360,56 @@ def test_device_check_script_dry_run():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "dry run: ready" in proc.stdout
+
+
+# --- any torch model: ModelModule, the token transformer, digits as tokens -------------------------------------
+
+
+def test_digits_as_tokens_use_no_statistics_of_the_data():
+    dm = DigitsDataModule(tokens=True)
+    dm.setup()
+    x, _ = dm.splits["train"][:]
+    assert x.dtype == torch.long and x.shape[1] == 64 and x.min() == 0 and x.max() == 16
+    assert not hasattr(dm, "mean") and not hasattr(dm, "std")  # no statistics of the training set computed
+
+
+def test_model_module_converts_and_reports(caplog):
+    import logging
+
+    from torchderiv.lightning import ModelModule, TokenTransformer
+
+    net = TokenTransformer(d_model=8, nhead=2, dim_feedforward=16, num_layers=1)
+    with caplog.at_level(logging.INFO):
+        module = ModelModule(net, num_outputs=10)
+    assert module.net is net and type(net.encoder.layers[0].self_attn).__module__ == "torchderiv.nn.modules"
+    assert "torchderiv.convert: " in caplog.text and "0 left on torch" in caplog.text
+    assert "model" not in module.hparams and module.hparams["num_outputs"] == 10
+    torchderiv_free = ModelModule(TokenTransformer(d_model=8, nhead=2, num_layers=1), 10, convert=False)
+    assert type(torchderiv_free.net.embedding) is torch.nn.Embedding
+
+
+def test_model_module_refuses_what_per_sample_cannot_clip_before_training(tmp_path):
+    from torchderiv.lightning import ModelModule
+
+    class WithConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(1, 2, 3, padding=1)
+            self.head = torch.nn.Linear(128, 10)
+
+        def forward(self, x):
+            return self.head(self.conv(x.unsqueeze(1)).flatten(1))
+
+    module = ModelModule(WithConv(), 10, privacy={"noise_multiplier": 1.0, "max_grad_norm": 1.0})
+    trainer = _trainer(tmp_path, max_epochs=1)
+    with pytest.raises(RuntimeError, match=r"parameters conv\.weight, conv\.bias of Conv1d: not computed"):
+        trainer.fit(module, DigitsDataModule(batch_size=64))
+
+
+def test_digits_transformer_config_meets_its_target(tmp_path, monkeypatch):
+    # The documented job: test accuracy >= 0.97 (train.main: fit, then test the best checkpoint).
+    from torchderiv.train import main
+
+    monkeypatch.chdir(tmp_path)
+    results = main([str(ROOT / "configs/digits_transformer.yaml"), f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert results["test/acc"] >= 0.97

@@ -461,6 +461,18 @@ def test_digits_dp_config_meets_its_targets(tmp_path, monkeypatch):
     assert 0 < results["privacy/epsilon"] <= 4.0
 
 
+def test_digits_transformer_dp_config_meets_its_targets(tmp_path, monkeypatch):
+    # The private transformer: every parameter clipped per example; epsilon <= 4 at delta = 1e-5, test acc >= 0.85.
+    from torchderiv.train import main
+
+    monkeypatch.chdir(tmp_path)
+    results = main(
+        [str(ROOT / "configs/digits_transformer_dp.yaml"), f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    )
+    assert results["test/acc"] >= 0.85
+    assert 0 < results["privacy/epsilon"] <= 4.0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_private_step_noise_on_the_device():
     # The noise generator lives on the parameters' device (a CPU generator cannot draw CUDA noise), and σ = 0

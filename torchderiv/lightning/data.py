@@ -48,6 +48,8 @@ class ArrayDataModule(LightningDataModule):
     """
 
     task: str = "multiclass"
+    # False: the features are integer tokens, passed on as they are (long), with no statistics of the data
+    standardise: bool = True
 
     def __init__(
         self,
@@ -81,14 +83,18 @@ class ArrayDataModule(LightningDataModule):
         order = np.random.default_rng(self.seed).permutation(n)
         n_test, n_val = int(round(n * self.test_fraction)), int(round(n * self.val_fraction))
         parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
-        train = X[parts["train"]].astype(np.float64)
-        self.mean = train.mean(0)
-        std = train.std(0)
-        # A constant feature (digits has pixels that are always 0) is centred and left unscaled: no NaN.
-        self.std = np.where(std > 0, std, 1.0)
+        if self.standardise:
+            train = X[parts["train"]].astype(np.float64)
+            self.mean = train.mean(0)
+            std = train.std(0)
+            # A constant feature (digits has pixels that are always 0) is centred and left unscaled: no NaN.
+            self.std = np.where(std > 0, std, 1.0)
         target_dtype = torch.long if self.task == "multiclass" else torch.float32
         for name, idx in parts.items():
-            features = torch.tensor((X[idx] - self.mean) / self.std, dtype=torch.float32)
+            if self.standardise:
+                features = torch.tensor((X[idx] - self.mean) / self.std, dtype=torch.float32)
+            else:
+                features = torch.tensor(X[idx], dtype=torch.long)
             self.splits[name] = TensorDataset(features, torch.tensor(y[idx], dtype=target_dtype))
 
     def _loader(self, name: str, sampler=None) -> DataLoader:
@@ -114,9 +120,29 @@ class ArrayDataModule(LightningDataModule):
 
 
 class DigitsDataModule(ArrayDataModule):
-    """scikit-learn's 8×8 handwritten digits: 1797 samples, 64 features, 10 classes (bundled, offline)."""
+    """scikit-learn's 8×8 handwritten digits: 1797 samples, 64 features, 10 classes (bundled, offline).
+
+    Args:
+        batch_size, num_workers, val_fraction, test_fraction, seed: as :class:`ArrayDataModule`.
+        tokens: give each image as 64 tokens, its pixels' intensities 0–16 (long, row by row), for a sequence model
+            (:class:`~torchderiv.lightning.TokenTransformer`); no statistics of the data are used. False: 64
+            float features standardised with the training split's mean and standard deviation.
+    """
 
     task = "multiclass"
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 0,
+        tokens: bool = False,
+    ) -> None:
+        super().__init__(batch_size, num_workers, val_fraction, test_fraction, seed)
+        self.tokens = tokens
+        self.standardise = not tokens
 
     def load(self):
         from sklearn.datasets import load_digits

@@ -1,4 +1,6 @@
-"""``MLPModule``: the seed's network and loss as a LightningModule, on torchderiv or on torch autograd."""
+"""LightningModules: ``MLPModule`` (the seed's network and loss, on torchderiv or on torch autograd) and
+``ModelModule`` (any torch model, converted to torchderiv's Functions); both train privately from a ``privacy``
+block."""
 
 from __future__ import annotations
 
@@ -10,18 +12,21 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from .. import functional as TF
 from ..clipping import _check_model, per_sample
 from ..nn import MLP
+from ..nn import convert as convert_model
 from ..privacy import derived_seed
 from .privacy import Privacy, PrivateTraining
 
-__all__ = ["MLPModule", "AutogradMLP"]
+__all__ = ["MLPModule", "ModelModule", "AutogradMLP"]
 
 Activation = Literal["relu", "sigmoid", "tanh", "leaky_relu", "elu", "softplus", "gelu", "silu"]
 Task = Literal["multiclass", "binary", "regression"]
+Optimizer = Literal["sgd", "adam", "adamw"]
 
 _TORCH_ACTIVATIONS = {
     "relu": F.relu,
@@ -56,68 +61,53 @@ class AutogradMLP(nn.Module):
         return self.layers[-1](x)
 
 
-class MLPModule(LightningModule):
-    """Train the seed's network: ``sizes = [n_0, …, n_L, n_out]``, g after every hidden layer, linear output.
-
-    Args:
-        sizes: layer widths, input first. ``task="binary"`` needs one output node (the seed's z).
-        activation: g, the hidden layers' nonlinearity.
-        task: ``multiclass`` (softmax + cross-entropy), ``binary`` (sigmoid + binary cross-entropy on one
-            output node), ``regression`` (identity + mean squared error).
-        impl: ``torchderiv`` (hand-derived Functions) or ``autograd`` (the same network and loss from
-            torch.nn, as the reference).
-        optimizer: ``sgd`` (the seed's update, §3.6, with optional momentum) or ``adam``.
-        lr: learning rate η.
-        momentum: SGD momentum (ignored by Adam).
-        weight_decay: L2 penalty — the regularisation the seed's §1 asks for.
-        bias: whether layers carry a bias (the seed's have none).
-        privacy: train with DP-SGD (:class:`~torchderiv.lightning.privacy.Privacy`): each example's gradient
-            clipped inside torchderiv's backward, Opacus's noise, accountant and Poisson sampling of the
-            training set. ε is logged each epoch as ``privacy/epsilon``. Needs ``impl="torchderiv"`` and a data
-            module; under DDP the clipped sums are all-reduced and the noise is added once (rank 0).
-    """
+class _TrainModule(LightningModule):
+    """What every module here shares: the loss and metrics of its task, the optimizer, and private training
+    (clipping in torchderiv's backward, Opacus's noise, accountant and Poisson sampling). Subclasses build
+    ``self.net`` and save their hyperparameters."""
 
     def __init__(
         self,
-        sizes: list[int],
-        activation: Activation = "relu",
-        task: Task = "multiclass",
-        impl: Literal["torchderiv", "autograd"] = "torchderiv",
-        optimizer: Literal["sgd", "adam"] = "adam",
-        lr: float = 1e-3,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        bias: bool = True,
-        privacy: Privacy | None = None,
+        net: nn.Module,
+        task: str,
+        n_out: int,
+        impl: str,
+        optimizer: str,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        privacy,
+        batch_first: bool = True,
+        lr_schedule: str = "constant",
     ) -> None:
         super().__init__()
         if task not in ("multiclass", "binary", "regression"):
             raise ValueError(f"task must be 'multiclass', 'binary' or 'regression', got {task!r}")
-        if impl not in ("torchderiv", "autograd"):
-            raise ValueError(f"impl must be 'torchderiv' or 'autograd', got {impl!r}")
-        if optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-        if activation not in _TORCH_ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(_TORCH_ACTIVATIONS)}")
-        if task == "binary" and sizes[-1] != 1:
-            raise ValueError(f"task='binary' needs one output node (sizes[-1] == 1), got sizes={list(sizes)}")
+        if optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if task == "binary" and n_out != 1:
+            raise ValueError(f"task='binary' needs one output node, got {n_out}")
         if isinstance(privacy, dict):
             privacy = Privacy(**privacy)
         if privacy is not None and impl != "torchderiv":
             raise ValueError(
                 "privacy needs impl='torchderiv': each example's gradient is clipped inside torchderiv's backward"
             )
-        # The privacy block is kept as a plain dict: checkpoints then load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["privacy"])
-        self.hparams["privacy"] = None if privacy is None else dataclasses.asdict(privacy)
+        self.task, self.n_out, self.impl, self.batch_first = task, n_out, impl, batch_first
+        self.opt_config = (optimizer, lr, momentum, weight_decay, lr_schedule)
         self.privacy = privacy
         self._private: PrivateTraining | None = None
         # The private step runs its own backward inside torchderiv.per_sample, then Opacus's optimizer.
         self.automatic_optimization = privacy is None
-        net_cls = MLP if impl == "torchderiv" else AutogradMLP
-        self.net = net_cls(sizes, activation=activation, bias=bias)
+        self.net = net
         # One metric object per stage (DESIGN §7); "train" cannot be a ModuleDict key (it is a Module method).
-        self.metrics = nn.ModuleDict({f"{s}_metrics": self._metrics(task, sizes[-1]) for s in ("train", "val", "test")})
+        self.metrics = nn.ModuleDict({f"{s}_metrics": self._metrics(task, n_out) for s in ("train", "val", "test")})
+
+    def _save_privacy(self) -> None:
+        # The privacy block is kept as a plain dict: checkpoints then load with torch.load(weights_only=True).
+        self.hparams["privacy"] = None if self.privacy is None else dataclasses.asdict(self.privacy)
 
     @staticmethod
     def _metrics(task: str, n_out: int) -> torchmetrics.MetricCollection:
@@ -133,19 +123,19 @@ class MLPModule(LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
-        return out.squeeze(-1) if self.hparams.task != "multiclass" and self.hparams.sizes[-1] == 1 else out
+        return out.squeeze(-1) if self.task != "multiclass" and self.n_out == 1 else out
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        lib = TF if self.hparams.impl == "torchderiv" else F
-        if self.hparams.task == "multiclass":
+        lib = TF if self.impl == "torchderiv" else F
+        if self.task == "multiclass":
             return lib.cross_entropy(logits, y)
-        if self.hparams.task == "binary":
+        if self.task == "binary":
             return lib.binary_cross_entropy_with_logits(logits, y)
         return lib.mse_loss(logits, y)
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
-        if isinstance(self.net, MLP) and self.hparams.task == "multiclass":
+        if isinstance(self.net, MLP) and self.task == "multiclass":
             # Network and loss in one Function: one backward node per step instead of two.
             loss, logits = self.net.cross_entropy(x, y)
         else:
@@ -162,7 +152,7 @@ class MLPModule(LightningModule):
                 "lower the learning rate or check the data"
             )
         preds = logits.detach().float()
-        if self.hparams.task == "binary":
+        if self.task == "binary":
             preds = torch.sigmoid(preds)
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(preds, y)
@@ -191,7 +181,13 @@ class MLPModule(LightningModule):
         # Under fp16 mixed precision the backward runs on the loss times the GradScaler's scale: per_sample
         # clips the unscaled examples and leaves .grad scaled, for the scaler's unscale_ inside opt.step().
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        with per_sample(self.net, max_norm=self.privacy.max_grad_norm, clipped_sum=True, loss_scale=scaler):
+        with per_sample(
+            self.net,
+            max_norm=self.privacy.max_grad_norm,
+            clipped_sum=True,
+            loss_scale=scaler,
+            batch_first=self.batch_first,
+        ):
             loss = self._step(batch, "train")
             strategy = self.trainer.strategy
             with strategy.block_backward_sync() if hasattr(strategy, "block_backward_sync") else nullcontext():
@@ -247,6 +243,8 @@ class MLPModule(LightningModule):
             )
 
     def on_train_epoch_end(self) -> None:
+        if not self.automatic_optimization and self.lr_schedulers() is not None:
+            self.lr_schedulers().step()  # manual optimisation (the private step): Lightning leaves it to us
         if self._private is not None:
             self.log("privacy/epsilon", self._private.epsilon(), prog_bar=True, sync_dist=True)
             self.log("privacy/sigma", float(self._private.noise_multiplier), sync_dist=True)
@@ -273,16 +271,121 @@ class MLPModule(LightningModule):
 
     def predict_step(self, batch, batch_idx):
         logits = self(batch[0])
-        if self.hparams.task == "multiclass":
+        if self.task == "multiclass":
             return logits.argmax(-1)
-        if self.hparams.task == "binary":
+        if self.task == "binary":
             return (logits > 0).long()
         return logits
 
     def configure_optimizers(self):
-        hp = self.hparams
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        name, lr, momentum, weight_decay, schedule = self.opt_config
+        params = [p for p in self.parameters() if p.requires_grad]
+        if name == "sgd":
+            opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        elif name == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         else:
-            opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        return opt if self._private is None else self._private.optimizer(self.net, opt)
+            opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        if self._private is not None:
+            opt = self._private.optimizer(self.net, opt)
+        if schedule == "constant":
+            return opt
+        if self.trainer.max_epochs is None or self.trainer.max_epochs < 1:
+            raise ValueError("lr_schedule='cosine' needs trainer.max_epochs (the learning rate reaches 0 there)")
+        return {
+            "optimizer": opt,
+            "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.trainer.max_epochs),
+        }
+
+
+class MLPModule(_TrainModule):
+    """Train the seed's network: ``sizes = [n_0, …, n_L, n_out]``, g after every hidden layer, linear output.
+
+    Args:
+        sizes: layer widths, input first. ``task="binary"`` needs one output node (the seed's z).
+        activation: g, the hidden layers' nonlinearity.
+        task: ``multiclass`` (softmax + cross-entropy), ``binary`` (sigmoid + binary cross-entropy on one
+            output node), ``regression`` (identity + mean squared error).
+        impl: ``torchderiv`` (hand-derived Functions) or ``autograd`` (the same network and loss from
+            torch.nn, as the reference).
+        optimizer: ``sgd`` (the seed's update, §3.6, with optional momentum), ``adam`` or ``adamw``.
+        lr: learning rate η.
+        momentum: SGD momentum (ignored by Adam).
+        weight_decay: L2 penalty — the regularisation the seed's §1 asks for.
+        bias: whether layers carry a bias (the seed's have none).
+        privacy: train with DP-SGD (:class:`~torchderiv.lightning.privacy.Privacy`): each example's gradient
+            clipped inside torchderiv's backward, Opacus's noise, accountant and Poisson sampling of the
+            training set. ε is logged each epoch as ``privacy/epsilon``. Needs ``impl="torchderiv"`` and a data
+            module; under DDP the clipped sums are all-reduced and the noise is added once (rank 0).
+        lr_schedule: ``constant`` or ``cosine`` (annealed to 0 over ``trainer.max_epochs``).
+    """
+
+    def __init__(
+        self,
+        sizes: list[int],
+        activation: Activation = "relu",
+        task: Task = "multiclass",
+        impl: Literal["torchderiv", "autograd"] = "torchderiv",
+        optimizer: Optimizer = "adam",
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        bias: bool = True,
+        privacy: Privacy | None = None,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+    ) -> None:
+        if impl not in ("torchderiv", "autograd"):
+            raise ValueError(f"impl must be 'torchderiv' or 'autograd', got {impl!r}")
+        if activation not in _TORCH_ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(_TORCH_ACTIVATIONS)}")
+        if task == "binary" and sizes[-1] != 1:
+            raise ValueError(f"task='binary' needs one output node (sizes[-1] == 1), got sizes={list(sizes)}")
+        net_cls = MLP if impl == "torchderiv" else AutogradMLP
+        net = net_cls(sizes, activation=activation, bias=bias)
+        super().__init__(net, task, sizes[-1], impl, optimizer, lr, momentum, weight_decay, privacy, True, lr_schedule)
+        self.save_hyperparameters(ignore=["privacy"])
+        self._save_privacy()
+
+
+class ModelModule(_TrainModule):
+    """Train any torch model: converted in place to torchderiv's Functions (:func:`torchderiv.convert`, whose
+    report is printed), with the loss and metrics of ``task``, and privately from a ``privacy`` block, where
+    :func:`torchderiv.per_sample` clips every trainable parameter (a model it cannot clip is refused before
+    training, naming every part at fault).
+
+    In a config: ``model: {class_path: torchderiv.lightning.ModelModule, init_args: {model: {class_path: …}}}``.
+
+    Args:
+        model: the network, ``(B, …) -> (B, num_outputs)`` logits (or one output for binary and regression).
+        num_outputs: its outputs (classes for ``multiclass``).
+        task, optimizer, lr, momentum, weight_decay, privacy, lr_schedule: as :class:`MLPModule`.
+        batch_first: where the examples are in the model's input, as :func:`torchderiv.per_sample` takes it.
+        convert: convert the model (False: train it as given, on torch autograd; no privacy then).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_outputs: int,
+        task: Task = "multiclass",
+        optimizer: Optimizer = "adam",
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        privacy: Privacy | None = None,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        batch_first: bool = True,
+        convert: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"ModelModule: expected model to be an nn.Module, got {type(model).__name__}")
+        if convert:
+            convert_model(model)
+            rank_zero_info(str(model.torchderiv_conversion))
+        impl = "torchderiv" if convert else "autograd"
+        super().__init__(
+            model, task, num_outputs, impl, optimizer, lr, momentum, weight_decay, privacy, batch_first, lr_schedule
+        )
+        # the model is saved with the weights; its config, by the CLI's config.yaml
+        self.save_hyperparameters(ignore=["privacy", "model"])
+        self._save_privacy()
