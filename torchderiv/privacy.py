@@ -26,7 +26,7 @@ from torch import nn
 from .clipping import _check_model, per_sample
 from .functional import _per_sample
 
-__all__ = ["Privacy", "PrivateTraining", "private_optimizer", "derived_seed"]
+__all__ = ["Privacy", "PrivateTraining", "private_optimizer", "derived_seed", "PrivacyEngine", "PrivateModule"]
 
 
 def derived_seed(stream: str) -> int:
@@ -380,3 +380,166 @@ class PrivateTraining:
                     self._pending[key] = state[key]  # applied when the stream is made
                 else:
                     gen.set_state(state[key])
+
+
+# --- Opacus's PrivacyEngine, one import away ------------------------------------------------------------------
+
+
+class PrivateModule(nn.Module):
+    """What :meth:`PrivacyEngine.make_private` returns for the model (Opacus's ``GradSampleModule``'s place): the
+    converted model as ``_module`` (so ``state_dict`` keys carry ``_module.``, as Opacus's), whose forward opens the
+    optimizer's clipping context if none is open. The context then stays open, as Opacus's hooks stay attached,
+    so that every ``loss.backward()`` of the training loop clips each example; :meth:`cleanup` closes it."""
+
+    def __init__(self, module: nn.Module, optimizer) -> None:
+        super().__init__()
+        self._module = module
+        self._optimizer = [optimizer]  # in a list: not a submodule, not in state_dict
+        self._context = None
+
+    def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled() and self._context is None:
+            if _per_sample.current is not None:
+                raise RuntimeError(
+                    "privacy: another torchderiv.per_sample context is open; the private model opens its own "
+                    "(close the other first)"
+                )
+            self._context = self._optimizer[0].clipping()
+            self._context.__enter__()
+        return self._module(*args, **kwargs)
+
+    def cleanup(self) -> None:
+        """Close the clipping context (Opacus's ``GradSampleModule`` removes its hooks the same way)."""
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+            self._context = None
+
+
+class PrivacyEngine:
+    """Opacus 1.6's ``PrivacyEngine`` (same constructor, ``make_private``, ``make_private_with_epsilon`` and
+    ``get_epsilon`` arguments and return values) with torchderiv's one-pass clipping in place of Opacus's
+    per-sample gradient hooks. An Opacus training loop runs with only the import changed::
+
+        from torchderiv.privacy import PrivacyEngine   # instead of: from opacus import PrivacyEngine
+
+    ``make_private`` converts the model in place (:func:`torchderiv.convert`; the report is logged), refuses one
+    that :func:`torchderiv.per_sample` cannot clip (one error naming every part), and wraps Opacus's optimizer
+    (noise, expected batch size), accountant and Poisson sampler around it. Not supported (refused, naming the
+    argument): ``clipping`` other than ``"flat"`` (and per-layer norm lists), ``secure_mode``, ``rand_on_empty``,
+    ``wrap_model=False`` and a ``DistributedDataParallel`` module (use :func:`private_optimizer` with
+    ``distributed=True``). ``grad_sample_mode`` is accepted for compatibility: every mode clips in torchderiv's
+    single backward; for the ghost modes the criterion is returned unchanged, as the fourth item Opacus returns.
+    """
+
+    def __init__(self, *, accountant: str = "prv", secure_mode: bool = False) -> None:
+        from opacus.accountants import create_accountant
+
+        if secure_mode:
+            raise NotImplementedError(
+                "PrivacyEngine: secure_mode (a cryptographically secure generator) is not supported"
+            )
+        self.accountant = create_accountant(mechanism=accountant)
+        self.secure_mode = secure_mode
+
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        criterion=None,
+        data_loader,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        batch_first: bool = True,
+        loss_reduction: str = "mean",
+        poisson_sampling: bool = True,
+        clipping: str = "flat",
+        noise_generator=None,
+        grad_sample_mode: str = "hooks",
+        wrap_model: bool = True,
+        rand_on_empty: bool = False,
+        **kwargs,
+    ):
+        """Opacus's ``make_private``: returns ``(module, optimizer, data_loader)``, or ``(module, optimizer,
+        criterion, data_loader)`` for a ``grad_sample_mode`` containing "ghost"."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        from .nn import convert
+
+        refused = [
+            what
+            for what, bad in (
+                (f"clipping={clipping!r} (only 'flat')", clipping != "flat"),
+                ("a list of max_grad_norm (per-layer clipping)", isinstance(max_grad_norm, (list, tuple))),
+                ("rand_on_empty=True", rand_on_empty),
+                ("wrap_model=False", not wrap_model),
+                ("a DistributedDataParallel module", isinstance(module, DistributedDataParallel)),
+                (f"arguments {sorted(kwargs)}", bool(kwargs)),
+            )
+            if bad
+        ]
+        if refused:
+            raise NotImplementedError(f"PrivacyEngine.make_private: not supported: {'; '.join(refused)}")
+        model_params = {id(p) for p in module.parameters()}
+        if any(id(p) not in model_params for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("Module parameters are different than optimizer Parameters")
+        convert(module)
+        if poisson_sampling:
+            from opacus.data_loader import DPDataLoader
+
+            data_loader = DPDataLoader.from_data_loader(data_loader)
+        sample_rate = 1 / len(data_loader)
+        expected_batch_size = int(len(data_loader.dataset) * sample_rate)
+        dp = private_optimizer(
+            module,
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            generator=noise_generator,
+            batch_first=batch_first,
+        )
+        dp.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        wrapped = PrivateModule(module, dp)
+        if "ghost" in grad_sample_mode:
+            return wrapped, dp, (nn.CrossEntropyLoss() if criterion is None else criterion), data_loader
+        return wrapped, dp, data_loader
+
+    def make_private_with_epsilon(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        criterion=None,
+        data_loader,
+        target_epsilon: float,
+        target_delta: float,
+        epochs: int,
+        max_grad_norm: float,
+        **kwargs,
+    ):
+        """Opacus's ``make_private_with_epsilon``: σ solved so that ``epochs`` spend ``target_epsilon`` at
+        ``target_delta`` (with this engine's accountant), then :meth:`make_private`."""
+        from opacus.accountants.utils import get_noise_multiplier
+
+        sigma = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=1 / len(data_loader),
+            epochs=epochs,
+            accountant=self.accountant.mechanism(),
+        )
+        return self.make_private(
+            module=module,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=data_loader,
+            noise_multiplier=sigma,
+            max_grad_norm=max_grad_norm,
+            **kwargs,
+        )
+
+    def get_epsilon(self, delta: float) -> float:
+        """ε spent so far at ``delta``: the accountant's."""
+        return self.accountant.get_epsilon(delta=delta)
