@@ -1,7 +1,7 @@
 """Per-example clipping (DP-SGD) step: torchderiv.per_sample vs Opacus vs torch.func, side by side.
 
 To run:
-    .venv/bin/python experiments/dp_benchmark.py            # MLP 784-1024-1024-10 ×256 (relu, gelu) + sequence case
+    .venv/bin/python experiments/dp_benchmark.py            # MLP 784-1024-1024-10 ×256, sequence, transformer
     .venv/bin/python experiments/dp_benchmark.py --quick    # fewer rounds, no Opacus hooks / vmap (the slow ones)
     .venv/bin/python experiments/benchmark.py --dp          # the same, from the main benchmark
 
@@ -29,7 +29,10 @@ Memory (CPU): the extra peak RSS of one step, each contender in a fresh process 
 before it; before it: model, data and optimizer state, no gradients, the high-water mark
 reset after a warm-up step; large buffers mmapped, so that RSS follows the bytes in use), as a ratio to
 ``plain``'s.
-Before timing, ``dp`` with σ = 0 is checked against ``vmap``'s clipped sum (the same numbers or no table).
+Before timing, ``dp`` with σ = 0 is checked against ``vmap``'s clipped sum (the same numbers or no table); for the
+transformer, against one autograd backward per example (torch's fused attention kernels are outside vmap's reach).
+The transformer's Opacus contender is the same model with Opacus's ``DPMultiheadAttention`` (``ModuleValidator.fix``)
+and its positions as an ``Embedding`` over position indices (what Opacus can clip).
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ CASES = {
     "mlp_relu": dict(kind="mlp", sizes=[784, 1024, 1024, 10], batch=256, activation="relu"),
     "mlp_gelu": dict(kind="mlp", sizes=[784, 1024, 1024, 10], batch=256, activation="gelu"),
     "seq_gelu": dict(kind="seq", width=256, batch=32, length=128),
+    # tokens → embedding + positions → 2 pre-norm encoder layers (GELU) → LayerNorm → a head on the flattened positions
+    "transformer": dict(kind="transformer", batch=256, length=64, d_model=64, nhead=4, ff=256, layers=2, classes=10),
 }
 TORCH_ACT = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -73,11 +78,50 @@ def _have(module: str) -> bool:
     return True
 
 
-def build(case: str):
-    """(torchderiv model, torch twin with the same weights, x, y, loss on (model output, y))."""
+class _Positions(nn.Module):
+    """Learned positions as Opacus can take them: an Embedding over position indices, ``x + E[0..T-1]``."""
+
+    def __init__(self, length, d):
+        super().__init__()
+        self.table = nn.Embedding(length, d)
+
+    def forward(self, x):
+        return x + self.table(torch.arange(x.shape[1], device=x.device).repeat(x.shape[0], 1))
+
+
+def _transformer(cfg, positions):
+    from torchderiv.lightning import TokenTransformer
+
+    model = TokenTransformer(
+        num_tokens=17,
+        length=cfg["length"],
+        d_model=cfg["d_model"],
+        nhead=cfg["nhead"],
+        dim_feedforward=cfg["ff"],
+        num_layers=cfg["layers"],
+        num_classes=cfg["classes"],
+        dropout=0.0,
+    )
+    if positions == "embedding":
+        table = _Positions(cfg["length"], cfg["d_model"])
+        table.table.weight.data.copy_(model.positions.weight.data)
+        model.positions = table
+    return model
+
+
+def build(case: str, positions: str = "module"):
+    """(torchderiv model, torch twin with the same weights, x, y, loss on (model output, y)). ``positions``: the
+    twin's position parameter as torchderiv's module, or as an Embedding over positions (for Opacus)."""
     cfg = CASES[case]
     torch.manual_seed(0)
-    if cfg["kind"] == "mlp":
+    if cfg["kind"] == "transformer":
+        ours = _transformer(cfg, "module")
+        torch.manual_seed(0)
+        theirs = _transformer(cfg, positions)
+        torchderiv.convert(ours)
+        x = torch.randint(0, 17, (cfg["batch"], cfg["length"]))
+        y = torch.randint(0, cfg["classes"], (cfg["batch"],))
+    elif cfg["kind"] == "mlp":
         ours = MLP(cfg["sizes"], cfg["activation"])
         layers = []
         for k, lin in enumerate(ours.layers):
@@ -108,6 +152,8 @@ def make_steps(case: str, names) -> tuple[dict, dict]:
     td_loss = _flat_ce(TF.cross_entropy)
     if CASES[case]["kind"] == "mlp":
         forward_loss = lambda: ours.cross_entropy(x, y)[0]  # network and loss in one Function
+    elif CASES[case]["kind"] == "transformer":
+        forward_loss = lambda: TF.cross_entropy(ours(x), y)
     else:
         forward_loss = lambda: td_loss(ours(x), y)
     opt = torch.optim.SGD(ours.parameters(), lr=LR)
@@ -170,6 +216,22 @@ def _vmap_clipped_sum(model, x, y):
         return F.cross_entropy(z.reshape(-1, z.shape[-1]), yi.reshape(-1))
 
     grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in grads.values()))
+    c = (C / (norms + 1e-6)).clamp(max=1)
+    return {k: (g * c.reshape(-1, *([1] * (g.dim() - 1)))).sum(0) / x.shape[0] for k, g in grads.items()}
+
+
+def _loop_clipped_sum(model, x, y):
+    """Σᵢ cᵢ gᵢ / B with each example's gradient from its own autograd backward (the reference where vmap does not
+    reach: torch's fused attention kernels)."""
+    params = dict(model.named_parameters())
+    per = {k: [] for k in params}
+    for i in range(x.shape[0]):
+        z = model(x[i : i + 1])
+        grads = torch.autograd.grad(F.cross_entropy(z, y[i : i + 1]), list(params.values()))
+        for k, g in zip(params, grads):
+            per[k].append(g)
+    grads = {k: torch.stack(v) for k, v in per.items()}
     norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in grads.values()))
     c = (C / (norms + 1e-6)).clamp(max=1)
     return {k: (g * c.reshape(-1, *([1] * (g.dim() - 1)))).sum(0) / x.shape[0] for k, g in grads.items()}
@@ -244,7 +306,12 @@ def _opacus_steps(case, names, x, y):
     from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-    _, theirs, _, _ = build(case)
+    transformer = CASES[case]["kind"] == "transformer"
+    _, theirs, _, _ = build(case, positions="embedding" if transformer else "module")
+    if transformer:  # Opacus requires its DPMultiheadAttention in place of torch's attention
+        from opacus.validators import ModuleValidator
+
+        theirs = ModuleValidator.fix(theirs)
     batch = x.shape[0]
     seq = CASES[case]["kind"] == "seq"
     steps = {}
@@ -287,7 +354,10 @@ def check_clipping(case: str, batch: int = 32) -> float:
         (
             ours.cross_entropy(x, y)[0] if CASES[case]["kind"] == "mlp" else _flat_ce(TF.cross_entropy)(ours(x), y)
         ).backward()
-    ref = _vmap_clipped_sum(theirs, x, y)
+    if CASES[case]["kind"] == "transformer":  # torch.func through torch's attention kernels: one example a time
+        ref = _loop_clipped_sum(theirs, x, y)
+    else:
+        ref = _vmap_clipped_sum(theirs, x, y)
     worst = 0.0
     for (_, p), (_, g) in zip(ours.named_parameters(), ref.items()):
         worst = max(worst, ((p.grad - g).abs().max() / g.abs().max().clamp_min(1e-30)).item())
@@ -413,13 +483,19 @@ def markdown(rows, meta) -> str:
     lines = [f"DP step benchmark: {meta}", ""]
     for row in rows:
         cfg = CASES[row["case"]]
-        title = (
-            f"MLP {'-'.join(map(str, cfg['sizes']))} {cfg['activation']}, batch {cfg['batch']}"
-            if cfg["kind"] == "mlp"
-            else f"Linear–GELU–Linear, width {cfg['width']}, on ({cfg['batch']}, {cfg['length']}, {cfg['width']})"
-        )
+        if cfg["kind"] == "mlp":
+            title = f"MLP {'-'.join(map(str, cfg['sizes']))} {cfg['activation']}, batch {cfg['batch']}"
+        elif cfg["kind"] == "seq":
+            title = f"Linear–GELU–Linear, width {cfg['width']}, on ({cfg['batch']}, {cfg['length']}, {cfg['width']})"
+        else:
+            title = (
+                f"Transformer: batch {cfg['batch']} × {cfg['length']} tokens, d_model {cfg['d_model']}, {cfg['nhead']} "
+                f"heads, feed-forward {cfg['ff']}, {cfg['layers']} pre-norm layers, GELU; every parameter clipped"
+            )
         lines += [
-            f"**{title}** (clipped gradient vs torch.func: max rel. diff {row['clip_check_rel_err']:.1e})",
+            f"**{title}** (clipped gradient vs "
+            f"{'one autograd backward per example' if cfg['kind'] == 'transformer' else 'torch.func'}: "
+            f"max rel. diff {row['clip_check_rel_err']:.1e})",
             "",
             "| contender | ms | time vs plain | page faults / step | extra peak MiB | memory vs plain |",
             "|---|---|---|---|---|---|",
@@ -449,8 +525,8 @@ def run(
     rows = []
     for case in cases or CASES:
         slow = ["vmap"] + (["backpack"] if _have("backpack") else [])
-        names = base + opacus + ([] if quick or CASES[case]["kind"] == "seq" else slow)
-        if CASES[case]["kind"] == "seq":
+        names = base + opacus + ([] if quick or CASES[case]["kind"] != "mlp" else slow)
+        if CASES[case]["kind"] != "mlp":
             names = [n for n in names if n != "opacus_hooks"]
         rows.append(bench(case, names, rounds, threads, memory))
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"cpu, {threads} threads"
