@@ -294,9 +294,10 @@ def per_sample(
     """Per-example gradient norms, flat clipping and per-example gradients in the ordinary backward.
 
     Inside ``with torchderiv.per_sample(model, ...) as ps:`` one ``loss.backward()`` of a model built from
-    torchderiv's ``Linear``, ``Dense`` and ``MLP`` (with any of its activations and losses, or a model
-    after :func:`torchderiv.convert`) also gives, for every example i of the batch (along dim 0 of the model's
-    input, or dim 1 with ``batch_first=False``):
+    torchderiv's modules — ``Linear``, ``Dense``, ``MLP``, ``LayerNorm``, ``RMSNorm``, ``Embedding``,
+    ``Positional``, ``MultiheadAttention``, ``LinearCrossEntropyLoss``, with any of its activations and losses —
+    or of a torch model after :func:`torchderiv.convert` (a whole transformer) also gives, for every example i
+    of the batch (along dim 0 of the model's input, or dim 1 with ``batch_first=False``):
 
     - ``ps.norms[i] = ‖gᵢ‖``, the norm over every parameter of ``model`` that requires grad of example
       i's gradient ``gᵢ``: the gradient of example i's own term of the batch loss (the batch's divisor
@@ -313,9 +314,11 @@ def per_sample(
     input read batch-first, or a batch folded into rows (``x.reshape(-1, n)``), would give per-position or
     per-row norms.
 
-    Per layer, ``‖gᵢ‖²`` takes ``‖δᵢ‖² ‖hᵢ‖²`` (or the Gram form for inputs ``(B, T, n)``) plus the bias's
-    ``‖Σ_t δᵢₜ‖²``, and the clipped gradient is the ordinary GEMM with scaled rows ``(c ⊙ Δ)ᵀ H``: one
-    backward pass. Activation checkpointing (reentrant or not) and ``save_on_cpu`` work inside the context.
+    Each parameter-holding Function hands the recorder one rule (``functional/_per_sample.py``): for a dense
+    layer ``‖gᵢ‖²`` takes ``‖δᵢ‖² ‖hᵢ‖²`` (or the Gram form for inputs ``(B, T, n)``) plus the bias's
+    ``‖Σ_t δᵢₜ‖²``, and the clipped gradient is the ordinary GEMM with scaled rows ``(c ⊙ Δ)ᵀ H``; norms,
+    embeddings (repeated tokens exact) and positions have theirs (docs/derivation.md): one backward pass.
+    Activation checkpointing (reentrant or not) and ``save_on_cpu`` work inside the context.
     Refused with a clear error: parameters that torchderiv's Functions do not compute (unless frozen),
     parameters used twice in one forward (tied weights, a module called twice), BatchNorm in training mode,
     ``create_graph=True``, torch.func transforms, a pass that does not accumulate into every tracked
