@@ -261,9 +261,7 @@ def test_cli_print_config(tmp_path, capsys):
         CLI(args=["fit", *_cli_args(tmp_path), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    # a config without model.class_path configures MLPModule, as before ModelModule existed
-    assert printed["model"]["class_path"] == "torchderiv.lightning.MLPModule"
-    assert printed["model"]["init_args"]["sizes"] == [64, 128, 10]
+    assert printed["model"]["sizes"] == [64, 128, 10]  # MLPModule's arguments directly under model:
     assert printed["trainer"]["enable_progress_bar"] is None
     assert printed["data"]["class_path"] == "torchderiv.lightning.DigitsDataModule"
 
@@ -272,7 +270,7 @@ def test_cli_print_config(tmp_path, capsys):
     "override, named",
     [
         ("--model.activation=rleu", "rleu"),
-        ("--model.lr=fast", 'Parser key "lr"'),
+        ("--model.lr=fast", "model.lr"),
         ("--model.sizez=[1,2]", "sizez"),
     ],
     ids=["unknown-activation", "wrong-type", "unknown-key"],
