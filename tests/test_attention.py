@@ -209,3 +209,43 @@ def test_per_sample_encoder_stack_with_embedding_and_head():
     with torchderiv.per_sample(ours):  # nothing refused: every parameter is tracked
         pass
     _check(ours, ref, x, 0, True)
+
+
+def test_no_fast_path_bypasses_torchderiv_while_gradients_are_needed():
+    # torch's encoder layer takes a fused inference kernel in eval mode when no gradient is needed; with one
+    # needed (eval mode included, e.g. a frozen dropout schedule) every projection runs through torchderiv
+    from test_nn import graph_functions
+
+    torch.manual_seed(0)
+    layer = torchderiv.convert(nn.TransformerEncoderLayer(D, H, 16, batch_first=True)).eval()
+    out = layer(torch.randn(B, T, D))
+    names = graph_functions(out)
+    assert "LinearFunctionBackward" in names and "NormFunctionBackward" in names
+    with torch.no_grad():  # no gradient needed: torch's fast path may run, with the same numbers
+        fast = layer(torch.randn(B, T, D, generator=torch.Generator().manual_seed(1)))
+    slow = layer(torch.randn(B, T, D, generator=torch.Generator().manual_seed(1)))
+    assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_attention_under_autocast_as_torch(dtype):
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(D, H, batch_first=True)
+    ours = torchderiv.convert(copy.deepcopy(theirs))
+    x = torch.randn(B, T, D)
+    with torch.autocast("cpu", dtype=dtype):
+        a, b = ours(x, x, x, need_weights=False)[0], theirs(x, x, x, need_weights=False)[0]
+    assert a.dtype == b.dtype
+    assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
+    grads = torch.autograd.grad(a.float().sum(), list(ours.parameters()))
+    assert all(g.dtype == torch.float32 for g in grads)  # fp32 parameter gradients, as torch's
+
+
+def test_meta_device():
+    x = torch.empty(B, T, D, device="meta")
+    attn = tdnn.MultiheadAttention(D, H, batch_first=True, device="meta")
+    assert attn(x, x, x)[0].shape == (B, T, D) and attn(x, x, x)[0].device.type == "meta"
+    emb = tdnn.Embedding(7, D, device="meta")
+    assert emb(torch.zeros(B, T, dtype=torch.long, device="meta")).shape == (B, T, D)
+    pos = tdnn.Positional(T, D, device="meta")
+    assert pos(x).device.type == "meta"
