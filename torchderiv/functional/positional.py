@@ -1,4 +1,8 @@
-"""A learned additive position parameter ``y = x + P`` as an autograd Function with hand-derived derivatives."""
+"""A learned additive position parameter ``y = x + P`` as an autograd Function with hand-derived derivatives.
+
+Not in the seed (whose inputs carry no positions); docs/derivation.md § Embeddings, positions and attention: the
+sum passes Δ to x unchanged and gives row t of P the sum of the examples' rows t of Δ.
+"""
 
 from __future__ import annotations
 
