@@ -216,3 +216,19 @@ def test_every_refusal_named_in_one_error():
 def test_batch_first_must_be_a_bool():
     with pytest.raises(TypeError, match="expected batch_first to be True or False, got 0"):
         torchderiv.per_sample(tdnn.Linear(D, C), batch_first=0)
+
+
+def test_the_model_input_counts_for_the_layers_run_inside_it_only():
+    # a forward with another batch that is never backpropagated (an evaluation with gradients on), then a pass that
+    # enters through another method (MLP.cross_entropy, no forward hook): that input must not be held against it
+    model = tdnn.MLP([D, 6, C]).double()
+    with torchderiv.per_sample(model, max_norm=1.0) as ps:
+        model(torch.randn(B + 3, D, dtype=torch.float64))
+        loss, _ = model.cross_entropy(torch.randn(B, D, dtype=torch.float64), torch.randint(0, C, (B,)))
+        loss.backward()
+        assert ps.norms.shape == (B,)
+        # and a forward that raised leaves nothing behind for the next one
+        with pytest.raises(RuntimeError):
+            model(torch.randn(B, D + 1, dtype=torch.float64))
+        model(torch.randn(B, D, dtype=torch.float64)).sum().backward()
+    assert ps.norms.shape == (B,)

@@ -187,9 +187,11 @@ class PerSample:
             recheck=lambda: _check_model(self.model),
             layouts=_layouts(self.model, tracked, self.batch_first),
         )
-        # a partial of a module-level function: a model deep-copied or pickled inside the context copies it as is
+        # partials of module-level functions: a model deep-copied or pickled inside the context copies them as is
         note = functools.partial(_note_batch, id(self.model), self.batch_first)
         self._hooks.append(self.model.register_forward_pre_hook(note, with_kwargs=True))
+        done = functools.partial(_forward_done, id(self.model))
+        self._hooks.append(self.model.register_forward_hook(done, always_call=True))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Only where DistributedDataParallel can run; a global hook, as the DDP wrapper may sit above `model`
             self._hooks.append(nn.modules.module.register_module_forward_pre_hook(_refuse_synced_ddp(tracked)))
@@ -208,11 +210,12 @@ class PerSample:
 
 
 def _note_batch(model_id: int, batch_first: bool, module, args, kwargs) -> None:
-    """The model's forward pre-hook: read B off its input (the first tensor argument) at each forward that builds a
-    graph; every tracked layer must then see B examples, or the norms would be per row or per position
-    (``Recorder._one_batch``). A copy of the model made inside the context carries the hook but is not the model."""
+    """The model's forward pre-hook: read B off its input (the first tensor argument); every tracked layer whose
+    forward runs inside this one must then see B examples in its backward, or the norms would be per row or per
+    position (``Recorder._one_batch``). A copy of the model made inside the context carries the hook but is not the
+    model. Pushed here, popped by :func:`_forward_done`."""
     rec = _per_sample.current
-    if rec is None or id(module) != model_id or not torch.is_grad_enabled():
+    if rec is None or id(module) != model_id:
         return
     found = None
     for t in (*args, *kwargs.values()):
@@ -221,7 +224,14 @@ def _note_batch(model_id: int, batch_first: bool, module, args, kwargs) -> None:
             if t.dim() > dim:
                 found = (t.shape[dim], f"{tuple(t.shape)} along dim {dim} (batch_first={batch_first})")
             break
-    rec.batch = found
+    rec.inputs.append(found)
+
+
+def _forward_done(model_id: int, module, args, output) -> None:
+    """The model's forward hook (also called when the forward raised): the end of that model forward."""
+    rec = _per_sample.current
+    if rec is not None and id(module) == model_id and rec.inputs:
+        rec.inputs.pop()
 
 
 def _check_loss_scale(loss_scale) -> None:

@@ -114,8 +114,12 @@ class Recorder:
     ):
         self.names = names
         self.layouts = {} if layouts is None else layouts
-        # (B, what it was read from) of the model's latest forward, which every tracked layer must see
-        self.batch: tuple[int, str] | None = None
+        # (B, what it was read from) of each model forward running now (innermost last): pushed and popped by the
+        # model's forward hooks (torchderiv.per_sample)
+        self.inputs: list = []
+        # {id(parameter): that B, or None} from the latest forward of the layer holding it: the layer ran inside a
+        # model forward whose input showed B examples, which its backward must then see (Recorder._one_batch)
+        self.expected: dict[int, tuple[int, str] | None] = {}
         self.max_norm = max_norm
         self.clipped_sum = clipped_sum
         self.grad_sample = grad_sample
@@ -202,6 +206,7 @@ class Recorder:
             self._settle()
             rule = build(dim)
         rule.seen = (tuple(input.shape), dim)
+        rule.expected = self.expected.get(id(p))
         self._enqueue(rule)
 
     def _check(self, p, delta, input) -> None:
@@ -412,11 +417,11 @@ class Recorder:
         A layer that sees the examples' rows folded into its leading dim (``reshape(-1, n)``), or a sequence-first
         input read batch-first, sees another count: its norms would be per row or per position, silently."""
         sizes = {rule.sq.shape[0] for rule in pending}
-        if self.batch is not None:
-            sizes.add(self.batch[0])
+        inputs = {rule.expected for rule in pending if rule.expected is not None}
+        sizes |= {n for n, _ in inputs}
         if len(sizes) == 1:
             return sizes.pop()
-        lines = [] if self.batch is None else [f"the model's input {self.batch[1]}: {self.batch[0]} examples"]
+        lines = [f"the model's input {what}: {n} examples" for n, what in sorted(inputs)]
         for rule in reversed(pending):  # first layer first
             shape, dim = rule.seen
             names = ", ".join(self.name(p) for p in rule.params if p is not None)
@@ -491,6 +496,7 @@ class Rule:
         self.params = tuple(params)
         self.sq = sq
         self.seen = ((), 0)
+        self.expected = None  # (B, what) of the model input its forward ran under, if any
         if clipped is not None:
             self.clipped = clipped
         if samples is not None:
@@ -675,6 +681,10 @@ def mark(ctx, *tensors) -> None:
     if rec is None:
         return
     ctx.per_sample = tuple(rec.param(t) for t in tensors)
+    batch = rec.inputs[-1] if rec.inputs else None  # the model forward this layer runs in, if any
+    for p in ctx.per_sample:
+        if p is not None:
+            rec.expected[id(p)] = batch
     if torch._C._current_graph_task_id() != -1:
         rec.anchor(host=True)
 
