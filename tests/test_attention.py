@@ -249,3 +249,24 @@ def test_meta_device():
     assert emb(torch.zeros(B, T, dtype=torch.long, device="meta")).shape == (B, T, D)
     pos = tdnn.Positional(T, D, device="meta")
     assert pos(x).device.type == "meta"
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_per_sample_empty_batch(batch_first):
+    # Poisson sampling gives empty batches: every parameter gets a zero gradient and no example a norm, as torch's
+    # own backward gives zeros (attention's heads, the norms' per-example sums and the embedding's rule on B = 0)
+    torch.manual_seed(8)
+    model = torchderiv.convert(
+        nn.Sequential(
+            nn.Embedding(11, D),
+            tdnn.Positional(T, D, batch_first=batch_first),
+            nn.TransformerEncoderLayer(D, H, 16, dropout=0.0, batch_first=batch_first),
+        )
+    ).double()
+    x = torch.randint(0, 11, (0, T) if batch_first else (T, 0))
+    with torchderiv.per_sample(model, max_norm=1.0, grad_sample=True, batch_first=batch_first) as ps:
+        model(x).sum().backward()
+    assert ps.norms.shape == (0,)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
+        assert p.grad_sample.shape == (0, *p.shape), name

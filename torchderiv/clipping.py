@@ -319,8 +319,8 @@ def per_sample(
     The examples' dim is never guessed: each tracked layer reads example i's rows along dim 0 of its input
     ``(B, T, …, n)``, or dim 1 ``(T, B, …, n)`` with ``batch_first=False`` (Opacus's argument), except inside
     torch's ``TransformerEncoderLayer``/``TransformerDecoderLayer``, whose own ``batch_first`` decides; a 2-D
-    input is ``(B, n)`` either way. Every tracked layer, and the model's input (its first tensor argument at
-    its latest forward), must then show the same B, or the backward raises naming each: a sequence-first
+    input is ``(B, n)`` either way. Every tracked layer, and the model's input (its first tensor argument) of
+    the forward each layer ran inside, must then show the same B, or the backward raises naming each: a sequence-first
     input read batch-first, or a batch folded into rows (``x.reshape(-1, n)``), would give per-position or
     per-row norms.
 

@@ -520,8 +520,7 @@ class ExampleRule(Rule):
     def __init__(self, params, grads):
         super().__init__(params)
         self.grads = grads
-        b = next(g.shape[0] for g in grads if g is not None)
-        self.sq = sum(torch.linalg.vector_norm(g.reshape(b, -1), dim=1).square() for g in grads if g is not None)
+        self.sq = sum(torch.linalg.vector_norm(g.flatten(1), dim=1).square() for g in grads if g is not None)
 
     def clipped(self, c):
         return tuple(

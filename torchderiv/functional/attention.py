@@ -107,7 +107,7 @@ def _additive(mask, dtype):
 
 def _heads(t, batch, heads):
     """``(T, B, d)`` -> ``(B, heads, T, d_h)``."""
-    return t.reshape(t.shape[0], batch, heads, -1).permute(1, 2, 0, 3)
+    return t.reshape(t.shape[0], batch, heads, t.shape[-1] // heads).permute(1, 2, 0, 3)  # explicit: B may be 0
 
 
 def multi_head_attention(
