@@ -6,7 +6,7 @@ To run:
     .venv/bin/python experiments/benchmark.py --device cuda --dtype bfloat16
     .venv/bin/python experiments/benchmark.py --dp       # per-example clipping (DP-SGD) step: dp_benchmark.py
 
-Method (DESIGN §6): every contender runs in this one process, interleaved (A B C C B A …) over
+Method: every contender runs in this one process, interleaved (A B C C B A …) over
 ``--rounds`` rounds; each round times ``--inner`` forward+backward passes of each; the table reports the
 median of the per-round ratios with their spread (min–max). Ratios < 1 mean torchderiv is faster or
 smaller.
@@ -134,7 +134,7 @@ def steps(ours, theirs):
 
 
 def gemm_limit(sizes, batch, device, dtype):
-    """The three GEMMs per layer of forward + backward, nothing else (DESIGN §6)."""
+    """The three GEMMs per layer of forward + backward, nothing else."""
     torch.manual_seed(1)
     hs = [torch.randn(batch, n, device=device, dtype=dtype) for n in sizes]
     ws = [torch.randn(o, i, device=device, dtype=dtype) for i, o in zip(sizes[:-1], sizes[1:])]

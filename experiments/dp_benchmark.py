@@ -21,7 +21,7 @@ One step = zero the gradients, forward, loss, backward, (clip, noise), SGD updat
   ``backpack-for-pytorch`` is installed: ``pip install --no-deps backpack-for-pytorch einops unfoldNd``;
   it needs no torchvision for this).
 
-Time: interleaved rounds in this process (DESIGN §6), median of per-round ratios to ``plain`` with
+Time: interleaved rounds in this process, median of per-round ratios to ``plain`` with
 min–max; page faults / step: the median of each timed step's minor page faults (glibc gives large freed buffers
 back to the system, and a step that needs them again faults them in: part of its time, set by the allocator).
 ``--device cuda``: everything on the GPU, memory the allocator's peak over one step (exact, so in this process).

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 # strided ([..., ::2]) and permuted (dims reversed) layouts: one definition, shared with verify()
 from torchderiv.testing import laid_out  # noqa: E402
 
-# Leading shapes of PyTorch's sample_inputs_linear, plus a 5-D one (DESIGN §5).
+# Leading shapes of PyTorch's sample_inputs_linear, plus a 5-D one.
 LEADING_SHAPES = [(), (0,), (8,), (2, 3), (2, 1, 3, 1, 2)]
 LAYOUTS = ["contiguous", "strided", "permuted"]
 
@@ -68,7 +68,7 @@ def check_parity(ours, theirs, inputs, *, grad_layout="contiguous", tol=None, sk
 
 
 def full_check(fn, inputs, *, fwd_over_rev=True, batched=True):
-    """gradcheck + gradgradcheck in float64 with every check of DESIGN §5."""
+    """gradcheck + gradgradcheck in float64 with forward AD, batched gradients and forward-over-reverse."""
     assert gradcheck(
         fn,
         inputs,

@@ -28,7 +28,7 @@ CASES = [
 IDS = [c[0] for c in CASES]
 SHAPES = [(), (0,), (7,), (2, 3), (2, 1, 3, 1, 2)]
 
-# Exact kinks, values beyond softplus' threshold, and saturated sigmoid/tanh (DESIGN §5).
+# Exact kinks, values beyond softplus' threshold, and saturated sigmoid/tanh.
 KINKS = torch.tensor([-1.0, 0.0, 1.0])
 EXTREMES = torch.tensor([-300.0, -30.0, -20.5, 20.5, 30.0, 300.0])
 
@@ -110,7 +110,7 @@ def test_gelu_bad_approximate():
 
 
 def test_saved_tensors_follow_the_table():
-    """relu/sigmoid/tanh keep their output; gelu/silu keep their input (DESIGN §2)."""
+    """relu/sigmoid/tanh keep their output; gelu/silu keep their input."""
     for name, expect_output in [("relu", True), ("sigmoid", True), ("tanh", True), ("gelu", False), ("silu", False)]:
         x = torch.randn(5, requires_grad=True)
         saved = []

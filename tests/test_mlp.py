@@ -231,7 +231,7 @@ def test_mlp_cross_entropy_unbatched_and_empty(kind):
     ids=str,
 )
 def test_mlp_cross_entropy_gradcheck(kind, reduction, ls, weighted):
-    """Backward, double backward, forward AD and their vmapped forms, in float64 (DESIGN §5)."""
+    """Backward, double backward, forward AD and their vmapped forms, in float64."""
     target, ignore_index = _targets(kind, torch.float64)
     weight = torch.rand(N_CLASSES, dtype=torch.float64) + 0.1 if weighted else None
     fused, _ = _fused_and_composed("gelu", weight, reduction, ls, ignore_index)

@@ -1,4 +1,4 @@
-"""DP-SGD with torchderiv's clipping and Opacus's everything else (DESIGN §9).
+"""DP-SGD with torchderiv's clipping and Opacus's everything else (docs/derivation.md, § per-example gradients).
 
 torchderiv clips each example's gradient inside its own backward (:func:`torchderiv.per_sample`);
 the rest is Opacus's, unchanged: the noise and the division by the expected batch size

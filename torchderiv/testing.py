@@ -191,7 +191,7 @@ def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def saved_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
-    """Bytes of the unique storages autograd saves for backward while ``fn()`` runs (DESIGN §6).
+    """Bytes of the unique storages autograd saves for backward while ``fn()`` runs.
 
     Storages of ``exclude`` (typically the parameters, which exist anyway) are not counted; a storage
     saved by several nodes (relu's output that is also the next layer's input) counts once.

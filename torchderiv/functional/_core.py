@@ -37,7 +37,7 @@ def compile_twin(cls) -> Twins:
     """Pair ``cls`` with the same Function without ``jvp``, for torch.compile.
 
     torch.compile (Dynamo) refuses any ``autograd.Function`` that defines a custom ``jvp``
-    (measured with torch 2.13, DESIGN §4). The twin inherits forward, setup_context and backward
+    (measured with torch 2.13). The twin inherits forward, setup_context and backward
     unchanged and restores ``Function.jvp``, which Dynamo recognises as "no custom jvp". Eager code keeps
     forward-mode AD; compiled code gets ``fullgraph=True``. The pair is a plain tuple because Dynamo
     cannot follow a class attribute of a Function class (``cls.twin.apply``) nor a dict keyed by class.

@@ -1,4 +1,4 @@
-"""Per-example gradients from the factors the backward already holds (DESIGN §9).
+"""Per-example gradients from the factors the backward already holds (docs/derivation.md, § per-example gradients).
 
 The seed differentiates the loss of one example and only then averages (§3: ``J = 1/n Σ Loss``). In a
 dense layer the gradient of example i's own term is an outer product of the two factors the backward

@@ -77,7 +77,7 @@ def _never(*_):
     return False
 
 
-# NOTE on speed (DESIGN §6): on CPU, a fresh logits- or activation-sized buffer costs page faults each
+# NOTE on speed (README, § Performance): on CPU, a fresh logits- or activation-sized buffer costs page faults each
 # time glibc hands freed memory back to the system, and a float × bool multiply takes a slow casting
 # path. So every derivative below uses float ops only, and when nothing differentiates them
 # (``scratch()``: a plain backward) builds g'(z) in one buffer of its own, in place, and multiplies it

@@ -20,7 +20,7 @@ class DenseFunction(torch.autograd.Function):
     jvp: ``dZ = dH Wᵀ + H dWᵀ + db``, ``dH⁽ᵏ⁾ = g'(Z) ⊙ dZ``.
 
     ``Z`` is an output so that an activation whose derivative needs ``z`` (gelu, silu, softplus) can
-    keep it without recomputing the GEMM; it stays differentiable (DESIGN §4), so a gradient or
+    keep it without recomputing the GEMM; it stays differentiable, so a gradient or
     tangent arriving for it is added in.
     """
 

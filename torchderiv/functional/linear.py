@@ -18,7 +18,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def linear_forward(input, weight, bias):
-    """``Z = H Wᵀ + b`` for ``H`` of shape ``(*, n_in)`` (seed §2, batched; DESIGN §2)."""
+    """``Z = H Wᵀ + b`` for ``H`` of shape ``(*, n_in)`` (seed §2, batched; docs/derivation.md)."""
     # NOTE: no reshape of the result: a returned view of an intermediate breaks forward-mode AD under
     # vmap ("tangent ... same layout as primal"). matmul folds leading dims without creating one.
     if input.dim() == 2:

@@ -2,7 +2,7 @@
 
 For a language-model head (C in the tens of thousands) the logits dominate memory. Here rows are
 processed ``chunk_size`` at a time: each chunk's logits ``Z_r = X_r Wᵀ + b`` live only while its loss
-and its error ``Δ_r = ∂ℓ/∂Z_r`` (DESIGN §2, seed §3.1) are computed, and ``Δ_r`` is folded at once into
+and its error ``Δ_r = ∂ℓ/∂Z_r`` (seed §3.1; docs/derivation.md) are computed, and ``Δ_r`` is folded at once into
 the three gradients (seed §3.2–3.5):
 
     ∂J/∂X_r = Δ_r W,    ∂J/∂W = Σ_r Δ_rᵀ X_r,    ∂J/∂b = Σ_r Σ_rows Δ_r.
@@ -91,7 +91,7 @@ def _per_sample_backward(ctx, saved, rec, scale_rows, needs, tracked_w, tracked_
     example's share of ``‖gᵢ‖²`` now, ``s²‖δᵢ‖² (‖xᵢ‖² + 1)`` (weight, bias; s the incoming scale); the
     (clipped) weight and bias gradients ``Σᵢ cᵢ s δᵢᵀ xᵢ``, ``Σᵢ cᵢ s δᵢ`` at the end of the pass, when the
     factors cᵢ are known, by recomputing each chunk's ``Δ`` once more: holding ``Δ`` (B × classes) until then
-    would build the very logits-sized buffer this Function exists to avoid (DESIGN §9). ``saved`` as in
+    would build the very logits-sized buffer this Function exists to avoid (docs/derivation.md). ``saved`` as in
     :func:`_recompute`."""
     input, w, b, target, class_weight = saved[:5]
     ignore_index, eps, chunk, upcast = ctx.config[1:]

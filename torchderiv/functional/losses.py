@@ -1,7 +1,7 @@
 """Losses on logits (the seed's ``Loss(g(z), y)`` with the canonical pair folded in, §3.1).
 
 torchderiv's losses take the output layer's pre-activation ``z``, as torch's ``*_with_logits`` and
-``cross_entropy`` do, and implement the collapsed derivative ``∂Loss/∂z`` (DESIGN §2):
+``cross_entropy`` do, and implement the collapsed derivative ``∂Loss/∂z`` (docs/derivation.md, § the output error):
 
 ===========================  =======================================================
 loss                         ``∂ℓ/∂z`` per element (before weights and reduction)
@@ -9,7 +9,7 @@ loss                         ``∂ℓ/∂z`` per element (before weights and red
 MSE (identity output)        ``2 (z − y)``
 Huber                        ``clamp(z − y, −δ, δ)``
 BCE with logits (sigmoid)    ``(1 + (p − 1) y) σ(z) − p y``
-cross-entropy (softmax)      ``softmax(z) − y`` (with weights and smoothing: DESIGN §2)
+cross-entropy (softmax)      ``softmax(z) − y`` (with weights and smoothing: docs/derivation.md)
 ===========================  =======================================================
 
 The derivative of each per-element loss, multiplied by the weights and divided by the mean's
@@ -328,7 +328,7 @@ def _ce_grads(input, target, weight, ignore_index, eps, grad_output=None, reduct
 
     Class indices: ``∂ℓ/∂z = a p − (1 − ε) w_y e_y − (ε/C) w`` with ``a = (1 − ε) w_y + (ε/C) Σ_c w_c``,
     zero for rows equal to ``ignore_index``; probabilities: ``∂ℓ/∂z = (Σ_c w_c t'_c) p − w ⊙ t'``,
-    ``∂ℓ/∂t = −(1 − ε) w ⊙ log p`` (DESIGN §2). "mean" divides by ``D`` (``Σ w_y`` over rows not ignored,
+    ``∂ℓ/∂t = −(1 − ε) w ⊙ log p`` (docs/derivation.md). "mean" divides by ``D`` (``Σ w_y`` over rows not ignored,
     or the row count); "none" takes ``s`` per row.
     ``log_p`` (if given) is used instead of recomputing ``log_softmax(input)``; with ``inplace`` (default:
     when nothing differentiates these ops) the result is built in the buffer of ``p = softmax(z)``, which
@@ -354,7 +354,7 @@ def _ce_grads(input, target, weight, ignore_index, eps, grad_output=None, reduct
     if weight is None and eps == 0 and inplace and _none_ignored(target, ignore_index):
         # Every row counts (the common case): ∂J/∂z = s (p − e_y) / D, D the row count. One scatter and
         # one multiply; the general path below spends ~8 more small ops on per-row masks and divisors,
-        # each ~3 µs on CPU: a quarter of a small network's step (measured, DESIGN §6).
+        # each ~3 µs on CPU: a quarter of a small network's step (measured).
         grad_z = p.scatter_(c, target.long().unsqueeze(c), -1.0, reduce="add")
         if reduction == "none":
             return (grad_z if grad_output is None else grad_z.mul_(grad_output.unsqueeze(c))), None
@@ -545,7 +545,7 @@ def cross_entropy(
 
     Input ``(C,)``, ``(N, C)`` or ``(N, C, d1, …)``; target class indices ``()``, ``(N,)``,
     ``(N, d1, …)`` or class probabilities of the input's shape. ``∂ℓ/∂z = softmax(z) − y`` for
-    one-hot y; class weights, ``ignore_index`` and label smoothing as DESIGN §2 states.
+    one-hot y; class weights, ``ignore_index`` and label smoothing as docs/derivation.md states.
     Stable for logits of any size (``log softmax = z − logsumexp(z)``).
     """
     reduction = check_reduction(reduction, size_average, reduce)

@@ -32,7 +32,7 @@ class MLPFunction(torch.autograd.Function):
     from half-precision logits (torch's autocast policy for cross_entropy).
     Outputs: ``(Z⁽ᴸ⁺¹⁾, S⁽¹⁾, …, S⁽ᴸ⁾)``, or ``(J, Z⁽ᴸ⁺¹⁾, S⁽¹⁾, …, S⁽ᴸ⁾)`` with a loss, where ``S⁽ᵏ⁾``
     is what backward keeps of layer k — ``H⁽ᵏ⁾`` when ``g'`` is exact from the output (relu, tanh,
-    sigmoid, …), ``Z⁽ᵏ⁾`` otherwise. They are outputs so that they can be saved (DESIGN §4); they stay
+    sigmoid, …), ``Z⁽ᵏ⁾`` otherwise. They are outputs so that they can be saved; they stay
     differentiable, and a gradient arriving for one is added in.
 
     backward (seed §3.1 and §3.6, batched): ``Δ⁽ᴸ⁺¹⁾ = ∂J/∂Z⁽ᴸ⁺¹⁾`` — with the loss, ``s (p − y) / D``

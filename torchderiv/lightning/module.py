@@ -102,7 +102,8 @@ class _TrainModule(LightningModule):
         # The private step runs its own backward inside torchderiv.per_sample, then Opacus's optimizer.
         self.automatic_optimization = privacy is None
         self.net = net
-        # One metric object per stage (DESIGN §7); "train" cannot be a ModuleDict key (it is a Module method).
+        # One metric object per stage (Lightning syncs each under DDP); "train" cannot be a ModuleDict key (it is a
+        # Module method).
         self.metrics = nn.ModuleDict({f"{s}_metrics": self._metrics(task, n_out) for s in ("train", "val", "test")})
 
     def _save_privacy(self) -> None:
