@@ -39,8 +39,8 @@ from torchderiv.lightning import DigitsDataModule
 
 def digits(seed: int = 0):
     """``((x, y), (x_test, y_test))``: the split and scaling of configs/digits_dp.yaml (``DigitsDataModule``:
-    70 / 15 / 15, features standardised with the training split's statistics)."""
-    dm = DigitsDataModule(seed=seed)
+    70 / 15 / 15, pixels / 16: no statistics of the private training data)."""
+    dm = DigitsDataModule(seed=seed, preprocessing="fixed")
     dm.setup()
     return dm.splits["train"].tensors, dm.splits["test"].tensors
 

@@ -144,7 +144,7 @@ def _lightning_step(tmp_path, sigma: float):
         callbacks=[record],
         default_root_dir=tmp_path,
     )
-    dm = DigitsDataModule(batch_size=64)
+    dm = DigitsDataModule(batch_size=64, preprocessing="fixed")
     trainer.fit(module, dm)
     return module, start, record, dm
 

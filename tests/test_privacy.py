@@ -268,6 +268,7 @@ def test_recipe_script_trains_privately():
 import lightning as L  # noqa: E402
 
 from torchderiv.lightning import DigitsDataModule, MLPModule, Privacy, StudentDataModule  # noqa: E402
+from torchderiv.privacy import PrivateTraining  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -291,7 +292,7 @@ def _fit(tmp_path, epochs, ckpt_path=None, dm=None, privacy=None, **trainer_kw):
         deterministic=True,
         **trainer_kw,
     )
-    trainer.fit(model, dm or DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
+    trainer.fit(model, dm or DigitsDataModule(batch_size=64, preprocessing="fixed"), ckpt_path=ckpt_path)
     return trainer, model
 
 
@@ -324,7 +325,7 @@ def test_resume_restores_the_accountant_and_the_random_streams(tmp_path):
 
 
 def test_a_second_fit_with_the_same_data_module_samples_its_training_set_again(tmp_path):
-    dm = DigitsDataModule(batch_size=64)
+    dm = DigitsDataModule(batch_size=64, preprocessing="fixed")
     first, _ = _fit(tmp_path / "a", 1, dm=dm)
     second, model = _fit(tmp_path / "b", 1, dm=dm)
     # the Poisson loader is built over the data module's own training loader, not over the first fit's
@@ -360,7 +361,7 @@ def test_target_epsilon_spent_over_max_epochs(tmp_path):
 
 def test_empty_poisson_batches_train(tmp_path):
     # 4 examples a batch expected out of ~300: many Poisson batches are small, some empty
-    dm = StudentDataModule(n_samples=40, batch_size=1)
+    dm = StudentDataModule(n_samples=40, batch_size=1, preprocessing="fixed")
     L.seed_everything(0)
     model = MLPModule([4, 3, 1], task="binary", optimizer="sgd", lr=0.1, privacy=Privacy(noise_multiplier=1.0))
     trainer = L.Trainer(
@@ -499,3 +500,106 @@ def test_cuda_private_step_noise_on_the_device():
         F.cross_entropy(ours(x.cuda()), y.cuda()).backward()
     dp.step()
     assert all(torch.isfinite(p).all() for p in ours.parameters())
+
+
+# --- what a private fit states at its end, and the ε of what is released ----------------------------------------
+
+
+def test_fit_end_states_the_privacy_spent_in_the_log_hparams_and_every_kept_checkpoint(tmp_path):
+    L.seed_everything(0)
+    model = MLPModule([64, 16, 10], optimizer="sgd", lr=0.5, privacy=Privacy(noise_multiplier=1.2, delta=1e-5))
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=-1, filename="{epoch}")
+    logger = L.pytorch.loggers.CSVLogger(tmp_path / "logs")
+    trainer = L.Trainer(
+        max_epochs=3, accelerator="cpu", logger=logger, callbacks=[ckpt], enable_progress_bar=False, deterministic=True
+    )
+    trainer.fit(model, DigitsDataModule(batch_size=64, preprocessing="fixed"))
+    run_epsilon = model._private.epsilon()
+    import yaml
+
+    hparams = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())
+    assert hparams["privacy"]["noise_multiplier"] == 1.2  # the configured block
+    spent = hparams["privacy_spent"]
+    assert spent["epsilon"] == pytest.approx(run_epsilon)
+    assert spent["steps"] == trainer.global_step and spent["steps"] > 0
+    assert spent["delta"] == 1e-5 and spent["noise_multiplier"] == 1.2 and spent["max_grad_norm"] == 1.0
+    assert spent["accountant"] == "rdp" and spent["sampling"] == "poisson"
+    assert spent["sample_rate"] == pytest.approx(model._private.sample_rate)
+    files = sorted(tmp_path.glob("*.ckpt"))
+    assert len(files) == 4  # epoch=0,1,2 and last
+    for path in files:
+        saved = torch.load(path, weights_only=True)
+        assert saved["privacy_release"] == spent  # the whole run's ε, whichever epoch the file holds
+
+
+def test_testing_a_checkpoint_chosen_by_validation_reports_the_whole_runs_epsilon(tmp_path, caplog):
+    import logging
+
+    trainer, model = _fit(tmp_path, 3)
+    run_epsilon = model._private.epsilon()
+    first = tmp_path / "epoch=0.ckpt"
+    epoch0_epsilon = PrivateTraining(model.privacy)
+    epoch0_epsilon.load_state_dict(torch.load(first, weights_only=True)["privacy"])
+    assert epoch0_epsilon.epsilon() < run_epsilon  # what this test would have printed before: the epoch's ε
+    with caplog.at_level(logging.INFO):
+        results = trainer.test(
+            model, DigitsDataModule(batch_size=64, preprocessing="fixed"), ckpt_path=str(first), verbose=False
+        )[0]
+    assert results["privacy/epsilon"] == pytest.approx(run_epsilon, rel=1e-6)
+    assert "the whole fit that kept this checkpoint" in caplog.text
+
+    # a checkpoint from a fit that did not finish carries no release: its own steps' ε, said to be a lower figure
+    saved = torch.load(first, weights_only=True)
+    del saved["privacy_release"]
+    torch.save(saved, tmp_path / "unfinished.ckpt")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        results = trainer.test(
+            model, DigitsDataModule(batch_size=64, preprocessing="fixed"), ckpt_path=str(tmp_path / "unfinished.ckpt")
+        )[0]
+    assert results["privacy/epsilon"] == pytest.approx(epoch0_epsilon.epsilon(), rel=1e-6)
+    assert "did not finish" in caplog.text
+
+
+def test_training_batch_metrics_under_privacy_are_named_non_private(tmp_path):
+    trainer, _ = _fit(tmp_path, 1)
+    assert "train_nonprivate/acc" in trainer.callback_metrics and "train_nonprivate/loss" in trainer.callback_metrics
+    assert not any(k.startswith("train/") for k in trainer.callback_metrics)
+
+
+def test_trainer_options_a_private_run_cannot_take_are_refused_in_privacy_terms(tmp_path):
+    with pytest.raises(ValueError, match="accumulate_grad_batches=2.*gradient_clip_val=0.5.*max_grad_norm"):
+        _fit(tmp_path, 1, accumulate_grad_batches=2, gradient_clip_val=0.5)
+    with pytest.raises(ValueError, match="privacy: not supported .*gradient_clip_val=1.0"):
+        _fit(tmp_path, 1, gradient_clip_val=1.0)
+
+
+# --- private-safe data: no statistics of the training split -------------------------------------------------------
+
+
+def test_private_fit_refuses_features_standardised_with_training_statistics(tmp_path):
+    with pytest.raises(ValueError, match=r"standardises its features .*preprocessing='fixed'"):
+        _fit(tmp_path, 1, dm=DigitsDataModule(batch_size=64))
+
+
+@pytest.mark.parametrize("cls", [DigitsDataModule, StudentDataModule, "breast_cancer"])
+def test_fixed_preprocessing_depends_on_no_data(cls):
+    # A statistic of the training split changes when the split does; a fixed scaling gives every example the same
+    # features whichever examples it is trained with.
+    if cls == "breast_cancer":
+        from torchderiv.lightning import BreastCancerDataModule as cls
+
+    def features_by_example(seed, preprocessing):
+        dm = cls(seed=seed, preprocessing=preprocessing)
+        dm.setup()
+        rows = torch.cat([dm.splits[s].tensors[0] for s in ("train", "val", "test")])
+        return sorted(tuple(r.tolist()) for r in rows)
+
+    assert features_by_example(0, "fixed") == features_by_example(1, "fixed")
+    assert features_by_example(0, "standardise") != features_by_example(1, "standardise")
+    assert not cls(preprocessing="fixed").uses_training_statistics and cls().uses_training_statistics
+    if cls is DigitsDataModule:
+        dm = DigitsDataModule(preprocessing="fixed")
+        dm.setup()
+        x = dm.splits["train"].tensors[0]
+        assert x.min() == 0 and x.max() == 1 and torch.equal(x * 16, (x * 16).round())

@@ -1,6 +1,5 @@
 """torchderiv.privacy.PrivacyEngine: Opacus's training loop with only the import changed ends where Opacus's does."""
 
-
 import pytest
 import torch
 from torch import nn

@@ -364,6 +364,23 @@ class PrivateTraining:
         eps, _ = analysis.get_privacy_spent(orders=alphas, rdp=rdp, delta=self.config.delta)
         return float(eps)
 
+    def spent(self) -> dict:
+        """What the run has spent, with everything needed to state it: ε at δ, the accountant, σ, C, the
+        sampling (Poisson, its rate and expected batch size) and the number of noisy steps taken."""
+        return {
+            "epsilon": self.epsilon(),
+            "delta": self.config.delta,
+            "accountant": self.config.accountant,
+            "noise_multiplier": None if self.noise_multiplier is None else float(self.noise_multiplier),
+            "max_grad_norm": self.config.max_grad_norm,
+            "sampling": "poisson",
+            "sample_rate": self.sample_rate,
+            "expected_batch_size": None
+            if self.expected_batch_size is None
+            else self.expected_batch_size * self.world_size,
+            "steps": int(sum(steps for _, _, steps in self.accountant.history)),
+        }
+
     def state_dict(self) -> dict:
         state = {"accountant": self.accountant.state_dict(), "noise_multiplier": self.noise_multiplier}
         for key, gen in (("sampling_rng", self.sampling_generator), ("noise_rng", self.noise_generator)):

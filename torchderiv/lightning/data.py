@@ -1,11 +1,15 @@
 """Offline data modules: scikit-learn's bundled digits and breast cancer, and the seed's student example.
 
-Every module standardises its features with statistics of the training split only, splits
-deterministically from ``seed``, and shuffles the training set as a function of ``(seed, epoch)`` so
-that a run resumed from a checkpoint sees exactly the batches an uninterrupted run would.
+Every module scales its features either with statistics of the training split (``preprocessing="standardise"``)
+or with fixed constants that depend on no data (``preprocessing="fixed"``: what private training needs, since the
+training split's mean and standard deviation are statistics of the private data outside the privacy budget). It
+splits deterministically from ``seed`` and shuffles the training set as a function of ``(seed, epoch)`` so that a
+run resumed from a checkpoint sees exactly the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import torch
@@ -45,6 +49,9 @@ class ArrayDataModule(LightningDataModule):
         val_fraction: share of the samples held out for validation.
         test_fraction: share of the samples held out for the test.
         seed: fixes the split and the shuffling.
+        preprocessing: ``standardise`` (each feature centred and scaled by the training split's mean and standard
+            deviation) or ``fixed`` (the data set's fixed, data-independent scaling, :meth:`fixed_scaling`;
+            needed by private training).
     """
 
     task: str = "multiclass"
@@ -58,8 +65,11 @@ class ArrayDataModule(LightningDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         seed: int = 0,
+        preprocessing: Literal["standardise", "fixed"] = "standardise",
     ) -> None:
         super().__init__()
+        if preprocessing not in ("standardise", "fixed"):
+            raise ValueError(f"preprocessing must be 'standardise' or 'fixed', got {preprocessing!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -69,7 +79,17 @@ class ArrayDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.preprocessing = preprocessing
         self.splits: dict[str, TensorDataset] = {}
+
+    @property
+    def uses_training_statistics(self) -> bool:
+        """Whether the features are scaled with statistics of the training split (refused by private training)."""
+        return self.standardise and self.preprocessing == "standardise"
+
+    def fixed_scaling(self, X: np.ndarray) -> np.ndarray:
+        """The features scaled by constants that depend on no data (``preprocessing="fixed"``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no fixed scaling; use preprocessing='standardise'")
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(X, y)``: features ``(n, d)`` and targets ``(n,)``."""
@@ -83,7 +103,7 @@ class ArrayDataModule(LightningDataModule):
         order = np.random.default_rng(self.seed).permutation(n)
         n_test, n_val = int(round(n * self.test_fraction)), int(round(n * self.val_fraction))
         parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
-        if self.standardise:
+        if self.uses_training_statistics:
             train = X[parts["train"]].astype(np.float64)
             self.mean = train.mean(0)
             std = train.std(0)
@@ -91,8 +111,10 @@ class ArrayDataModule(LightningDataModule):
             self.std = np.where(std > 0, std, 1.0)
         target_dtype = torch.long if self.task == "multiclass" else torch.float32
         for name, idx in parts.items():
-            if self.standardise:
+            if self.uses_training_statistics:
                 features = torch.tensor((X[idx] - self.mean) / self.std, dtype=torch.float32)
+            elif self.standardise:
+                features = torch.tensor(self.fixed_scaling(X[idx].astype(np.float64)), dtype=torch.float32)
             else:
                 features = torch.tensor(X[idx], dtype=torch.long)
             self.splits[name] = TensorDataset(features, torch.tensor(y[idx], dtype=target_dtype))
@@ -126,7 +148,9 @@ class DigitsDataModule(ArrayDataModule):
         batch_size, num_workers, val_fraction, test_fraction, seed: as :class:`ArrayDataModule`.
         tokens: give each image as 64 tokens, its pixels' intensities 0–16 (long, row by row), for a sequence model
             (:class:`~torchderiv.lightning.TokenTransformer`); no statistics of the data are used. False: 64
-            float features standardised with the training split's mean and standard deviation.
+            float features, scaled as ``preprocessing`` says.
+        preprocessing: ``standardise`` (the training split's mean and standard deviation) or ``fixed``: each pixel's
+            intensity divided by 16, its largest value, into [0, 1].
     """
 
     task = "multiclass"
@@ -139,10 +163,14 @@ class DigitsDataModule(ArrayDataModule):
         test_fraction: float = 0.15,
         seed: int = 0,
         tokens: bool = False,
+        preprocessing: Literal["standardise", "fixed"] = "standardise",
     ) -> None:
-        super().__init__(batch_size, num_workers, val_fraction, test_fraction, seed)
+        super().__init__(batch_size, num_workers, val_fraction, test_fraction, seed, preprocessing)
         self.tokens = tokens
         self.standardise = not tokens
+
+    def fixed_scaling(self, X):
+        return X / 16.0
 
     def load(self):
         from sklearn.datasets import load_digits
@@ -152,9 +180,20 @@ class DigitsDataModule(ArrayDataModule):
 
 
 class BreastCancerDataModule(ArrayDataModule):
-    """scikit-learn's Wisconsin breast cancer set: 569 samples, 30 features, binary (the seed's one output)."""
+    """scikit-learn's Wisconsin breast cancer set: 569 samples, 30 features, binary (the seed's one output).
+
+    ``preprocessing="fixed"`` divides each feature by its measurement's unit, a power of ten fixed once from what
+    the measurement is, not computed from the data: radius and texture 10, perimeter 100, area 1000, the six shape
+    ratios (smoothness, compactness, concavity, concave points, symmetry, fractal dimension) 0.1; the "error"
+    columns (standard errors) by a tenth of that, the "worst" columns as the "mean" ones. Most values then lie
+    within [0, 5] (the largest, one image's concavity error, is 40).
+    """
 
     task = "binary"
+    UNITS = np.array([10.0, 10.0, 100.0, 1000.0] + [0.1] * 6)
+
+    def fixed_scaling(self, X):
+        return X / np.concatenate([self.UNITS, self.UNITS / 10, self.UNITS])
 
     def load(self):
         from sklearn.datasets import load_breast_cancer
@@ -180,6 +219,8 @@ class StudentDataModule(ArrayDataModule):
     Args:
         n_samples: number of students.
         data_seed: seed of the generator (the split and shuffling use ``seed``).
+        preprocessing: ``standardise`` or ``fixed``: each feature centred and scaled by its generative model's
+            constants (GPA 3 ± 0.5, IQ 100 ± 13.4, BMI 23 ± 2.9, sleep 7 ± 1).
     """
 
     task = "binary"
@@ -194,9 +235,16 @@ class StudentDataModule(ArrayDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         seed: int = 0,
+        preprocessing: Literal["standardise", "fixed"] = "standardise",
     ) -> None:
-        super().__init__(batch_size, num_workers, val_fraction, test_fraction, seed)
+        super().__init__(batch_size, num_workers, val_fraction, test_fraction, seed, preprocessing)
         self.n_samples, self.data_seed = n_samples, data_seed
+
+    def fixed_scaling(self, X):
+        # the generative model's own centres and spreads (a property of the code above, not of the draws)
+        centre = np.array([3.0, 100.0, 23.0, 7.0])
+        spread = np.array([0.5, 13.4, 2.9, 1.0])
+        return (X - centre) / spread
 
     def load(self):
         return generate_students(self.n_samples, self.data_seed)

@@ -5,6 +5,7 @@ block."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from contextlib import nullcontext
 from typing import Literal
 
@@ -109,6 +110,8 @@ class _TrainModule(LightningModule):
     def _save_privacy(self) -> None:
         # The privacy block is kept as a plain dict: checkpoints then load with torch.load(weights_only=True).
         self.hparams["privacy"] = None if self.privacy is None else dataclasses.asdict(self.privacy)
+        # and into the copy Lightning's loggers write to hparams.yaml (taken by save_hyperparameters, before this)
+        self._hparams_initial["privacy"] = self.hparams["privacy"]
 
     @staticmethod
     def _metrics(task: str, n_out: int) -> torchmetrics.MetricCollection:
@@ -152,13 +155,16 @@ class _TrainModule(LightningModule):
                 f"non-finite training loss {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
                 "lower the learning rate or check the data"
             )
+        # Under privacy the training batches' loss and metrics are computed without noise: statistics of private
+        # data that the accountant's ε does not cover, named so.
+        prefix = "train_nonprivate" if stage == "train" and self.privacy is not None else stage
         preds = logits.detach().float()
         if self.task == "binary":
             preds = torch.sigmoid(preds)
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(preds, y)
         self.log(
-            f"{stage}/loss",
+            f"{prefix}/loss",
             loss,
             prog_bar=stage != "test",
             on_step=False,
@@ -167,7 +173,7 @@ class _TrainModule(LightningModule):
             sync_dist=True,
         )
         self.log_dict(
-            {f"{stage}/{k}": m for k, m in metrics.items()}, on_step=False, on_epoch=True, prog_bar=stage != "train"
+            {f"{prefix}/{k}": m for k, m in metrics.items()}, on_step=False, on_epoch=True, prog_bar=stage != "train"
         )
         return loss
 
@@ -198,6 +204,13 @@ class _TrainModule(LightningModule):
 
     # --- private training: Poisson sampling, accountant, checkpoints -------------------------------------
 
+    def configure_callbacks(self):
+        # Lightning calls this before it checks the trainer's options against manual optimisation: the options a
+        # private run cannot take are refused here, in privacy's terms, all at once.
+        if self.privacy is not None and self.trainer.state.fn == "fit":
+            _check_private_trainer(self.trainer, self.privacy)
+        return []
+
     def setup(self, stage: str) -> None:
         if self.privacy is None or stage != "fit":
             return
@@ -213,6 +226,12 @@ class _TrainModule(LightningModule):
         dm = trainer.datamodule
         if dm is None:
             raise RuntimeError("privacy: needs a data module, whose training set is sampled by Poisson sampling")
+        if getattr(dm, "uses_training_statistics", False):
+            raise ValueError(
+                f"privacy: {type(dm).__name__} standardises its features with the training split's mean and standard "
+                "deviation, statistics of the private data that the privacy budget does not cover; give it "
+                "preprocessing='fixed' (--data.init_args.preprocessing=fixed), a data-independent scaling"
+            )
         if self.privacy.target_epsilon is not None and (trainer.max_epochs is None or trainer.max_epochs < 1):
             raise ValueError("privacy: target_epsilon needs trainer.max_epochs (σ is solved for that many epochs)")
         if self._private is None:
@@ -250,15 +269,58 @@ class _TrainModule(LightningModule):
             self.log("privacy/epsilon", self._private.epsilon(), prog_bar=True, sync_dist=True)
             self.log("privacy/sigma", float(self._private.noise_multiplier), sync_dist=True)
 
+    def on_fit_start(self) -> None:
+        self._loaded = None
+        self._fit_started = time.time() - 1  # file times may be rounded to the second
+
+    def on_fit_end(self) -> None:
+        """What the fit spent, stated once in full: in the log, in ``hparams.yaml`` (``privacy_spent``), and in
+        every checkpoint the run keeps (``privacy_release``). A checkpoint chosen by validation over the run is a
+        function of the whole run, so each kept checkpoint carries the whole run's ε, not the ε at its epoch."""
+        if self._private is None or not self._private.accountant.history:
+            return
+        spent = self._private.spent()
+        rank_zero_info(f"privacy: {describe_spent(spent)}")
+        for logger in self.loggers:
+            logger.log_hyperparams({"privacy_spent": spent})
+            logger.save()
+        if self.trainer.is_global_zero:
+            for callback in self.trainer.checkpoint_callbacks:
+                for path in _kept_checkpoints(callback, self._fit_started):
+                    _add_to_checkpoint(path, "privacy_release", spent)
+        self.trainer.strategy.barrier("privacy_release")
+
     def on_test_epoch_end(self) -> None:
-        if self._private is not None and self._private.accountant.history:
-            self.log("privacy/epsilon", self._private.epsilon(), sync_dist=True)
+        epsilon, how = self._tested_epsilon()
+        if epsilon is not None:
+            self.log("privacy/epsilon", epsilon, sync_dist=True)
+            rank_zero_info(f"privacy/epsilon = {epsilon:.4f}: {how}")
+
+    def _tested_epsilon(self):
+        """The ε of the weights under test, and which ε that is."""
+        loaded = getattr(self, "_loaded", None)
+        if loaded is not None and loaded.get("privacy_release"):
+            spent = loaded["privacy_release"]
+            return spent["epsilon"], (
+                f"the whole fit that kept this checkpoint ({describe_spent(spent)}); a checkpoint chosen by validation "
+                "depends on every epoch of the run"
+            )
+        if self._private is None or not self._private.accountant.history:
+            return None, None
+        steps = sum(n for _, _, n in self._private.accountant.history)
+        if loaded is not None:
+            return self._private.epsilon(), (
+                f"after the {steps} steps before this checkpoint was saved, by a fit that did not finish: a checkpoint "
+                "chosen among the epochs of a longer run spends that run's ε"
+            )
+        return self._private.epsilon(), f"the fit so far ({steps} steps), whose last weights are tested"
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self._private is not None:
             checkpoint["privacy"] = self._private.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._loaded = {"privacy_release": checkpoint.get("privacy_release")}
         if self.privacy is not None and "privacy" in checkpoint:
             if self._private is None:
                 self._private = PrivateTraining(self.privacy)
@@ -390,3 +452,54 @@ class ModelModule(_TrainModule):
         # the model is saved with the weights; its config, by the CLI's config.yaml
         self.save_hyperparameters(ignore=["privacy", "model"])
         self._save_privacy()
+
+
+def describe_spent(spent: dict) -> str:
+    """One line: ε at δ and everything it depends on."""
+    return (
+        f"epsilon = {spent['epsilon']:.4f} at delta = {spent['delta']:g} ({spent['accountant']} accountant), "
+        f"{spent['steps']} steps of Poisson sampling at rate {spent['sample_rate']:.4g} (expected batch "
+        f"{spent['expected_batch_size']:g}), noise_multiplier = {spent['noise_multiplier']:.4f}, "
+        f"max_grad_norm = {spent['max_grad_norm']:g}"
+    )
+
+
+def _check_private_trainer(trainer, privacy) -> None:
+    problems = []
+    if trainer.accumulate_grad_batches != 1:
+        problems.append(
+            f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: each Poisson-sampled batch is one "
+            "noisy step of the accountant; for larger steps raise data.batch_size (the expected batch size)"
+        )
+    if trainer.gradient_clip_val is not None and trainer.gradient_clip_val > 0:
+        problems.append(
+            f"trainer.gradient_clip_val={trainer.gradient_clip_val}: each example's gradient is already clipped, to "
+            f"model.privacy.max_grad_norm (now {privacy.max_grad_norm}); set that instead"
+        )
+    if problems:
+        raise ValueError("privacy: not supported with a privacy block: " + "; ".join(problems))
+
+
+def _kept_checkpoints(callback, since: float) -> list[str]:
+    """The checkpoint files ``callback`` holds from this fit: those it names, and every file of its kind written in
+    its directory since the fit started (without a monitor it names only the newest)."""
+    from pathlib import Path
+
+    paths = set(getattr(callback, "best_k_models", {}) or {})
+    paths |= {getattr(callback, "best_model_path", ""), getattr(callback, "last_model_path", "")}
+    dirpath, ext = getattr(callback, "dirpath", None), getattr(callback, "FILE_EXTENSION", ".ckpt")
+    if dirpath and Path(dirpath).is_dir():
+        paths |= {str(p) for p in Path(dirpath).glob(f"*{ext}") if p.stat().st_mtime >= since}
+    return sorted(str(p) for p in paths if p and Path(p).is_file())
+
+
+def _add_to_checkpoint(path: str, key: str, value) -> None:
+    """``checkpoint[key] = value`` in the file at ``path``, replaced atomically (an interrupted write leaves the
+    old file whole)."""
+    import os
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint[key] = value
+    tmp = f"{path}.tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)

@@ -8,6 +8,9 @@ from pathlib import Path
 
 __all__ = ["read_metrics", "plot_curves"]
 
+# train_nonprivate/: under privacy, the training batches' metrics, computed without noise (not private statistics)
+STAGES = ("train/", "train_nonprivate/", "val/")
+
 
 def read_metrics(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """``{metric: [(epoch, value), …]}`` from ``log_dir/metrics.csv`` (rows without a value are skipped)."""
@@ -38,11 +41,11 @@ def plot_curves(
 
     series = read_metrics(log_dir)
     names = ["loss"] + sorted(
-        {k.split("/", 1)[1] for k in series if k.startswith(("train/", "val/")) and k.split("/", 1)[1] != "loss"}
+        {k.split("/", 1)[1] for k in series if k.startswith(STAGES) and k.split("/", 1)[1] != "loss"}
     )
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
-        for stage, color in (("train", "tab:blue"), ("val", "tab:orange")):
+        for stage, color in (("train", "tab:blue"), ("train_nonprivate", "tab:blue"), ("val", "tab:orange")):
             key = f"{stage}/{name}"
             if key in series:
                 epochs, values = zip(*series[key])
