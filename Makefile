@@ -38,10 +38,12 @@ $(NEXT_STAMP): pyproject.toml
 	$(NEXT_PY) -m pip install --quiet -e '.[test,cli]'
 	touch $(NEXT_STAMP)
 
-# The suite (not slow) on the newest torch; .ci/run runs it after `make test`.
+# The suite (not slow) on the newest torch, and the slow comparisons with Opacus (private runs on one and two
+# processes, the DP config's targets); .ci/run runs it after `make test`.
 test-next: $(NEXT_STAMP)
 	$(NEXT_PY) -c "import torch; print('torch', torch.__version__)"
 	$(NEXT_PY) -m pytest -q -m "not slow" --ignore=tests/opdb
+	$(NEXT_PY) -m pytest -q -m slow tests/test_privacy.py
 	$(NEXT_PY) -m pytest -q -m "not slow" tests/opdb
 
 train: $(STAMP)

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from .functional import _per_sample
+from .functional import _per_sample, _torch_internals
 from .nn.convert import _MODULE_TWINS, _embedding_options
 from .nn.modules import LinearCrossEntropyLoss, MultiheadAttention, Positional, TorchderivModule, attention_options
 
@@ -176,6 +176,7 @@ class PerSample:
     def __enter__(self) -> PerSample:
         if _per_sample.current is not None:
             raise RuntimeError("per_sample: contexts do not nest; one is already active")
+        _torch_internals.require()  # the torch internals the clipping relies on still behave as it expects
         tracked = _check_model(self.model)
         self._recorder = _per_sample.Recorder(
             tracked,

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .clipping import _check_model, per_sample
-from .functional import _per_sample
+from .functional import _per_sample, _torch_internals
 
 __all__ = ["Privacy", "PrivateTraining", "private_optimizer", "derived_seed", "PrivacyEngine", "PrivateModule"]
 
@@ -205,7 +205,7 @@ def _check_clipped(p: torch.Tensor, name: str, max_grad_norm: float, loss_reduct
     )
     if p.grad is None:
         raise RuntimeError(f"privacy: parameter {name} has no gradient at step(); {how}")
-    if stamp is None or stamp.grad() is not p.grad or stamp.version != p.grad._version:
+    if stamp is None or stamp.grad() is not p.grad or stamp.version != _torch_internals.version(p.grad):
         raise RuntimeError(
             f"privacy: the gradient of parameter {name} was not made by a clipped backward (or was changed "
             f"after it), so the noise would not cover it; {how}"

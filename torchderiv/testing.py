@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from .functional import _torch_internals
+
 __all__ = ["verify", "Report", "CheckResult", "DEFAULT_CHECKS", "OPTIONAL_CHECKS", "laid_out", "saved_bytes"]
 
 DEFAULT_CHECKS = (
@@ -567,7 +569,7 @@ class _BackwardSpy:
 
         def apply(node, *grads):
             result = spy._orig(node, *grads)
-            cls = getattr(node, "_forward_cls", None)
+            cls = _torch_internals.forward_class(node)
             needs = getattr(node, "needs_input_grad", None)
             if cls is not None and needs is not None:
                 res = result if isinstance(result, tuple) else (result,)

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from . import _per_sample
+from . import _torch_internals as internals
 
 __all__ = [
     "Twins",
@@ -84,7 +85,7 @@ def apply(fn: Twins, *args):
     form torch.func needs) under a torch.func transform, its classic-form twin otherwise."""
     if torch.compiler.is_compiling():
         return fn.compiled.apply(*args)
-    if torch._C._are_functorch_transforms_active():
+    if internals.transforms_active():
         if _per_sample.current is not None:
             raise RuntimeError(
                 f"per_sample: torch.func transforms (vmap, grad, jvp) are not supported inside the context "
@@ -93,14 +94,15 @@ def apply(fn: Twins, *args):
         return fn.eager.apply(*args)
     # Outside torch.func transforms: the classic-form twin, which torch applies without binding arguments
     # through inspect.signature (see _classic). Our wrappers pass every argument positionally.
-    if _unwrap_if_dead is not None:  # tensors left wrapped by a finished transform, as Function.apply does
-        args = [_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args]
+    if _unwrap is not None:  # tensors left wrapped by a finished transform, as Function.apply does
+        args = [_unwrap(a) if isinstance(a, torch.Tensor) else a for a in args]
     # Function.apply's C entry (torch 2.13 wraps it in Python; 2.14 exposes it as apply itself)
-    return super(torch.autograd.Function, fn.classic).apply(*args)
+    return internals.function_apply(fn.classic, *args)
 
 
-# Present in the torch versions we support; if a future torch drops it, apply() skips the unwrapping.
-_unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", None)
+_unwrap = internals.UNWRAP_IF_DEAD
+
+
 
 
 def scratch(grad: torch.Tensor | None = None) -> bool:
@@ -113,9 +115,9 @@ def scratch(grad: torch.Tensor | None = None) -> bool:
     """
     if torch.compiler.is_compiling():  # the compiler plans buffers itself
         return False
-    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+    if torch.is_grad_enabled() or internals.transforms_active():
         return False
-    return grad is None or not torch._C._functorch.is_legacy_batchedtensor(grad)
+    return grad is None or not internals.is_legacy_batched(grad)
 
 
 def _device_type(args) -> str:

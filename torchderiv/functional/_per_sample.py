@@ -31,6 +31,8 @@ from contextlib import nullcontext
 import torch
 from torch.autograd.graph import get_gradient_edge
 
+from . import _torch_internals as internals
+
 __all__ = [
     "Recorder",
     "Rule",
@@ -216,7 +218,7 @@ class Recorder:
                 f"per_sample: backward with create_graph=True is not supported inside the context "
                 f"(parameter {who}); take the double backward outside it"
             )
-        if torch._C._are_functorch_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(delta):
+        if internals.transforms_active() or internals.is_legacy_batched(delta):
             raise RuntimeError(
                 f"per_sample: torch.func transforms (vmap, grad, jvp) are not supported inside "
                 f"the context (parameter {who})"
@@ -235,11 +237,7 @@ class Recorder:
         for p in params:
             if p is None:
                 continue
-            try:
-                accumulated = torch._C._will_engine_execute_node(self.accumulators[id(p)])
-            except RuntimeError:  # torch asks no leaf this during torch.autograd.grad, which accumulates nothing
-                accumulated = False
-            if not accumulated:
+            if not internals.will_execute(self.accumulators[id(p)]):
                 raise RuntimeError(
                     f"per_sample: this backward pass does not accumulate into parameter {self.name(p)}'s .grad "
                     f"(torch.autograd.grad, or backward(inputs=...) without it), where its clipped gradient "
@@ -255,7 +253,7 @@ class Recorder:
         if self.queued is None:
             return
         finish, task = self.queued
-        if task == torch._C._current_graph_task_id() or (task == self.host and finish() is not None):
+        if task == internals.graph_task_id() or (task == self.host and finish() is not None):
             return
         self.pending = []
         self.queued = None
@@ -269,8 +267,8 @@ class Recorder:
             self._recheck()
             # Runs once, when the whole backward pass is done: only then are all of ‖gᵢ‖'s terms known.
             finish = _Finish(self)
-            torch.autograd.Variable._execution_engine.queue_callback(finish)
-            self.queued = (weakref.ref(finish), torch._C._current_graph_task_id())
+            internals.queue_callback(finish)
+            self.queued = (weakref.ref(finish), internals.graph_task_id())
         if host:
             self.host = self.queued[1]
 
@@ -461,7 +459,7 @@ class _Stamp:
     __slots__ = ("grad", "version", "max_norm", "loss_reduction", "clipped_sum")
 
     def __init__(self, grad, max_norm, loss_reduction, clipped_sum):
-        self.grad, self.version = weakref.ref(grad), grad._version
+        self.grad, self.version = weakref.ref(grad), internals.version(grad)
         self.max_norm, self.loss_reduction, self.clipped_sum = max_norm, loss_reduction, clipped_sum
 
 
@@ -638,10 +636,10 @@ def _remake(h: torch.Tensor):
     backward either ``h`` itself (``value`` None) or its input ``z``, from which ``value(z)`` gives ``h`` again,
     bit for bit (the same kernel on the same tensor); else None."""
     node = h.grad_fn
-    act = getattr(getattr(node, "_forward_cls", None), "activation", None)
+    act = getattr(internals.forward_class(node), "activation", None)
     if act is None:
         return None
-    if any(s.unpack_hook is not None for s in node._raw_saved_tensors):
+    if internals.saved_through_hooks(node):
         # Saved through hooks (save_on_cpu, a non-reentrant checkpoint): unpacking copies or recomputes it, and
         # a checkpoint's may be unpacked only once, by the node's own backward.
         return None
@@ -684,7 +682,7 @@ def mark(ctx, *tensors) -> None:
     for p in ctx.per_sample:
         if p is not None:
             rec.expected[id(p)] = batch
-    if torch._C._current_graph_task_id() != -1:
+    if internals.graph_task_id() != -1:
         rec.anchor(host=True)
 
 
