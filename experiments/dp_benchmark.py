@@ -2,7 +2,7 @@
 
 To run:
     .venv/bin/python experiments/dp_benchmark.py            # MLP 784-1024-1024-10 ×256, sequence, transformer
-    .venv/bin/python experiments/dp_benchmark.py --quick    # fewer rounds, no Opacus hooks / vmap (the slow ones)
+    .venv/bin/python experiments/dp_benchmark.py --quick    # fewer rounds, no Opacus hooks / vmap / loop (the slow ones)
     .venv/bin/python experiments/benchmark.py --dp          # the same, from the main benchmark
 
 One step = zero the gradients, forward, loss, backward, (clip, noise), SGD update. Contenders:
@@ -16,7 +16,9 @@ One step = zero the gradients, forward, loss, backward, (clip, noise), SGD updat
 * ``autograd``: the same network as torch modules, non-private (for scale).
 * ``opacus_hooks``, ``opacus_ghost``: Opacus's ``GradSampleModule`` + ``DPOptimizer`` and its ghost
   clipping (``GradSampleModuleFastGradientClipping``, two backward passes), when Opacus is installed.
-* ``vmap``: ``torch.func.vmap(grad)`` per-example gradients, clipped and summed by hand, noise added.
+* ``vmap``: ``torch.func.vmap(grad)`` per-example gradients, clipped and summed by hand, noise added (MLP
+  cases); for the transformer ``loop``: one autograd backward per example instead (torch's fused attention
+  kernels are outside vmap's reach), clipped, summed and noised the same way.
 * ``backpack``: BackPACK's ``BatchGrad`` per-example gradients, the same by hand (MLP cases, when
   ``backpack-for-pytorch`` is installed: ``pip install --no-deps backpack-for-pytorch einops unfoldNd``;
   it needs no torchvision for this).
@@ -199,6 +201,17 @@ def make_steps(case: str, names) -> tuple[dict, dict]:
     steps = {"plain": plain, "norms": norms, "dp": dp, "clip": clip, "noise": noise, "autograd": autograd}
     if "vmap" in names:
         steps["vmap"] = _vmap_step(theirs, x, y, opt_ref)
+    if "loop" in names:
+
+        def loop():  # torch.func's place where vmap cannot reach torch's fused attention kernels
+            clipped = _loop_clipped_sum(theirs, x, y)
+            for p in theirs.parameters():
+                p.grad = None
+            for (_, p), g in zip(theirs.named_parameters(), clipped.values()):
+                p.grad = g.add_(torch.randn_like(g), alpha=SIGMA * C / batch)
+            opt_ref.step()
+
+        steps["loop"] = loop
     if "backpack" in names:
         steps["backpack"] = _backpack_step(theirs, x, y)
     if "opacus_hooks" in names or "opacus_ghost" in names:
@@ -475,6 +488,7 @@ LABELS = {
     "opacus_hooks": "Opacus 1.6 hooks",
     "opacus_ghost": "Opacus 1.6 ghost clipping",
     "vmap": "`torch.func` vmap(grad) + clip + sum",
+    "loop": "one autograd backward per example + clip + sum (vmap cannot enter torch's attention kernels)",
     "backpack": "BackPACK 1.7 `BatchGrad` + clip + sum",
 }
 
@@ -526,8 +540,10 @@ def run(
     for case in cases or CASES:
         slow = ["vmap"] + (["backpack"] if _have("backpack") else [])
         names = base + opacus + ([] if quick or CASES[case]["kind"] != "mlp" else slow)
-        if CASES[case]["kind"] != "mlp":
+        if CASES[case]["kind"] == "seq":
             names = [n for n in names if n != "opacus_hooks"]
+        if CASES[case]["kind"] == "transformer" and not quick:
+            names.append("loop")
         rows.append(bench(case, names, rounds, threads, memory))
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"cpu, {threads} threads"
     meta = f"{where}, float32, torch {torch.__version__}, median of {rounds} interleaved rounds (min–max)"

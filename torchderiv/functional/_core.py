@@ -103,8 +103,6 @@ def apply(fn: Twins, *args):
 _unwrap = internals.UNWRAP_IF_DEAD
 
 
-
-
 def scratch(grad: torch.Tensor | None = None) -> bool:
     """Whether a derivative may overwrite temporaries it created: nothing is recording these ops.
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from . import _per_sample
+from . import _torch_internals as internals
 from ._core import autocast_apply, compile_twin, shape_str
 
 __all__ = ["LinearFunction", "linear", "check_linear_args", "linear_backward", "linear_jvp"]
@@ -23,8 +24,19 @@ def linear_forward(input, weight, bias):
     # vmap ("tangent ... same layout as primal"). matmul folds leading dims without creating one.
     if input.dim() == 2:
         return torch.addmm(bias, input, weight.t()) if bias is not None else input.mm(weight.t())  # (N, n_out)
+    if bias is not None and input.is_contiguous() and _plain_eager():
+        # The bias added inside the GEMM (one pass less over Z), on the rows of H, written through a view into Z:
+        # Z itself is then no view (a view of a temporary breaks forward-mode AD's tangent layout check).
+        z = input.new_empty(*input.shape[:-1], weight.shape[0])
+        torch.addmm(bias, input.view(-1, input.shape[-1]), weight.t(), out=z.view(-1, weight.shape[0]))
+        return z
     z = input.matmul(weight.t())  # (*, n_out)
     return z + bias if bias is not None else z
+
+
+def _plain_eager() -> bool:
+    """No autograd recording, torch.func transform or compiler tracing: an ``out=`` kernel may run."""
+    return not (torch.is_grad_enabled() or internals.transforms_active() or torch.compiler.is_compiling())
 
 
 def linear_backward(needs, delta, input, weight, bias):

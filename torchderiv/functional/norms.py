@@ -20,9 +20,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from . import _per_sample
-from ._core import autocast_apply, compile_twin
+from . import _torch_internals as internals
+from ._core import autocast_apply, compile_twin, scratch
 
 __all__ = ["NormFunction", "layer_norm", "rms_norm"]
 
@@ -69,6 +71,12 @@ class NormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, bias, k, eps, centered):
+        if _plain_eager(input, weight, bias):
+            # torch's fused kernel for the value (one pass over x); the derivatives below are ours
+            shape = input.shape[input.dim() - k :]
+            if centered:
+                return F.layer_norm(input, shape, weight, bias, eps)
+            return F.rms_norm(input, shape, weight, eps)
         x_hat, _ = _stats(input, k, eps, centered)
         return _affine(x_hat, weight, bias, input.dtype)
 
@@ -86,6 +94,19 @@ class NormFunction(torch.autograd.Function):
         input, weight, bias = ctx.saved_tensors
         k, eps, centered = ctx.config
         needs = ctx.needs_input_grad
+        want_w = weight is not None and needs[1]
+        want_b = bias is not None and needs[2]
+        keep = None  # inside per_sample: the tracked (γ, β), whose per-example gradients go to the recorder
+        rec = _per_sample.current
+        if rec is not None and (want_w or want_b):
+            w_p, b_p = rec.pair(weight, bias, _per_sample.marked(ctx))
+            w_p, b_p = (w_p if want_w else None), (b_p if want_b else None)
+            if w_p is not None or b_p is not None:
+                keep = (rec, w_p, b_p)
+                want_w, want_b = want_w and w_p is None, want_b and b_p is None
+        if scratch(grad_output):
+            grads = _backward_plain(needs[0], want_w, want_b, grad_output, input, weight, bias, k, eps, centered, keep)
+            return grads + (None, None, None)
         x_hat, rstd = _stats(input, k, eps, centered)
         delta = grad_output.to(x_hat.dtype)
         grad_input = grad_weight = grad_bias = None
@@ -95,15 +116,8 @@ class NormFunction(torch.autograd.Function):
             if centered:
                 inner = inner - _row_mean(g, k)
             grad_input = (inner * rstd).to(input.dtype)
-        want_w = weight is not None and needs[1]
-        want_b = bias is not None and needs[2]
-        rec = _per_sample.current
-        if rec is not None and (want_w or want_b):
-            w_p, b_p = rec.pair(weight, bias, _per_sample.marked(ctx))
-            w_p, b_p = (w_p if want_w else None), (b_p if want_b else None)
-            if w_p is not None or b_p is not None:
-                _keep_examples(rec, w_p, b_p, delta, x_hat, k)
-                want_w, want_b = want_w and w_p is None, want_b and b_p is None
+        if keep is not None:
+            _keep_examples(*keep, delta, x_hat, k)
         if want_w:
             grad_weight = _leading_sum(delta * x_hat, k).to(weight.dtype)
         if want_b:
@@ -129,6 +143,54 @@ class NormFunction(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(x_hat)
         return dy.to(input.dtype)
+
+
+def _plain_eager(*tensors) -> bool:
+    """Nothing records, transforms or traces this forward, and every tensor is dense on one dtype: torch's fused
+    kernel computes the same value."""
+    if torch.is_grad_enabled() or internals.transforms_active() or torch.compiler.is_compiling():
+        return False
+    dtypes = {t.dtype for t in tensors if t is not None}
+    return len(dtypes) == 1 and all(t is None or t.layout == torch.strided for t in tensors)
+
+
+def _backward_plain(want_x, want_w, want_b, grad_output, input, weight, bias, k, eps, centered, keep):
+    """The backward's formulas in a plain backward (nothing differentiates them), arranged to pass over the
+    ``(N, n)`` rows as few times as they can: the statistics again; with
+    ``P = δ ⊙ x̂``, the row means ``mean(g ⊙ x̂) = P γ / n`` and ``mean(g) = δ γ / n`` as matrix–vector products,
+    ``∂J/∂γ = Σ_rows P`` and ``∂J/∂β = Σ_rows δ`` as column sums, and
+    ``∂J/∂x = g r⁻¹ − x̂ ⊙ (mean(g ⊙ x̂) r⁻¹) − mean(g) r⁻¹`` built in one buffer."""
+    dims = tuple(range(-k, 0))
+    n = math.prod(input.shape[input.dim() - k :])
+    x = input.to(torch.promote_types(input.dtype, torch.float32))
+    if centered:
+        # NOTE: not torch.var_mean: its one-pass (Welford) kernel took 4.6 ms on (256, 64, 64) against 0.3 ms for
+        # these three passes (CPU, 2 threads)
+        x_hat = x - x.mean(dims, keepdim=True)
+        rstd = torch.rsqrt(x_hat.square().mean(dims, keepdim=True).add_(eps))
+        x_hat.mul_(rstd)
+    else:
+        rstd = torch.rsqrt(x.square().mean(dims, keepdim=True).add_(eps))
+        x_hat = x * rstd
+    delta = grad_output.to(x_hat.dtype)
+    if keep is not None:
+        _keep_examples(*keep, delta, x_hat, k)
+    rows = delta.reshape(-1, n)
+    gamma = None if weight is None else weight.reshape(n).to(x_hat.dtype)
+    p = (delta * x_hat).reshape(-1, n) if (want_x or want_w) else None
+    grad_input = grad_weight = grad_bias = None
+    if want_x:
+        lead = x_hat.shape[: x_hat.dim() - k] + (1,) * k
+        m_gx = (p.sum(1) if gamma is None else p.mv(gamma)).div_(n).reshape(lead).mul_(rstd)
+        out = rows.reshape(x_hat.shape) * rstd if gamma is None else (rows * gamma).reshape(x_hat.shape).mul_(rstd)
+        if centered:
+            out.sub_((rows.sum(1) if gamma is None else rows.mv(gamma)).div_(n).reshape(lead).mul_(rstd))
+        grad_input = out.addcmul_(x_hat, m_gx, value=-1).to(input.dtype)
+    if want_w:
+        grad_weight = p.sum(0).reshape(weight.shape).to(weight.dtype)
+    if want_b:
+        grad_bias = rows.sum(0).reshape(bias.shape).to(bias.dtype)
+    return grad_input, grad_weight, grad_bias
 
 
 def _keep_examples(rec, w, b, delta, x_hat, k) -> None:
