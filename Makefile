@@ -13,14 +13,14 @@ NEXT_PY    := $(NEXT_VENV)/bin/python
 NEXT_STAMP := $(NEXT_VENV)/.installed
 NEXT_TORCH ?= torch==2.14.1
 
-.PHONY: setup test test-fast test-next train lint clean
+.PHONY: setup test test-fast test-next test-torch-only docs train lint clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[test,cli]'
+	$(PY) -m pip install --quiet -e '.[all,test]'
 	touch $(STAMP)
 
 # op_db (torch's OpInfo samples) changes global backend flags on import, so it runs on its own.
@@ -35,7 +35,7 @@ test-fast: $(STAMP)
 $(NEXT_STAMP): pyproject.toml
 	test -x $(NEXT_PY) || $(PYTHON) -m venv $(NEXT_VENV)
 	$(NEXT_PY) -m pip install --quiet $(NEXT_TORCH)
-	$(NEXT_PY) -m pip install --quiet -e '.[test,cli]'
+	$(NEXT_PY) -m pip install --quiet -e '.[all,test]'
 	touch $(NEXT_STAMP)
 
 # The suite (not slow) on the newest torch, and the slow comparisons with Opacus (private runs on one and two
@@ -46,6 +46,14 @@ test-next: $(NEXT_STAMP)
 	$(NEXT_PY) -m pytest -q -m slow tests/test_privacy.py
 	$(NEXT_PY) -m pytest -q -m "not slow" tests/opdb
 
+# torchderiv with torch alone (no extras): the smoke suite in a venv of its own; .ci/run runs it.
+TORCH_ONLY_VENV ?= .venv-torch
+test-torch-only:
+	test -x $(TORCH_ONLY_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_ONLY_VENV)
+	$(TORCH_ONLY_VENV)/bin/python -m pip install --quiet $(TORCH) pytest
+	$(TORCH_ONLY_VENV)/bin/python -m pip install --quiet -e .
+	TORCHDERIV_TORCH_ONLY=1 $(TORCH_ONLY_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/torch_only
+
 train: $(STAMP)
 	$(PY) -m torchderiv.train
 
@@ -53,4 +61,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check torchderiv tests experiments
 
 clean:
-	rm -rf $(VENV) $(NEXT_VENV) lightning_logs runs .pytest_cache
+	rm -rf $(VENV) $(NEXT_VENV) $(TORCH_ONLY_VENV) site lightning_logs runs .pytest_cache

@@ -2,7 +2,7 @@
 
 To run:
     .venv/bin/python experiments/dp_benchmark.py            # MLP 784-1024-1024-10 ×256, sequence, transformer
-    .venv/bin/python experiments/dp_benchmark.py --quick    # fewer rounds, no Opacus hooks / vmap / loop (the slow ones)
+    .venv/bin/python experiments/dp_benchmark.py --quick    # fewer rounds; no Opacus hooks, vmap, loop (slow ones)
     .venv/bin/python experiments/benchmark.py --dp          # the same, from the main benchmark
 
 One step = zero the gradients, forward, loss, backward, (clip, noise), SGD update. Contenders:

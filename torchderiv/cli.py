@@ -49,6 +49,16 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE, end="")
         sys.exit(0 if args else 2)
+    from .extras import missing
+
+    absent = missing("lightning")
+    if absent:
+        print(
+            f"torchderiv {args[0]}: needs the 'lightning' extra ({', '.join(absent)} not installed): "
+            "pip install 'torchderiv[lightning]' (or 'torchderiv[all]')",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     from ._lightning_cli import CLI
 
     # From the console script, LightningCLI reads sys.argv itself: passing it back in as `args` makes

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from . import extras
 from .clipping import _check_model, per_sample
 from .functional import _per_sample, _torch_internals
 
@@ -160,6 +161,7 @@ _CLASSES: dict = {}
 def _optimizer_class(distributed: bool):
     """Opacus's optimizer class with the clipping check before its step (built once, on first use)."""
     if distributed not in _CLASSES:
+        extras.require("privacy", "private_optimizer")
         if distributed:
             from opacus.optimizers import DistributedDPOptimizerFastGradientClipping as base
         else:
@@ -276,6 +278,7 @@ class PrivateTraining:
     """
 
     def __init__(self, config: Privacy) -> None:
+        extras.require("privacy", "private training")
         from opacus.accountants import create_accountant
 
         self.config = config
@@ -449,6 +452,7 @@ class PrivacyEngine:
     """
 
     def __init__(self, *, accountant: str = "prv", secure_mode: bool = False) -> None:
+        extras.require("privacy", "PrivacyEngine")
         from opacus.accountants import create_accountant
 
         if secure_mode:

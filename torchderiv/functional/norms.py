@@ -155,11 +155,11 @@ def _plain_eager(*tensors) -> bool:
 
 
 def _backward_plain(want_x, want_w, want_b, grad_output, input, weight, bias, k, eps, centered, keep):
-    """The backward's formulas in a plain backward (nothing differentiates them), arranged to pass over the
-    ``(N, n)`` rows as few times as they can: the statistics again; with
-    ``P = δ ⊙ x̂``, the row means ``mean(g ⊙ x̂) = P γ / n`` and ``mean(g) = δ γ / n`` as matrix–vector products,
-    ``∂J/∂γ = Σ_rows P`` and ``∂J/∂β = Σ_rows δ`` as column sums, and
-    ``∂J/∂x = g r⁻¹ − x̂ ⊙ (mean(g ⊙ x̂) r⁻¹) − mean(g) r⁻¹`` built in one buffer."""
+    """The backward's formulas (docs/derivation.md § normalisation layers) in a plain backward, where nothing
+    differentiates them, arranged to pass over the ``(N, n)`` rows few times: ``x̂`` and ``r`` made again from
+    ``x``; with ``P = δ ⊙ x̂`` and ``g = δ ⊙ γ``, the row means ``mean(g ⊙ x̂) = P γ / n`` and ``mean(g) = δ γ / n``
+    as matrix–vector products, ``∂J/∂γ = Σ_rows P`` and ``∂J/∂β = Σ_rows δ`` as column sums, and
+    ``∂J/∂x = g r⁻¹ − x̂ ⊙ (mean(g ⊙ x̂) r⁻¹) − mean(g) r⁻¹`` built in ``g``'s buffer."""
     dims = tuple(range(-k, 0))
     n = math.prod(input.shape[input.dim() - k :])
     x = input.to(torch.promote_types(input.dtype, torch.float32))

@@ -1,10 +1,24 @@
-"""Lightning integration: the seed's network or any torch model as a LightningModule, and offline data modules."""
+"""Lightning integration: the seed's network or any torch model as a LightningModule, and offline data modules.
 
-from .data import ArrayDataModule, BreastCancerDataModule, DigitsDataModule, EpochShuffleSampler, StudentDataModule
-from .models import TokenTransformer
-from .module import AutogradMLP, MLPModule, ModelModule
-from .privacy import Privacy
-from .report import RunReport
+Needs the ``lightning`` extra (Lightning, torchmetrics, scikit-learn, matplotlib, jsonargparse):
+``pip install 'torchderiv[lightning]'``.
+"""
+
+from ..extras import require
+
+require("lightning", "torchderiv.lightning")
+
+from ..privacy import Privacy  # noqa: E402  (after the check: a missing extra gets its message, not a traceback)
+from .data import (  # noqa: E402
+    ArrayDataModule,
+    BreastCancerDataModule,
+    DigitsDataModule,
+    EpochShuffleSampler,
+    StudentDataModule,
+)
+from .models import TokenTransformer  # noqa: E402
+from .module import AutogradMLP, MLPModule, ModelModule  # noqa: E402
+from .report import RunReport  # noqa: E402
 
 __all__ = [
     "MLPModule",

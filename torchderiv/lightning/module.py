@@ -20,8 +20,7 @@ from .. import functional as TF
 from ..clipping import _check_model, per_sample
 from ..nn import MLP
 from ..nn import convert as convert_model
-from ..privacy import derived_seed
-from .privacy import Privacy, PrivateTraining
+from ..privacy import Privacy, PrivateTraining, derived_seed
 
 __all__ = ["MLPModule", "ModelModule", "AutogradMLP"]
 
@@ -376,7 +375,7 @@ class MLPModule(_TrainModule):
         momentum: SGD momentum (ignored by Adam).
         weight_decay: L2 penalty — the regularisation the seed's §1 asks for.
         bias: whether layers carry a bias (the seed's have none).
-        privacy: train with DP-SGD (:class:`~torchderiv.lightning.privacy.Privacy`): each example's gradient
+        privacy: train with DP-SGD (:class:`~torchderiv.privacy.Privacy`): each example's gradient
             clipped inside torchderiv's backward, Opacus's noise, accountant and Poisson sampling of the
             training set. ε is logged each epoch as ``privacy/epsilon``. Needs ``impl="torchderiv"`` and a data
             module; under DDP the clipped sums are all-reduced and the noise is added once (rank 0).
