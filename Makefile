@@ -54,6 +54,11 @@ test-torch-only:
 	$(TORCH_ONLY_VENV)/bin/python -m pip install --quiet -e .
 	TORCHDERIV_TORCH_ONLY=1 $(TORCH_ONLY_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/torch_only
 
+# The docs site (MkDocs, API reference from the docstrings) into site/, strict: a broken link or reference fails it.
+docs: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 train: $(STAMP)
 	$(PY) -m torchderiv.train
 

@@ -228,11 +228,11 @@ def test_check_command_on_builtins(capsys):
     assert "CrossEntropy[probs]" in out and "LinearCrossEntropy" in out and "20 passed, 0 failed" in out
 
 
-def test_readme_example_prints_what_the_readme_shows():
+def test_docs_example_prints_what_the_docs_show():
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "verify.md").read_text()
     code = re.search(r"```python\n(import torch\nfrom torchderiv.testing import verify\n.*?)```", text, re.S).group(1)
     shown = re.search(r"prints\n\n```\n(.*?)```", text[text.index(code) :], re.S).group(1)
     import contextlib
@@ -240,7 +240,7 @@ def test_readme_example_prints_what_the_readme_shows():
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, "README.md", "exec"), {})
+        exec(compile(code, "docs/verify.md", "exec"), {})
 
     def rows(s):
         # round-off below 1e-6 (double backward's 1e-9, a strided input's 1e-16) differs between machines
@@ -253,3 +253,27 @@ def test_readme_example_prints_what_the_readme_shows():
         return [[cell(c) for c in re.split(r"\s{2,}", line.strip())] for line in s.strip().splitlines()]
 
     assert rows(out.getvalue()) == rows(shown)
+
+
+def test_readme_examples_run():
+    # The README's Python blocks, in order, in one namespace; the private loop gets a model, optimizer and loader.
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 3
+    space: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), space)
+    exec(compile(blocks[1], "README.md", "exec"), space)
+    assert space["ps"].norms.shape == (32,)
+    pytest.importorskip("opacus")
+    data = torch.utils.data.TensorDataset(torch.randn(64, 64), torch.randint(0, 10, (64,)))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    space |= {
+        "model": model,
+        "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+        "loader": torch.utils.data.DataLoader(data, batch_size=16),
+    }
+    exec(compile(blocks[2], "README.md", "exec"), space)
+    space["model"].cleanup()

@@ -9,7 +9,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from .lightning import ArrayDataModule, MLPModule
-from .lightning.module import _TrainModule
+from .lightning.module import TrainModule
 
 __all__ = ["CLI"]
 
@@ -25,7 +25,7 @@ class CLI(LightningCLI):
         # command line (a nested --model.privacy.target_epsilon=null fails to parse there)
         named = _model_class_named(sys.argv[1:] if args is None else args)
         super().__init__(
-            _TrainModule if named else MLPModule,
+            TrainModule if named else MLPModule,
             ArrayDataModule,
             subclass_mode_model=named,
             subclass_mode_data=True,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .functional import _per_sample, _torch_internals
-from .nn.convert import _MODULE_TWINS, _embedding_options
+from .nn.convert import MODULE_TWINS, embedding_options
 from .nn.modules import LinearCrossEntropyLoss, MultiheadAttention, Positional, TorchderivModule, attention_options
 
 __all__ = ["per_sample", "PerSample"]
@@ -35,7 +35,7 @@ def _own_batch_first(module: nn.Module) -> bool | None:
     return None
 
 
-def _check_model(model: nn.Module) -> dict:
+def check_model(model: nn.Module) -> dict:
     """``{id(p): (p, name)}`` of the parameters to track; one clear error naming every part of the model whose
     per-example gradient cannot be computed exactly, each with what to do instead."""
     tracked: dict[int, tuple[torch.Tensor, str]] = {}
@@ -92,13 +92,13 @@ def _alternative(model: nn.Module, mod_name: str, module: nn.Module) -> str:
     options = (
         attention_options(attention)
         if isinstance(attention, nn.MultiheadAttention)
-        else _embedding_options(module)
+        else embedding_options(module)
         if isinstance(module, nn.Embedding)
         else []
     )
     if options:
         return f"{', '.join(options)}: not supported by torchderiv's Function; {freeze}"
-    if type(module) in _MODULE_TWINS or isinstance(attention, nn.MultiheadAttention):
+    if type(module) in MODULE_TWINS or isinstance(attention, nn.MultiheadAttention):
         return "convert the model first with torchderiv.convert(model)"
     if not type(module).__module__.startswith(("torch.", "torchderiv.")):
         # a parameter of the user's own module, used directly in its forward (x + self.pos)
@@ -177,7 +177,7 @@ class PerSample:
         if _per_sample.current is not None:
             raise RuntimeError("per_sample: contexts do not nest; one is already active")
         _torch_internals.require()  # the torch internals the clipping relies on still behave as it expects
-        tracked = _check_model(self.model)
+        tracked = check_model(self.model)
         self._recorder = _per_sample.Recorder(
             tracked,
             self.max_norm,
@@ -185,7 +185,7 @@ class PerSample:
             self.loss_reduction,
             self.clipped_sum,
             self.loss_scale,
-            recheck=lambda: _check_model(self.model),
+            recheck=lambda: check_model(self.model),
             layouts=_layouts(self.model, tracked, self.batch_first),
         )
         # partials of module-level functions: a model deep-copied or pickled inside the context copies them as is

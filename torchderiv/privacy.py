@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import extras
-from .clipping import _check_model, per_sample
+from .clipping import check_model, per_sample
 from .functional import _per_sample, _torch_internals
 
 __all__ = ["Privacy", "PrivateTraining", "private_optimizer", "derived_seed", "PrivacyEngine", "PrivateModule"]
@@ -120,7 +120,7 @@ def private_optimizer(
     """
     if loss_reduction not in ("mean", "sum"):
         raise ValueError(f"privacy: expected loss_reduction 'mean' or 'sum', got {loss_reduction!r}")
-    tracked = _check_model(model)
+    tracked = check_model(model)
     names = {id(p): name for p, name in tracked.values()}
     seen = set()
     for group in optimizer.param_groups:
@@ -223,7 +223,7 @@ def _check_clipped(p: torch.Tensor, name: str, max_grad_norm: float, loss_reduct
 # --- a private run: accountant, σ, sampling, random streams --------------------------------------------------
 
 
-class _PoissonShare:
+class PoissonShare:
     """This process's share of each Poisson batch: every example on one process; under DDP the i-th of
     every ``world`` examples.
 
@@ -318,7 +318,7 @@ class PrivateTraining:
                 epochs=epochs,
                 accountant=self.config.accountant,
             )
-        return _PoissonShare(loader, rank, world_size)
+        return PoissonShare(loader, rank, world_size)
 
     def optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         """:func:`private_optimizer` with this run's σ, C, expected batch size and noise stream; its steps

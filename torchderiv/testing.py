@@ -488,7 +488,7 @@ class _Checker:
             notes.append(
                 "wasted work: backward computed gradients nobody asked for (" + "; ".join(sorted(wasted)) + ")"
             )
-            worst.detail = "gradients correct; some computed without being needed (see note)"
+            worst.detail = "the same gradients whichever inputs need them; some computed unasked (see note)"
         return worst
 
     def _names(self, idx):

@@ -12,6 +12,7 @@ import torch
 
 from . import _per_sample
 from . import _torch_internals as internals
+from ._torch_internals import autocast_enabled
 
 __all__ = [
     "Twins",
@@ -146,18 +147,6 @@ def autocast_apply(fn: Twins, policy: str | None, *args):
         args = cast
     with torch.autocast(device_type, enabled=False):
         return apply(fn, *args)
-
-
-def autocast_enabled(device_type: str) -> bool:
-    """``torch.is_autocast_enabled(device_type)``, and False for a device type autocast does not know.
-
-    torch raises "unknown device type for autocast" for ``meta`` (shape inference, meta-device
-    initialisation) and other device types without an autocast mode; there is nothing to cast there.
-    """
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:
-        return False
 
 
 def autocast_cast(a, dtype: torch.dtype):

@@ -654,9 +654,7 @@ def _remake(h: torch.Tensor):
 
 def _autocast_off(device_type: str):
     """Autocast off for ``device_type`` where it is on (a no-op elsewhere, and for device types without it)."""
-    from ._core import autocast_enabled  # here: _core imports this module
-
-    return torch.autocast(device_type, enabled=False) if autocast_enabled(device_type) else nullcontext()
+    return torch.autocast(device_type, enabled=False) if internals.autocast_enabled(device_type) else nullcontext()
 
 
 def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:

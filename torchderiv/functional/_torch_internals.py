@@ -27,6 +27,7 @@ __all__ = [
     "forward_class",
     "saved_through_hooks",
     "version",
+    "autocast_enabled",
     "self_test",
     "require",
 ]
@@ -84,6 +85,18 @@ def saved_through_hooks(node) -> bool:
     """Whether ``node``'s saved tensors come back through saved-tensor hooks (``save_on_cpu``, a non-reentrant
     checkpoint): unpacking them then copies or recomputes."""
     return any(s.unpack_hook is not None for s in node._raw_saved_tensors)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, and False for a device type autocast does not know.
+
+    torch raises "unknown device type for autocast" for ``meta`` (shape inference, meta-device
+    initialisation) and other device types without an autocast mode; there is nothing to cast there.
+    """
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 def version(t: torch.Tensor) -> int:

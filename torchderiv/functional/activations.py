@@ -84,7 +84,7 @@ def _never(*_):
 # into ``d`` in place when the caller owns ``d`` (``owned=True``: a fresh GEMM result).
 
 
-def _times(d, factor, ok, owned):
+def times(d, factor, ok, owned):
     """``d ⊙ factor``; in place (into ``d`` if owned, else into the fresh ``factor``) when ``ok``."""
     if not ok:
         return d * factor
@@ -160,7 +160,7 @@ def _gelu_factor(z, approximate, ok=False, value=False):
 
 def _gelu_backprop(d, z, approximate, owned=False):
     ok = owned or scratch(d)
-    return _times(d, _gelu_factor(z, approximate, ok)[0], ok, owned)
+    return times(d, _gelu_factor(z, approximate, ok)[0], ok, owned)
 
 
 def _silu_factor(z, ok=False, value=False):
@@ -174,19 +174,19 @@ def _silu_factor(z, ok=False, value=False):
 
 def _silu_backprop(d, z, owned=False):
     ok = owned or scratch(d)
-    return _times(d, _silu_factor(z, ok)[0], ok, owned)
+    return times(d, _silu_factor(z, ok)[0], ok, owned)
 
 
 def _sigmoid_backprop(d, h, owned=False):
     # g' = h (1 − h) = h − h·h
     ok = owned or scratch(d)
-    return _times(d, torch.addcmul(h, h, h, value=-1), ok, owned)
+    return times(d, torch.addcmul(h, h, h, value=-1), ok, owned)
 
 
 def _tanh_backprop(d, h, owned=False):
     # g' = 1 − h²
     ok = owned or scratch(d)
-    return _times(d, torch.addcmul(h.new_ones(()), h, h, value=-1), ok, owned)
+    return times(d, torch.addcmul(h.new_ones(()), h, h, value=-1), ok, owned)
 
 
 ACTIVATIONS: dict[str, Activation] = {

@@ -23,7 +23,7 @@ import torch
 from . import _per_sample
 from ._core import apply, autocast_cast, autocast_enabled, check_reduction, compile_twin
 from .linear import linear, linear_backward, linear_forward, linear_jvp
-from .losses import _ce_grads, _ce_loss, _divisor, _index_rows, _mean_divisor, _reduce, cross_entropy
+from .losses import ce_grads, ce_loss, class_divisor, cross_entropy, gradient_divisor, index_rows, reduce_loss
 
 __all__ = ["LinearCrossEntropyFunction", "linear_cross_entropy", "default_chunk_size"]
 
@@ -41,8 +41,8 @@ def default_chunk_size(n_rows: int, n_classes: int, element_size: int = 4) -> in
 
 def _batch_divisor(target, class_weight, ignore_index):
     """The mean's divisor for the whole batch, from the targets alone (no logits needed)."""
-    valid, idx = _index_rows(target, ignore_index, 0)
-    return _divisor(valid, class_weight[idx.squeeze(0)] if class_weight is not None else None)
+    valid, idx = index_rows(target, ignore_index, 0)
+    return class_divisor(valid, class_weight[idx.squeeze(0)] if class_weight is not None else None)
 
 
 def _chunks(n: int, size: int):
@@ -58,8 +58,8 @@ def _chunk_error(x, w, b, t, class_weight, ignore_index, eps, upcast, need_loss)
     """Loss (per row) and ``Δ_r = ∂ℓ/∂Z_r`` (unscaled) of one chunk, from one log-softmax."""
     log_p = _chunk_logits(x, w, b, upcast).log_softmax(1)  # the logits themselves are freed at once
     # log_p stands in for the logits below: the helpers read only its shape and dtype when given log_p.
-    loss = _ce_loss(log_p, t, class_weight, ignore_index, eps, log_p=log_p)[0] if need_loss else None
-    grad_z = _ce_grads(log_p, t, class_weight, ignore_index, eps, log_p=log_p)[0]
+    loss = ce_loss(log_p, t, class_weight, ignore_index, eps, log_p=log_p)[0] if need_loss else None
+    grad_z = ce_grads(log_p, t, class_weight, ignore_index, eps, log_p=log_p)[0]
     return loss, grad_z.to(x.dtype)
 
 
@@ -176,7 +176,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 if b is not None:
                     gb = delta.sum(0) if gb is None else gb.add_(delta.sum(0))
         loss = torch.cat(losses) if losses else input.new_zeros(0, dtype=torch.float32 if upcast else input.dtype)
-        out = _reduce(loss, reduction, _batch_divisor(target, class_weight, ignore_index).to(loss.dtype))
+        out = reduce_loss(loss, reduction, _batch_divisor(target, class_weight, ignore_index).to(loss.dtype))
         empty = input.new_empty(0)
         if not precompute:
             return out, empty, empty, empty
@@ -210,7 +210,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             scale = grad_loss
             if reduction == "mean":
-                scale = scale / _mean_divisor(_batch_divisor(target, class_weight, ctx.config[1]).to(grad_loss.dtype))
+                scale = scale / gradient_divisor(
+                    _batch_divisor(target, class_weight, ctx.config[1]).to(grad_loss.dtype)
+                )
             scale = scale.to(input.dtype)
             scale_rows = lambda s, e: scale
         rec = _per_sample.current
@@ -242,7 +244,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dl = torch.cat(parts) if parts else input.new_zeros(0)
         if upcast:
             dl = dl.float()
-        d_out = _reduce(dl, reduction, _batch_divisor(target, class_weight, ignore_index).to(dl.dtype))
+        d_out = reduce_loss(dl, reduction, _batch_divisor(target, class_weight, ignore_index).to(dl.dtype))
         return d_out, None, None, None
 
 

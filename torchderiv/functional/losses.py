@@ -61,7 +61,7 @@ def _bce(z, y, pos_weight):
 _ELEMENTWISE = {"mse": _mse, "huber": _huber, "bce": _bce}
 
 
-def _reduce(loss, reduction, denominator):
+def reduce_loss(loss, reduction, denominator):
     if reduction == "none":
         return loss
     total = loss.sum()
@@ -85,7 +85,7 @@ class ElementwiseLossFunction(torch.autograd.Function):
         loss, _, _ = _ELEMENTWISE[kind](input, target, *((extra,) if kind == "bce" else params))
         if weight is not None:
             loss = loss * weight
-        return _reduce(loss, reduction, _denominator(loss, weight, reduction, mean_over_weight))
+        return reduce_loss(loss, reduction, _denominator(loss, weight, reduction, mean_over_weight))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -129,7 +129,7 @@ class ElementwiseLossFunction(torch.autograd.Function):
             dl = wl * d_weight if dl is None else dl + wl * d_weight
         if dl is None:
             dl = torch.zeros_like(gx)
-        return _reduce(dl.expand(gx.shape), reduction, den)
+        return reduce_loss(dl.expand(gx.shape), reduction, den)
 
 
 ELEMENTWISE_LOSS = compile_twin(ElementwiseLossFunction)
@@ -279,27 +279,27 @@ def _class_weight(weight, input, c):
     return weight.reshape(shape)
 
 
-def _index_rows(target, ignore_index, c):
+def index_rows(target, ignore_index, c):
     """``valid`` rows (not ``ignore_index``) and gather-safe class indices ``(…, 1, …)``."""
     valid = target != ignore_index
     return valid, target.where(valid, 0).long().unsqueeze(c)
 
 
-def _divisor(valid, w_y):
+def class_divisor(valid, w_y):
     """The mean's divisor ``D``: the count of rows not ignored, or ``Σ w_y`` over them."""
     return valid.sum() if w_y is None else w_y.where(valid, 0).sum()
 
 
 def _ce_divisor(input, target, weight, ignore_index):
-    """The mean's divisor ``D`` alone, as :func:`_ce_loss` gives it, without a log-softmax."""
+    """The mean's divisor ``D`` alone, as :func:`ce_loss` gives it, without a log-softmax."""
     c = _class_dim(input)
     if target.is_floating_point():
         return input.numel() // input.shape[c] if input.shape[c] else 0
-    valid, idx = _index_rows(target, ignore_index, c)
-    return _divisor(valid, weight[idx.squeeze(c)] if weight is not None else None)
+    valid, idx = index_rows(target, ignore_index, c)
+    return class_divisor(valid, weight[idx.squeeze(c)] if weight is not None else None)
 
 
-def _ce_loss(input, target, weight, ignore_index, eps, log_p=None):
+def ce_loss(input, target, weight, ignore_index, eps, log_p=None):
     """Per-row loss ``ℓ`` and the mean's divisor. ``log p = log_softmax(z)``: stable for any logits."""
     c = _class_dim(input)
     n_classes = input.shape[c]
@@ -310,7 +310,7 @@ def _ce_loss(input, target, weight, ignore_index, eps, log_p=None):
         t = target * (1 - eps) + eps / n_classes if eps > 0 else target
         wt = t if w is None else t * w
         return -(wt * log_p).sum(c), _ce_divisor(input, target, weight, ignore_index)
-    valid, idx = _index_rows(target, ignore_index, c)
+    valid, idx = index_rows(target, ignore_index, c)
     nll = -log_p.gather(c, idx).squeeze(c)  # −log p_y
     w_y = weight[idx.squeeze(c)] if weight is not None else None
     if w_y is not None:
@@ -320,10 +320,10 @@ def _ce_loss(input, target, weight, ignore_index, eps, log_p=None):
         smooth = -(log_p * w).sum(c) if w is not None else -log_p.sum(c)
         loss = loss + (eps / n_classes) * smooth
     loss = loss.where(valid, 0)
-    return loss, _divisor(valid, w_y)
+    return loss, class_divisor(valid, w_y)
 
 
-def _ce_grads(input, target, weight, ignore_index, eps, grad_output=None, reduction="sum", log_p=None, inplace=None):
+def ce_grads(input, target, weight, ignore_index, eps, grad_output=None, reduction="sum", log_p=None, inplace=None):
     """Gradients of ``J = reduce(ℓ)`` times ``s = grad_output`` (1 if None): ``(∂J/∂z, ∂J/∂t or None)``.
 
     Class indices: ``∂ℓ/∂z = a p − (1 − ε) w_y e_y − (ε/C) w`` with ``a = (1 − ε) w_y + (ε/C) Σ_c w_c``,
@@ -365,10 +365,10 @@ def _ce_grads(input, target, weight, ignore_index, eps, grad_output=None, reduct
         return (grad_z if scale == 1 else grad_z.mul_(scale)), None
     # Per-row factors first, shaped (N, 1, d1, …): the logits-sized buffer p is then touched by one
     # multiply, one scatter and, with smoothing, one more pass.
-    valid, idx = _index_rows(target, ignore_index, c)
+    valid, idx = index_rows(target, ignore_index, c)
     valid = valid.unsqueeze(c)
     w_y = weight[idx] if weight is not None else None
-    scale = _row_scale(grad_output, reduction, _divisor(valid, w_y) if reduction == "mean" else None, c)
+    scale = _row_scale(grad_output, reduction, class_divisor(valid, w_y) if reduction == "mean" else None, c)
     # 1[not ignored] · s / D, by a select on the (per-row, small) factor: an inf/NaN incoming gradient at an
     # ignored row gives 0 there, as torch's nll_loss backward does. Logits that are inf/NaN in an ignored
     # row still give NaN through p, as torch's log_softmax backward does.
@@ -402,13 +402,13 @@ def _none_ignored(target, ignore_index):
 def _row_scale(grad_output, reduction, divisor, c):
     """``s / D`` ("mean"), ``s`` ("sum"), or ``s`` per row ("none"), broadcastable along the class dim."""
     if grad_output is None:
-        return None if reduction != "mean" else 1 / _mean_divisor(divisor)
+        return None if reduction != "mean" else 1 / gradient_divisor(divisor)
     if reduction == "none":
         return grad_output.unsqueeze(c)
-    return grad_output / _mean_divisor(divisor) if reduction == "mean" else grad_output
+    return grad_output / gradient_divisor(divisor) if reduction == "mean" else grad_output
 
 
-def _mean_divisor(divisor):
+def gradient_divisor(divisor):
     # NOTE: a divisor of 0 means every row is ignored (or there are none): the loss is 0/0 = NaN as in
     # torch, but every row's ∂ℓ/∂z is exactly 0 and torch's gradient is 0, so the gradient divides by 1.
     if not isinstance(divisor, torch.Tensor):
@@ -418,29 +418,29 @@ def _mean_divisor(divisor):
     return torch.where(divisor == 0, 1, divisor)
 
 
-def _ce_value(input, target, weight, reduction, ignore_index, label_smoothing):
+def ce_value(input, target, weight, reduction, ignore_index, label_smoothing):
     """``J = reduce(ℓ)``: the cross-entropy's value (forward of :class:`CrossEntropyFunction`)."""
     if label_smoothing == 0 and not target.is_floating_point():
         # −w_y log p_y per row (0 where ignored), reduced: torch's nll_loss on log softmax computes
         # exactly this value, in one kernel.
         log_p = input.log_softmax(_class_dim(input))
         return F.nll_loss(log_p, target, weight, ignore_index=ignore_index, reduction=reduction)
-    loss, divisor = _ce_loss(input, target, weight, ignore_index, label_smoothing)
-    return _reduce(loss, reduction, divisor)
+    loss, divisor = ce_loss(input, target, weight, ignore_index, label_smoothing)
+    return reduce_loss(loss, reduction, divisor)
 
 
-def _ce_jvp(input, target, weight, reduction, ignore_index, label_smoothing, d_input, d_target):
+def ce_jvp(input, target, weight, reduction, ignore_index, label_smoothing, d_input, d_target):
     """``dJ = reduce(Σ_c (∂ℓ/∂z_c dz_c + ∂ℓ/∂t_c dt_c))`` for tangents ``dz = d_input``, ``dt = d_target``."""
     # Per-row derivatives, reduced afterwards by the true divisor: a mean over no rows is 0/0 = NaN,
     # its tangent too (as torch's), where backward's gradient is 0.
-    grad_z, grad_t = _ce_grads(input, target, weight, ignore_index, label_smoothing)
+    grad_z, grad_t = ce_grads(input, target, weight, ignore_index, label_smoothing)
     dl = torch.zeros_like(grad_z)
     if d_input is not None:
         dl = dl + grad_z * d_input
     if d_target is not None and grad_t is not None:
         dl = dl + grad_t * d_target
     divisor = _ce_divisor(input, target, weight, ignore_index) if reduction == "mean" else 1
-    return _reduce(dl.sum(_class_dim(input)), reduction, divisor)
+    return reduce_loss(dl.sum(_class_dim(input)), reduction, divisor)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -458,7 +458,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, target, weight, reduction, ignore_index, label_smoothing):
-        return _ce_value(input, target, weight, reduction, ignore_index, label_smoothing)
+        return ce_value(input, target, weight, reduction, ignore_index, label_smoothing)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -474,13 +474,13 @@ class CrossEntropyFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if not (needs[0] or needs[1]):
             return None, None, None, None, None, None
-        grad_z, grad_t = _ce_grads(input, target, weight, ignore_index, label_smoothing, grad_output, reduction)
+        grad_z, grad_t = ce_grads(input, target, weight, ignore_index, label_smoothing, grad_output, reduction)
         return (grad_z if needs[0] else None), (grad_t if needs[1] else None), None, None, None, None
 
     @staticmethod
     def jvp(ctx, d_input, d_target, *_):
         input, target, weight = ctx.saved_tensors
-        return _ce_jvp(input, target, weight, *ctx.config, d_input, d_target)
+        return ce_jvp(input, target, weight, *ctx.config, d_input, d_target)
 
 
 CROSS_ENTROPY = compile_twin(CrossEntropyFunction)

@@ -13,9 +13,9 @@ import torch
 
 from . import _per_sample
 from ._core import apply, autocast_apply, autocast_cast, autocast_enabled, check_reduction, compile_twin, scratch
-from .activations import DEFAULT_PARAMS, _times, get_activation
+from .activations import DEFAULT_PARAMS, get_activation, times
 from .linear import check_linear_args, linear_backward, linear_forward, linear_jvp
-from .losses import _ce_grads, _ce_jvp, _ce_value, check_cross_entropy_args
+from .losses import ce_grads, ce_jvp, ce_value, check_cross_entropy_args
 
 __all__ = ["MLPFunction", "mlp", "mlp_cross_entropy"]
 
@@ -59,7 +59,7 @@ class MLPFunction(torch.autograd.Function):
         z = linear_forward(h, layers[-2], layers[-1])
         if loss is None:
             return (z, *kept)
-        return (_ce_value(_loss_logits(z, loss), target, weight, *loss[:3]), z, *kept)
+        return (ce_value(_loss_logits(z, loss), target, weight, *loss[:3]), z, *kept)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -96,7 +96,7 @@ class MLPFunction(torch.autograd.Function):
             grad_loss, delta, grad_kept = grads[0], grads[1], grads[2:]
             if grad_loss is not None:
                 logits = _loss_logits(z, loss)
-                g_z, grad_target = _ce_grads(logits, target, weight, loss[1], loss[2], grad_loss, loss[0], inplace=ok)
+                g_z, grad_target = ce_grads(logits, target, weight, loss[1], loss[2], grad_loss, loss[0], inplace=ok)
                 g_z = g_z if g_z.dtype == z.dtype else g_z.to(z.dtype)
                 delta = g_z if delta is None else g_z + delta
         layer_grads = [None] * (2 * n)
@@ -138,7 +138,7 @@ class MLPFunction(torch.autograd.Function):
             if gi is None:
                 delta = None
             elif factor is not None:
-                delta = _times(gi, factor, ok, owned)
+                delta = times(gi, factor, ok, owned)
             else:
                 delta = act.backprop(gi, kept[k - 1], *params, owned=owned)
             if not keep_h and g_kept is not None:
@@ -162,7 +162,7 @@ class MLPFunction(torch.autograd.Function):
         if loss is None:
             return (dz, *d_kept)
         logits = _loss_logits(z, loss)
-        d_loss = _ce_jvp(logits, target, weight, *loss[:3], _loss_logits(dz, loss), d_target)
+        d_loss = ce_jvp(logits, target, weight, *loss[:3], _loss_logits(dz, loss), d_target)
         return (d_loss, dz, *d_kept)
 
 

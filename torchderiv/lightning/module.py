@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from .. import functional as TF
-from ..clipping import _check_model, per_sample
+from ..clipping import check_model, per_sample
 from ..nn import MLP
 from ..nn import convert as convert_model
 from ..privacy import Privacy, PrivateTraining, derived_seed
@@ -61,7 +61,7 @@ class AutogradMLP(nn.Module):
         return self.layers[-1](x)
 
 
-class _TrainModule(LightningModule):
+class TrainModule(LightningModule):
     """What every module here shares: the loss and metrics of its task, the optimizer, and private training
     (clipping in torchderiv's backward, Opacus's noise, accountant and Poisson sampling). Subclasses build
     ``self.net`` and save their hyperparameters."""
@@ -221,7 +221,7 @@ class _TrainModule(LightningModule):
                 f"privacy: on {trainer.world_size} processes only DDP strategies are supported (clipped sums "
                 f"all-reduced, noise added once), got {type(trainer.strategy).__name__}"
             )
-        _check_model(self.net)  # a parameter per_sample cannot compute fails here, before training
+        check_model(self.net)  # a parameter per_sample cannot compute fails here, before training
         dm = trainer.datamodule
         if dm is None:
             raise RuntimeError("privacy: needs a data module, whose training set is sampled by Poisson sampling")
@@ -253,9 +253,9 @@ class _TrainModule(LightningModule):
     def on_train_start(self) -> None:
         if self.privacy is None:
             return
-        from ..privacy import _PoissonShare
+        from ..privacy import PoissonShare
 
-        if not isinstance(self.trainer.train_dataloader, _PoissonShare):
+        if not isinstance(self.trainer.train_dataloader, PoissonShare):
             raise RuntimeError(
                 "privacy: the training loader is not Poisson-sampled (DPDataLoader), so the accountant's ε would "
                 f"not hold; got {type(self.trainer.train_dataloader).__name__}"
@@ -360,7 +360,7 @@ class _TrainModule(LightningModule):
         }
 
 
-class MLPModule(_TrainModule):
+class MLPModule(TrainModule):
     """Train the seed's network: ``sizes = [n_0, …, n_L, n_out]``, g after every hidden layer, linear output.
 
     Args:
@@ -409,7 +409,7 @@ class MLPModule(_TrainModule):
         self._save_privacy()
 
 
-class ModelModule(_TrainModule):
+class ModelModule(TrainModule):
     """Train any torch model: converted in place to torchderiv's Functions (:func:`torchderiv.convert`, whose
     report is printed), with the loss and metrics of ``task``, and privately from a ``privacy`` block, where
     :func:`torchderiv.per_sample` clips every trainable parameter (a model it cannot clip is refused before

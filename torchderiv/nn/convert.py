@@ -18,7 +18,7 @@ _log = logging.getLogger("torchderiv")
 
 # Exact torch type -> torchderiv twin. Each twin subclasses the torch class and adds no state, so
 # the swap is a change of class on the same object: parameters, buffers and hooks stay as they were.
-_MODULE_TWINS: dict[type, type] = {
+MODULE_TWINS: dict[type, type] = {
     nn.Linear: M.Linear,
     nn.ReLU: M.ReLU,
     nn.Sigmoid: M.Sigmoid,
@@ -74,8 +74,8 @@ class ConversionReport:
 
 def _reason_left(module: nn.Module) -> str | None:
     """Why a module that was not swapped stays on torch (None: nothing worth reporting)."""
-    if isinstance(module, nn.Embedding) and _embedding_options(module):
-        return f"{', '.join(_embedding_options(module))}: not supported by torchderiv's embedding"
+    if isinstance(module, nn.Embedding) and embedding_options(module):
+        return f"{', '.join(embedding_options(module))}: not supported by torchderiv's embedding"
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "not yet initialised (lazy): run one forward pass first, then convert"
     if isinstance(module, nn.MultiheadAttention) and M.attention_options(module):
@@ -90,7 +90,7 @@ def _reason_left(module: nn.Module) -> str | None:
     return None
 
 
-def _embedding_options(module: nn.Embedding) -> list[str]:
+def embedding_options(module: nn.Embedding) -> list[str]:
     """The options of an Embedding that torchderiv's embedding refuses (it then stays on torch)."""
     return [
         name
@@ -133,8 +133,8 @@ def convert(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None
     for name, module in model.named_modules():
         if id(module) in handled:
             continue
-        twin = _MODULE_TWINS.get(type(module))
-        if (twin is M.Embedding and _embedding_options(module)) or (
+        twin = MODULE_TWINS.get(type(module))
+        if (twin is M.Embedding and embedding_options(module)) or (
             twin is M.MultiheadAttention and M.attention_options(module)
         ):
             twin = None
