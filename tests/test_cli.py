@@ -72,3 +72,33 @@ def test_check_imports_from_the_current_directory(tmp_path):
     assert bad.stderr.strip().splitlines() == [
         f"torchderiv check: cannot import 'mypkg.nope' (from {tmp_path}): No module named 'mypkg.nope'"
     ]
+
+
+def test_fit_then_test_a_checkpoint_logs_into_the_fits_folder_without_clutter(tmp_path):
+    # A new user's first two commands: fit, then test the best checkpoint. The test run's logs go under the fit's
+    # version folder (runs/digits/version_0/test), the test line is printed once, and neither run prints Lightning's
+    # advertisement, its own deprecation warning or the checkpoint callback's "dirpath has changed".
+    root = Path(__file__).resolve().parents[1]
+    fit = _run("fit", "--config", str(root / "configs/digits.yaml"), "--trainer.max_epochs=2", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    ckpt = tmp_path / "runs/digits/version_0/checkpoints/best.ckpt"
+    test = _run("test", "--config", str(root / "configs/digits.yaml"), f"--ckpt_path={ckpt}", cwd=tmp_path)
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "runs/digits").iterdir()) == ["version_0"]
+    assert (tmp_path / "runs/digits/version_0/test/metrics.csv").exists()
+    for out in (fit, test):
+        text = out.stdout + out.stderr
+        assert "Tip" not in text and "LeafSpec" not in text and "dirpath has changed" not in text
+    assert test.stdout.count("test:  test/acc") == 1
+
+
+def test_train_prints_the_test_line_once(tmp_path, monkeypatch, capsys):
+    from torchderiv.train import main
+
+    monkeypatch.chdir(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    main(
+        [str(root / "configs/digits.yaml"), "--trainer.max_epochs=1", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    )
+    out = capsys.readouterr().out
+    assert out.count("test/acc = ") == 1, out

@@ -291,6 +291,13 @@ def test_legacy_reduction_arguments(legacy):
             "expected target dtype to be Long or Byte, but got torch.int32",
         ),
         (
+            # float class labels: torch's dtype error, and what each target form needs
+            lambda: TF.cross_entropy(torch.randn(3, 4), torch.tensor([0.0, 1.0, 2.0])),
+            RuntimeError,
+            r"expected target dtype to be Long or Byte, but got torch.float32: class indices of shape \(3,\) must be "
+            r"integers \(target.long\(\)\); class probabilities have the input's shape \(3, 4\)",
+        ),
+        (
             lambda: TF.cross_entropy(torch.randn(3, 4), torch.rand(3, 5)),
             RuntimeError,
             r"class-probability target of the input's shape \(3, 4\), got shape \(3, 5\)",
@@ -327,6 +334,7 @@ def test_legacy_reduction_arguments(legacy):
         "bce-weight-grad",
         "ce-target-shape",
         "ce-target-dtype",
+        "ce-float-labels",
         "ce-probs-shape",
         "ce-probs-ignore",
         "ce-weight",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
@@ -12,6 +15,19 @@ from .lightning import ArrayDataModule, MLPModule
 from .lightning.module import TrainModule
 
 __all__ = ["CLI"]
+
+# What Lightning prints on every run that says nothing about the run: an advertisement, and a deprecation inside
+# Lightning's own code (torch 2.13's pytree), which no config can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+for _handler in logging.getLogger("lightning.pytorch").handlers:
+    _handler.addFilter(_NoTips())
 
 
 class CLI(LightningCLI):
@@ -34,6 +50,22 @@ class CLI(LightningCLI):
             seed_everything_default=0,
             **kwargs,
         )
+
+    def before_instantiate_classes(self) -> None:
+        # test/validate/predict of a checkpoint written by a fit: log into that run's folder, under the subcommand's
+        # name (runs/digits/version_0/test), not into a new version_N. The checkpoint callback saves nothing here; its
+        # warning that its directory differs from the one stored in the checkpoint says nothing about this run.
+        if self.subcommand not in ("test", "validate", "predict"):
+            return
+        warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+        config = self.config[self.subcommand]
+        run = re.search(r"(?:^|/)(version_\d+)/checkpoints/[^/]+$", str(config.get("ckpt_path") or ""))
+        trainer = config.get("trainer")
+        if not run or trainer is None:
+            return
+        init = getattr(trainer.get("logger"), "init_args", None)
+        if init is not None and "version" in init and init.get("version") is None:
+            init["version"] = f"{run.group(1)}/{self.subcommand}"
 
     def instantiate_trainer(self, **kwargs):
         # A progress bar only when a person is watching (CI logs stay readable), decided here rather than

@@ -11,6 +11,7 @@ import sys
 import time
 
 from .cli import CLI
+from .lightning import RunReport
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> dict:
     log_dir = cli.trainer.logger.log_dir
     elapsed = time.perf_counter() - start
     print(f"log dir: {log_dir}")  # curves.png there, drawn by the config's RunReport callback
-    print("  ".join(f"{k} = {v:.4f}" for k, v in sorted(results.items())))
+    if not any(isinstance(c, RunReport) for c in cli.trainer.callbacks):  # RunReport printed the test line already
+        print("  ".join(f"{k} = {v:.4f}" for k, v in sorted(results.items())))
     print(f"train + test: {elapsed:.1f} s")
     return results
 

@@ -501,6 +501,14 @@ def check_cross_entropy_args(shape, target, weight, ignore_index, label_smoothin
             f"{name}: input of shape {shape_str(shape)}, target of shape {shape_str(target)}"
         )
     if target.is_floating_point():
+        indices = shape[:c] + shape[c + 1 :]
+        if target.shape == indices and target.shape != shape:
+            # the shape of class indices with a float dtype: as torch, a dtype error, and what either form needs
+            raise RuntimeError(
+                f"{name}: expected target dtype to be Long or Byte, but got {target.dtype}: class indices of shape "
+                f"{shape_str(indices)} must be integers (target.long()); class probabilities have the input's shape "
+                f"{shape_str(shape)}"
+            )
         if target.shape != shape:
             raise RuntimeError(
                 f"{name}: expected class-probability target of the input's shape {shape_str(shape)}, "
