@@ -81,29 +81,61 @@ def plot(rows, opacus, norms, max_grad_norm, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
     private = [r for r in rows if r["sigma"] > 0]
     ax.plot([r["epsilon"] for r in private], [r["acc"] for r in private], marker="o", label="torchderiv per_sample")
     for r in private:
-        ax.annotate(f"σ={r['sigma']}", (r["epsilon"], r["acc"]), textcoords="offset points", xytext=(4, -10))
+        # above and right of its marker, on a white box: never over a marker or the line
+        ax.annotate(
+            f"σ={r['sigma']}",
+            (r["epsilon"], r["acc"]),
+            textcoords="offset points",
+            xytext=(6, 6),
+            fontsize=8,
+            bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8),
+        )
     base = next(r["acc"] for r in rows if r["sigma"] == 0)
     ax.axhline(base, color="grey", linestyle="--", label=f"σ = 0: clipping, no noise ({base:.3f})")
-    for key, marker, color, label in (
-        ("opacus", "x", "tab:red", "Opacus hooks, σ=1.5 (seeds)"),
-        ("torchderiv", "+", "tab:blue", "torchderiv, σ=1.5 (seeds)"),
+    # The seeds share one ε (same σ, sampling rate and accountant): each implementation's seeds are drawn side by
+    # side around it, one marker per seed, so that no two hide each other.
+    for key, dx, marker, color, label in (
+        ("torchderiv", -1, "o", "tab:blue", "torchderiv, σ=1.5, one point per seed"),
+        ("opacus", 1, "s", "tab:red", "Opacus hooks, σ=1.5, one point per seed"),
     ):
         runs = opacus[key]
-        ax.scatter([o["epsilon"] for o in runs], [o["acc"] for o in runs], marker=marker, color=color, label=label)
+        eps = runs[0]["epsilon"]
+        width = 0.04 * eps
+        xs = [eps + dx * width * (1 + k) for k in range(len(runs))]
+        ax.scatter(xs, [o["acc"] for o in runs], marker=marker, facecolors="none", edgecolors=color, s=36, label=label)
+    top = max(r["epsilon"] for r in private)
+    ax.set_xlim(0, top * 1.18)  # room for the labels right of the last marker
+    accs = [r["acc"] for r in rows] + [o["acc"] for k in opacus for o in opacus[k]]
+    ax.set_ylim(min(accs) - 0.02, max(accs) + 0.03)
     _save(fig, ax, "ε (δ = 1e-5)", "test accuracy", "digits, MLP 64-128-10, 30 epochs, C = 1", out / "dp_tradeoff.png")
 
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    every = torch.cat(list(norms.values())).clamp_min(1e-4)
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    floor = 1e-4  # norms below it are drawn at it (log axis)
+    every = torch.cat(list(norms.values())).clamp_min(floor)
     bins = np.logspace(np.log10(every.min().item()), np.log10(every.max().item()), 50)  # shared, log-spaced
+    last = max(norms)
     for epoch, n in sorted(norms.items()):
         frac = (n > max_grad_norm).float().mean().item()
-        ax.hist(n.clamp_min(1e-4).numpy(), bins=bins, alpha=0.5, label=f"epoch {epoch}: {100 * frac:.0f}% clipped")
+        when = "before training" if epoch == 0 else f"after {epoch} epoch{'s' if epoch > 1 else ''}"
+        tiny = int((n < floor).sum())
+        extra = f", {tiny} below {floor:g}" if tiny else ""
+        ax.hist(n.clamp_min(floor).numpy(), bins=bins, alpha=0.5, label=f"{when}: {100 * frac:.0f}% clipped{extra}")
+    tiny = int((norms[last] < floor).sum())
+    if tiny >= 20:  # a visible pile at the left edge: say what it is
+        ax.annotate(
+            f"{tiny} examples the network fits\n(softmax ≈ its label: ‖gᵢ‖ < {floor:g})",
+            (floor, tiny),
+            textcoords="offset points",
+            xytext=(14, 24),
+            fontsize=7,
+            arrowprops=dict(arrowstyle="->", lw=0.6),
+        )
     ax.set_xscale("log")
     ax.axvline(max_grad_norm, color="black", linestyle="--", label=f"C = {max_grad_norm}")
     _save(
@@ -184,7 +216,9 @@ def main() -> None:
     lines += [
         "",
         "Share of examples clipped (‖gᵢ‖ > C) at σ = 1.5: "
-        + ", ".join(f"epoch {e}: {100 * f:.0f}%" for e, f in frac.items()),
+        + ", ".join(
+            f"after {e} epochs: {100 * f:.0f}%" if e else f"before training: {100 * f:.0f}%" for e, f in frac.items()
+        ),
     ]
     md = "\n".join(lines) + "\n"
     (out / "dp_tradeoff.md").write_text(md)

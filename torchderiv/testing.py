@@ -96,10 +96,6 @@ class Report:
         return "\n".join(lines)
 
 
-class _Unsupported(Exception):
-    """A property that does not apply to this Function (e.g. no jvp)."""
-
-
 _UNSUPPORTED_PATTERNS = {
     "forward_ad": ("jvp", "forward AD", "forward-mode", "not implemented for forward"),
     "batched_grad": ("vmap", "generate_vmap_rule", "batching rule"),

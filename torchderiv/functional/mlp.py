@@ -84,67 +84,21 @@ class MLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         act, input, target, weight, layers, z, kept = MLPFunction._unpack(ctx)
-        params, loss, needs, n = ctx.act_params, ctx.loss, ctx.needs_input_grad, ctx.n_layers
-        keep_h = act.saves_output(*params)
-        # Whether this backward may overwrite buffers it creates (a plain backward): asked once here.
-        ok = scratch(grads[0] if grads[0] is not None else next((g for g in grads if g is not None), None))
-        grad_target = None
-        if loss is None:
-            delta, grad_kept = grads[0], grads[1:]
-        else:
-            # Δ⁽ᴸ⁺¹⁾ = ∂J/∂Z⁽ᴸ⁺¹⁾ (§3.1), plus whatever gradient reached the logits output itself.
-            grad_loss, delta, grad_kept = grads[0], grads[1], grads[2:]
-            if grad_loss is not None:
-                logits = _loss_logits(z, loss)
-                g_z, grad_target = ce_grads(logits, target, weight, loss[1], loss[2], grad_loss, loss[0], inplace=ok)
-                g_z = g_z if g_z.dtype == z.dtype else g_z.to(z.dtype)
-                delta = g_z if delta is None else g_z + delta
-        layer_grads = [None] * (2 * n)
-        grad_input = None
-        # Layer k (0-based) needs Δ⁽ᵏ⁾ W⁽ᵏ⁾ if anything before it needs a gradient: if k > lowest, the
-        # lowest layer with a parameter needing one (-1 when the input itself does).
-        lowest = -1 if needs[0] else n
-        for k in range(n if lowest == n else 0):
-            if needs[_LAYERS + 2 * k] or needs[_LAYERS + 1 + 2 * k]:
-                lowest = k
-                break
-        for k in range(n - 1, -1, -1):
-            gi = factor = None
+        params, needs, n = ctx.act_params, ctx.needs_input_grad, ctx.n_layers
+        writable = scratch(next((g for g in grads if g is not None), None))  # may overwrite its own buffers
+        delta, grad_kept, grad_target = _output_error(ctx, grads, z, target, weight, writable)  # Δ⁽ᴸ⁺¹⁾, §3.1
+        first = _first_needing(needs, n)
+        layer_grads, grad_input = [None] * (2 * n), None
+        for k in range(n - 1, -1, -1):  # layer k + 1 of the derivation, from the output back (§3.2–3.5)
+            gi, factor = None, None
             if delta is not None:
-                layer_needs = (k > lowest, needs[_LAYERS + 2 * k], needs[_LAYERS + 1 + 2 * k])
-                h_prev = input if k == 0 else kept[k - 1]
-                if k > 0 and not keep_h and layer_needs[1]:
-                    # H⁽ᵏ⁻¹⁾ = g(Z⁽ᵏ⁻¹⁾) again, for ∂J/∂W; with g'(Z⁽ᵏ⁻¹⁾) too when both share their costly part.
-                    if layer_needs[0] and act.factor is not None:
-                        factor, h_prev = act.factor(h_prev, *params, ok=ok, value=True)
-                    else:
-                        h_prev = act.value(h_prev, *params)
-                if _per_sample.current is not None:  # per-example norms / clipping: weight GEMMs deferred
-                    layer_needs = _per_sample.defer(
-                        layer_needs, delta, h_prev, *layers[2 * k : 2 * k + 2], _per_sample.marked(ctx, k)
-                    )
-                gi, layer_grads[2 * k], layer_grads[2 * k + 1] = linear_backward(
-                    layer_needs, delta, h_prev, *layers[2 * k : 2 * k + 2]
-                )
+                h_prev, factor = _layer_input(act, params, input, kept, k, needs, first, writable)  # H⁽ᵏ⁾
+                gi, layer_grads[2 * k], layer_grads[2 * k + 1] = _dense_gradients(ctx, k, first, delta, h_prev, layers)
             if k == 0:
-                grad_input = gi
+                grad_input = gi  # ∂J/∂X = Δ⁽¹⁾ W⁽¹⁾
                 break
-            # A gradient may also arrive for the kept S⁽ᵏ⁾ itself (e.g. in double backward): add it in.
-            g_kept = grad_kept[k - 1]
-            owned = ok and gi is not None  # a fresh GEMM result (or sum), which the product may overwrite
-            if keep_h and g_kept is not None:
-                gi = g_kept if gi is None else gi + g_kept
-            # Δ⁽ᵏ⁻¹⁾ = (Δ W) ⊙ g'(Z)
-            if gi is None:
-                delta = None
-            elif factor is not None:
-                delta = times(gi, factor, ok, owned)
-            else:
-                delta = act.backprop(gi, kept[k - 1], *params, owned=owned)
-            if not keep_h and g_kept is not None:
-                delta = g_kept if delta is None else delta + g_kept
-        grad_target = grad_target if needs[1] else None
-        return (grad_input, grad_target, None, None, None, None, *layer_grads)
+            delta = _previous_error(act, params, gi, factor, kept[k - 1], grad_kept[k - 1], writable)  # (ΔW) ⊙ g'(Z)
+        return (grad_input, grad_target if needs[1] else None, None, None, None, None, *layer_grads)
 
     @staticmethod
     def jvp(ctx, d_input, d_target, _weight, _activation, _act_params, _loss, *d_layers):
@@ -164,6 +118,78 @@ class MLPFunction(torch.autograd.Function):
         logits = _loss_logits(z, loss)
         d_loss = ce_jvp(logits, target, weight, *loss[:3], _loss_logits(dz, loss), d_target)
         return (d_loss, dz, *d_kept)
+
+
+# --- the steps of MLPFunction.backward ---------------------------------------------------------------------------
+
+
+def _output_error(ctx, grads, z, target, weight, writable):
+    """``(Δ⁽ᴸ⁺¹⁾, the gradients of the kept S⁽ᵏ⁾, ∂J/∂T)``: with the loss, ``Δ⁽ᴸ⁺¹⁾ = ∂J/∂Z⁽ᴸ⁺¹⁾`` (§3.1) plus
+    whatever gradient reached the logits output itself; without, the logits' incoming gradient."""
+    loss = ctx.loss
+    if loss is None:
+        return grads[0], grads[1:], None
+    grad_loss, delta, grad_kept = grads[0], grads[1], grads[2:]
+    grad_target = None
+    if grad_loss is not None:
+        logits = _loss_logits(z, loss)
+        g_z, grad_target = ce_grads(logits, target, weight, loss[1], loss[2], grad_loss, loss[0], inplace=writable)
+        g_z = g_z if g_z.dtype == z.dtype else g_z.to(z.dtype)
+        delta = g_z if delta is None else g_z + delta
+    return delta, grad_kept, grad_target
+
+
+def _first_needing(needs, n: int) -> int:
+    """The first layer (0-based) with a parameter that needs a gradient, -1 when the input itself needs one: layer k
+    computes ``Δ W`` only if k is above it."""
+    if needs[0]:
+        return -1
+    for k in range(n):
+        if needs[_LAYERS + 2 * k] or needs[_LAYERS + 1 + 2 * k]:
+            return k
+    return n
+
+
+def _layer_input(act, params, input, kept, k, needs, first, writable):
+    """``(H, g'(Z))`` for layer k's weight gradient: its input H, made again as ``g(Z)`` when only Z was kept,
+    with ``g'(Z)`` from the same costly part when the previous error will need it (else None)."""
+    h_prev = input if k == 0 else kept[k - 1]
+    if k > 0 and not act.saves_output(*params) and needs[_LAYERS + 2 * k]:
+        if k > first and act.factor is not None:
+            factor, h_prev = act.factor(h_prev, *params, ok=writable, value=True)
+            return h_prev, factor
+        h_prev = act.value(h_prev, *params)
+    return h_prev, None
+
+
+def _dense_gradients(ctx, k, first, delta, h_prev, layers):
+    """``(Δ W, Δᵀ H, Σ_rows Δ)`` of layer k (B1–B3 of docs/derivation.md), each only if needed; inside a per_sample
+    context the weight GEMMs of tracked parameters are left to the recorder."""
+    needs = ctx.needs_input_grad
+    layer_needs = (k > first, needs[_LAYERS + 2 * k], needs[_LAYERS + 1 + 2 * k])
+    w, b = layers[2 * k : 2 * k + 2]
+    if _per_sample.current is not None:
+        layer_needs = _per_sample.defer(layer_needs, delta, h_prev, w, b, _per_sample.marked(ctx, k))
+    return linear_backward(layer_needs, delta, h_prev, w, b)
+
+
+def _previous_error(act, params, gi, factor, kept, g_kept, writable):
+    """``Δ⁽ᵏ⁻¹⁾ = (Δ⁽ᵏ⁾ W⁽ᵏ⁾) ⊙ g'(Z⁽ᵏ⁻¹⁾)`` (B4), with a gradient that reached the kept ``S⁽ᵏ⁻¹⁾`` itself (double
+    backward) added in: to ``Δ W`` when S is H, to the product when S is Z. ``Δ W`` is a fresh GEMM result, which
+    the product may overwrite in a plain backward."""
+    keep_h = act.saves_output(*params)
+    fresh = writable and gi is not None
+    if keep_h and g_kept is not None:
+        gi = g_kept if gi is None else gi + g_kept
+    if gi is None:
+        delta = None
+    elif factor is not None:
+        delta = times(gi, factor, writable, fresh)
+    else:
+        delta = act.backprop(gi, kept, *params, owned=fresh)
+    if not keep_h and g_kept is not None:
+        delta = g_kept if delta is None else delta + g_kept
+    return delta
 
 
 def _loss_logits(z, loss):
