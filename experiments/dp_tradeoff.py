@@ -217,7 +217,8 @@ def main() -> None:
         "",
         "Share of examples clipped (‖gᵢ‖ > C) at σ = 1.5: "
         + ", ".join(
-            f"after {e} epochs: {100 * f:.0f}%" if e else f"before training: {100 * f:.0f}%" for e, f in frac.items()
+            f"after {e} epoch{'s' if e > 1 else ''}: {100 * f:.0f}%" if e else f"before training: {100 * f:.0f}%"
+            for e, f in frac.items()
         ),
     ]
     md = "\n".join(lines) + "\n"
