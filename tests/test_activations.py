@@ -162,15 +162,15 @@ FACTOR_CASES = [("gelu", ("none",)), ("gelu", ("tanh",)), ("silu", ())]
 
 
 @pytest.mark.parametrize("value", [False, True], ids=["factor", "factor+value"])
-@pytest.mark.parametrize("ok", [False, True], ids=["graph", "scratch"])
+@pytest.mark.parametrize("writable", [False, True], ids=["graph", "in-place"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("name,params", FACTOR_CASES, ids=["gelu", "gelu-tanh", "silu"])
-def test_factor_gives_torch_derivative_and_value(name, params, dtype, ok, value):
+def test_factor_gives_torch_derivative_and_value(name, params, dtype, writable, value):
     """``Activation.factor``: g'(z) as torch's autograd has it, and g(z) as torch's forward, from shared parts."""
     act = ACTIVATIONS[name]
     z = torch.cat([torch.randn(64, dtype=dtype) * 3, KINKS.to(dtype), EXTREMES.to(dtype)])
     before = z.clone()
-    factor, h = act.factor(z, *params, ok=ok, value=value)
+    factor, h = act.factor(z, *params, writable=writable, value=value)
     zr = leaf(z.clone())
     (ref,) = torch.autograd.grad(act.value(zr, *params).sum(), zr)
     torch.testing.assert_close(factor, ref)

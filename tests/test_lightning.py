@@ -252,8 +252,9 @@ def test_cli_fit_then_test_from_checkpoint(tmp_path, capsys):
     cli = CLI(args=["test", *_cli_args(tmp_path), f"--ckpt_path={version / 'checkpoints' / 'best.ckpt'}"])
     assert "test/acc" in cli.trainer.callback_metrics
     assert re.search(r"test:  test/acc = [0-9.]+", capsys.readouterr().out)
-    # a second run gets its own folder: nothing of the first is overwritten
-    assert (tmp_path / "digits" / "version_1").exists()
+    # the test run logs into the fit's folder, under test/, and leaves the fit's own logs whole
+    assert (version / "test" / "metrics.csv").exists() and not (tmp_path / "digits" / "version_1").exists()
+    assert {"train/acc", "val/acc", "train/loss", "val/loss"} <= set(read_metrics(version))
 
 
 def test_cli_print_config(tmp_path, capsys):

@@ -15,19 +15,19 @@ from . import _torch_internals as internals
 from ._torch_internals import autocast_enabled
 
 __all__ = [
-    "Twins",
+    "FunctionForms",
     "compile_twin",
     "apply",
     "autocast_apply",
     "autocast_cast",
     "autocast_enabled",
-    "scratch",
+    "may_overwrite",
     "check_reduction",
     "shape_str",
 ]
 
 
-class Twins(NamedTuple):
+class FunctionForms(NamedTuple):
     """A Function, its jvp-free twin and its classic-form twin; :func:`apply` picks one."""
 
     eager: type
@@ -35,7 +35,7 @@ class Twins(NamedTuple):
     classic: type
 
 
-def compile_twin(cls) -> Twins:
+def compile_twin(cls) -> FunctionForms:
     """Pair ``cls`` with the same Function without ``jvp``, for torch.compile.
 
     torch.compile (Dynamo) refuses any ``autograd.Function`` that defines a custom ``jvp``
@@ -49,7 +49,7 @@ def compile_twin(cls) -> Twins:
         (cls,),
         {"jvp": torch.autograd.Function.jvp, "__doc__": f"{cls.__name__} without jvp, for torch.compile."},
     )
-    return Twins(cls, twin, _classic(cls))
+    return FunctionForms(cls, twin, _classic(cls))
 
 
 def _classic(cls) -> type:
@@ -81,7 +81,7 @@ def _classic(cls) -> type:
     )
 
 
-def apply(fn: Twins, *args):
+def apply(fn: FunctionForms, *args):
     """Apply the Function ``fn``: its jvp-free twin while Dynamo traces, ``fn.eager`` (the ``setup_context``
     form torch.func needs) under a torch.func transform, its classic-form twin otherwise."""
     if torch.compiler.is_compiling():
@@ -104,7 +104,7 @@ def apply(fn: Twins, *args):
 _unwrap = internals.UNWRAP_IF_DEAD
 
 
-def scratch(grad: torch.Tensor | None = None) -> bool:
+def may_overwrite(grad: torch.Tensor | None = None) -> bool:
     """Whether a derivative may overwrite temporaries it created: nothing is recording these ops.
 
     True in a plain backward (grad mode off); False when backward is itself differentiated
@@ -126,7 +126,7 @@ def _device_type(args) -> str:
     return "cpu"
 
 
-def autocast_apply(fn: Twins, policy: str | None, *args):
+def autocast_apply(fn: FunctionForms, policy: str | None, *args):
     """Apply the Function ``fn`` to ``args`` under torch's autocast policy for the op it replaces.
 
     ``policy`` is what torch's autocast does to the op on this device: ``"lower"`` casts floating

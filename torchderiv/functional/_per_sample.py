@@ -41,8 +41,8 @@ __all__ = [
     "BlockRule",
     "current",
     "defer",
-    "mark",
-    "marked",
+    "note_tracked",
+    "tracked_pair",
     "per_example_sum",
     "by_sample",
 ]
@@ -164,7 +164,8 @@ class Recorder:
 
     def pair(self, weight, bias, params=None):
         """The tracked parameters (or None) behind a Function's ``weight`` and ``bias``: ``params``, the pair
-        :func:`mark` kept at forward, or, when it kept none (a forward outside the context), the saved tensors."""
+        :func:`note_tracked` kept at forward, or, when it kept none (a forward outside the context), the saved
+        tensors."""
         return (self.param(weight), self.param(bias)) if params is None else tuple(map(self.tracked, params))
 
     def take(self, needs, delta, input, weight, bias, params=None):
@@ -666,9 +667,9 @@ def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
         p.grad.add_(g)
 
 
-def mark(ctx, *tensors) -> None:
+def note_tracked(ctx, *tensors) -> None:
     """In a Function's ``setup_context``, inside a per_sample context: which tracked parameters ``tensors``
-    (weight, bias, …) are, kept on ``ctx`` as :func:`marked` gives them to backward. Backward cannot always tell
+    (weight, bias, …) are, kept on ``ctx`` as :func:`tracked_pair` gives them to backward. Backward cannot always tell
     from its saved tensors: under saved-tensor hooks (``save_on_cpu``, a non-reentrant checkpoint) they come
     back as copies or recomputations. A forward that runs inside a backward pass (a reentrant checkpoint's
     recompute) also anchors :meth:`Recorder.finish` on that pass (:meth:`Recorder.anchor`)."""
@@ -684,8 +685,8 @@ def mark(ctx, *tensors) -> None:
         rec.anchor(host=True)
 
 
-def marked(ctx, k: int = 0):
-    """The ``(weight, bias)`` pair ``k`` that :func:`mark` kept on ``ctx``, or None if it kept none."""
+def tracked_pair(ctx, k: int = 0):
+    """The ``(weight, bias)`` pair ``k`` that :func:`note_tracked` kept on ``ctx``, or None if it kept none."""
     kept = getattr(ctx, "per_sample", None)
     return None if kept is None else kept[2 * k : 2 * k + 2]
 
@@ -693,7 +694,7 @@ def marked(ctx, k: int = 0):
 def defer(needs, delta, input, weight, bias, params=None):
     """``needs`` for :func:`~torchderiv.functional.linear.linear_backward`: inside a per_sample context the
     weight and bias GEMMs of tracked parameters are left to :meth:`Recorder.finish`. ``params``: what
-    :func:`marked` gives for this layer."""
+    :func:`tracked_pair` gives for this layer."""
     rec = current
     if rec is None or not (needs[1] or needs[2]):
         return needs

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._core import autocast_apply, compile_twin, scratch
+from ._core import autocast_apply, compile_twin, may_overwrite
 
 __all__ = [
     "Activation",
@@ -45,16 +45,16 @@ class Activation(NamedTuple):
     Attributes:
         name: the name used by ``activation=`` arguments.
         value: ``(z, *params) -> g(z)``.
-        backprop: ``(d, s, *params, owned=False) -> d ⊙ g'(z)``, where ``s`` is what ``saves_output``
-            selects; ``owned=True`` lets it overwrite ``d``: the caller holds the only reference to ``d``
-            and has checked that nothing differentiates this product (:func:`~._core.scratch`).
+        backprop: ``(d, s, *params, overwrite_d=False) -> d ⊙ g'(z)``, where ``s`` is what ``saves_output``
+            selects; ``overwrite_d=True`` lets it overwrite ``d``: the caller holds the only reference to ``d``
+            and has checked that nothing differentiates this product (:func:`~._core.may_overwrite`).
         saves_output: ``(*params) -> bool``; True when ``g'(z)`` is cheap and exact from ``h = g(z)``.
         derivative: the formula, for docstrings and the derivation doc.
         value_: ``(z, *params) -> g(z)`` written over ``z``, for a caller that owns ``z`` and keeps only
             ``h`` (an activation that ``saves_output``); None where there is none.
-        factor: ``(z, *params, ok, value) -> (g'(z), g(z) if value else None)`` for an activation that
+        factor: ``(z, *params, writable, value) -> (g'(z), g(z) if value else None)`` for an activation that
             keeps ``z``, when ``g(z)`` is one multiply away from what ``g'(z)`` computes anyway (``Φ(z)``
-            for gelu, ``σ(z)`` for silu): a backward that needs ``H`` again gets it almost free. ``ok``
+            for gelu, ``σ(z)`` for silu): a backward that needs ``H`` again gets it almost free. ``writable``
             as for ``backprop`` (may work in place on its own temporaries); None where there is none.
 
     A NamedTuple rather than a dataclass: Dynamo can trace through it.
@@ -80,37 +80,37 @@ def _never(*_):
 # NOTE on speed (README, § Performance): on CPU, a fresh logits- or activation-sized buffer costs page faults each
 # time glibc hands freed memory back to the system, and a float × bool multiply takes a slow casting
 # path. So every derivative below uses float ops only, and when nothing differentiates them
-# (``scratch()``: a plain backward) builds g'(z) in one buffer of its own, in place, and multiplies it
-# into ``d`` in place when the caller owns ``d`` (``owned=True``: a fresh GEMM result).
+# (``may_overwrite()``: a plain backward) builds g'(z) in one buffer of its own, in place, and multiplies it
+# into ``d`` in place when the caller may overwrite ``d`` (``overwrite_d=True``: a fresh GEMM result).
 
 
-def times(d, factor, ok, owned):
-    """``d ⊙ factor``; in place (into ``d`` if owned, else into the fresh ``factor``) when ``ok``."""
-    if not ok:
+def times(d, factor, writable, overwrite_d):
+    """``d ⊙ factor``; in place (into ``d`` if overwrite_d, else into the fresh ``factor``) when ``writable``."""
+    if not writable:
         return d * factor
-    return d.mul_(factor) if owned else factor.mul_(d)
+    return d.mul_(factor) if overwrite_d else factor.mul_(d)
 
 
-def _relu_backprop(d, h, owned=False):
+def _relu_backprop(d, h, overwrite_d=False):
     # g'(z) = 1[z > 0]: the gradient is kept where h = relu(z) > 0 or h is NaN (torch's threshold_backward
     # passes it there too) and is 0 elsewhere — a select: an incoming inf/NaN at a unit with h = 0 gives 0.
-    if not (owned or scratch(d)):
+    if not (overwrite_d or may_overwrite(d)):
         return d.masked_fill(h <= 0, 0)
     # NOTE: on CPU the select's bool kernels (comparison + masked_fill) took ~2-3x the float mask below on
     # 64 x 128 (a measurable share of a small network's step). The float mask multiplies, which equals the
     # select unless d holds inf/NaN (inf · 0 = NaN): one sum tells, and only then the select runs.
     if d.device.type != "cpu" or not math.isfinite(d.sum().item()):
-        return d.masked_fill_(h <= 0, 0) if owned else d.masked_fill(h <= 0, 0)
+        return d.masked_fill_(h <= 0, 0) if overwrite_d else d.masked_fill(h <= 0, 0)
     on = torch.nan_to_num(h, nan=1.0).sign_()  # 1[h > 0], and 1 at NaN (sign(NaN) is 0 here)
-    return d.mul_(on) if owned else on.mul_(d)
+    return d.mul_(on) if overwrite_d else on.mul_(d)
 
 
-def _leaky_relu_backprop(d, s, negative_slope, owned=False):
+def _leaky_relu_backprop(d, s, negative_slope, overwrite_d=False):
     # s is h when negative_slope >= 0 (then h > 0 exactly where z > 0), z otherwise.
     return torch.where(s > 0, d, d * negative_slope)
 
 
-def _elu_backprop(d, s, alpha, owned=False):
+def _elu_backprop(d, s, alpha, overwrite_d=False):
     # For alpha >= 0 we keep h, and h + alpha = alpha·exp(z) on z <= 0 reuses it; for alpha < 0
     # h <= 0 no longer marks z <= 0, so we keep z.
     # NOTE: the test is `s > 0`, so a NaN input gets a NaN gradient, as torch's vectorised elu_backward
@@ -120,7 +120,7 @@ def _elu_backprop(d, s, alpha, owned=False):
     return torch.where(s > 0, d, d * (alpha * torch.exp(s)))
 
 
-def _softplus_backprop(d, z, beta, threshold, owned=False):
+def _softplus_backprop(d, z, beta, threshold, overwrite_d=False):
     # g'(z) = σ(βz); above the threshold torch returns z itself, whose derivative is 1.
     bz = z * beta
     return torch.where(bz > threshold, d, d * torch.sigmoid(bz))
@@ -130,7 +130,7 @@ _SQRT1_2 = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def _gelu_factor(z, approximate, ok=False, value=False):
+def _gelu_factor(z, approximate, writable=False, value=False):
     """``g'(z)`` for GELU, and ``g(z) = z Φ(z)`` too when ``value``: one multiply once Φ is known."""
     if approximate == "tanh":
         # g = ½ z (1 + tanh u),  u = √(2/π)(z + c z³)
@@ -151,42 +151,42 @@ def _gelu_factor(z, approximate, ok=False, value=False):
         return cdf + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI, (z * cdf if value else None)
     q = z * -_SQRT1_2  # −z/√2
     sq = q * q  # z²/2
-    pdf = torch.exp(sq.neg_(), out=sq) if ok else torch.exp(-sq)  # √(2π) φ(z)
-    cdf = torch.special.erfc(q, out=q).mul_(0.5) if ok else 0.5 * torch.special.erfc(q)  # Φ(z)
+    pdf = torch.exp(sq.neg_(), out=sq) if writable else torch.exp(-sq)  # √(2π) φ(z)
+    cdf = torch.special.erfc(q, out=q).mul_(0.5) if writable else 0.5 * torch.special.erfc(q)  # Φ(z)
     h = z * cdf if value else None  # before cdf's buffer becomes g'
-    factor = cdf.addcmul_(z, pdf, value=_INV_SQRT_2PI) if ok else torch.addcmul(cdf, z, pdf, value=_INV_SQRT_2PI)
+    factor = cdf.addcmul_(z, pdf, value=_INV_SQRT_2PI) if writable else torch.addcmul(cdf, z, pdf, value=_INV_SQRT_2PI)
     return factor, h
 
 
-def _gelu_backprop(d, z, approximate, owned=False):
-    ok = owned or scratch(d)
-    return times(d, _gelu_factor(z, approximate, ok)[0], ok, owned)
+def _gelu_backprop(d, z, approximate, overwrite_d=False):
+    writable = overwrite_d or may_overwrite(d)
+    return times(d, _gelu_factor(z, approximate, writable)[0], writable, overwrite_d)
 
 
-def _silu_factor(z, ok=False, value=False):
+def _silu_factor(z, writable=False, value=False):
     """``g'(z)`` for SiLU, and ``g(z) = z σ(z)`` too when ``value``."""
     # g = z σ(z)  ⇒  g' = σ(z) (1 + z (1 − σ(z))) = σ + σ · (z − z σ).
     s = torch.sigmoid(z)
     h = z * s if value else None
     t = z - h if value else torch.addcmul(z, z, s, value=-1)  # z − z σ
-    return (s.addcmul_(s, t) if ok else torch.addcmul(s, s, t)), h
+    return (s.addcmul_(s, t) if writable else torch.addcmul(s, s, t)), h
 
 
-def _silu_backprop(d, z, owned=False):
-    ok = owned or scratch(d)
-    return times(d, _silu_factor(z, ok)[0], ok, owned)
+def _silu_backprop(d, z, overwrite_d=False):
+    writable = overwrite_d or may_overwrite(d)
+    return times(d, _silu_factor(z, writable)[0], writable, overwrite_d)
 
 
-def _sigmoid_backprop(d, h, owned=False):
+def _sigmoid_backprop(d, h, overwrite_d=False):
     # g' = h (1 − h) = h − h·h
-    ok = owned or scratch(d)
-    return times(d, torch.addcmul(h, h, h, value=-1), ok, owned)
+    writable = overwrite_d or may_overwrite(d)
+    return times(d, torch.addcmul(h, h, h, value=-1), writable, overwrite_d)
 
 
-def _tanh_backprop(d, h, owned=False):
+def _tanh_backprop(d, h, overwrite_d=False):
     # g' = 1 − h²
-    ok = owned or scratch(d)
-    return times(d, torch.addcmul(h.new_ones(()), h, h, value=-1), ok, owned)
+    writable = overwrite_d or may_overwrite(d)
+    return times(d, torch.addcmul(h.new_ones(()), h, h, value=-1), writable, overwrite_d)
 
 
 ACTIVATIONS: dict[str, Activation] = {
@@ -290,10 +290,10 @@ def _elementwise_function(act: Activation, class_name: str):
             "jvp": staticmethod(jvp),
         },
     )
-    return _marked(compile_twin(cls), act)
+    return _tag_activation(compile_twin(cls), act)
 
 
-def _marked(twins, act: Activation):
+def _tag_activation(twins, act: Activation):
     # per_sample recognises a layer input made by one of these from its node (its Function class's .activation):
     # the node keeps h, or z to remake h from, until its own backward (_per_sample._remake).
     for cls in twins:
@@ -346,7 +346,7 @@ def _inplace_function(act: Activation, base: type, class_name: str):
             "jvp": staticmethod(jvp),
         },
     )
-    return _marked(compile_twin(cls), act)
+    return _tag_activation(compile_twin(cls), act)
 
 
 # name -> in-place Function, for the activations with an in-place value (they keep their output)

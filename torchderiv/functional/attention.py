@@ -51,7 +51,7 @@ class PackedLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(query, key, value, weight, bias)
         ctx.save_for_forward(query, key, value, weight, bias)
         if _per_sample.current is not None:
-            _per_sample.mark(ctx, weight, bias)
+            _per_sample.note_tracked(ctx, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
@@ -61,7 +61,7 @@ class PackedLinearFunction(torch.autograd.Function):
         want_w, want_b = needs[3], bias is not None and needs[4]
         rec = _per_sample.current
         if rec is not None and (want_w or want_b):
-            w_p, b_p = rec.pair(weight, bias, _per_sample.marked(ctx))
+            w_p, b_p = rec.pair(weight, bias, _per_sample.tracked_pair(ctx))
             w_p, b_p = (w_p if want_w else None), (b_p if want_b else None)
             if w_p is not None or b_p is not None:
                 rec.take_blocks(w_p, b_p, deltas, inputs)

@@ -48,7 +48,7 @@ class EmbeddingFunction(torch.autograd.Function):
         ctx.save_for_forward(input)
         ctx.config = (weight.shape[0], padding_idx)
         if _per_sample.current is not None:
-            _per_sample.mark(ctx, weight, None)
+            _per_sample.note_tracked(ctx, weight, None)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -58,7 +58,7 @@ class EmbeddingFunction(torch.autograd.Function):
             return None, None, None
         rec = _per_sample.current
         if rec is not None:
-            w = rec.pair(None, None, _per_sample.marked(ctx))[0]
+            w = rec.pair(None, None, _per_sample.tracked_pair(ctx))[0]
             if w is not None:
                 # Δ's leading dims are the indices': they stand for the layer's rows in the checks
                 rule = lambda dim: EmbeddingRule(w, input, grad_output, dim, num, padding_idx)  # noqa: E731

@@ -42,7 +42,7 @@ class DenseFunction(torch.autograd.Function):
         ctx.save_for_backward(input, weight, bias, saved)
         ctx.save_for_forward(input, weight, bias, saved)
         if _per_sample.current is not None:
-            _per_sample.mark(ctx, weight, bias)
+            _per_sample.note_tracked(ctx, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_h, grad_z):
@@ -55,7 +55,7 @@ class DenseFunction(torch.autograd.Function):
             delta = grad_z if delta is None else delta + grad_z
         needs = ctx.needs_input_grad
         if _per_sample.current is not None:  # per-example norms / clipping: the weight GEMM is deferred
-            needs = _per_sample.defer(needs, delta, input, weight, bias, _per_sample.marked(ctx))
+            needs = _per_sample.defer(needs, delta, input, weight, bias, _per_sample.tracked_pair(ctx))
         grads = linear_backward(needs, delta, input, weight, bias)
         return grads + (None,) * n_params
 

@@ -93,14 +93,14 @@ class LinearFunction(torch.autograd.Function):
         ctx.save_for_backward(input, weight, bias)
         ctx.save_for_forward(input, weight, bias)
         if _per_sample.current is not None:
-            _per_sample.mark(ctx, weight, bias)
+            _per_sample.note_tracked(ctx, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight, bias = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if _per_sample.current is not None:  # per-example norms / clipping: the weight GEMM is deferred
-            needs = _per_sample.defer(needs, grad_output, input, weight, bias, _per_sample.marked(ctx))
+            needs = _per_sample.defer(needs, grad_output, input, weight, bias, _per_sample.tracked_pair(ctx))
         return linear_backward(needs, grad_output, input, weight, bias)
 
     @staticmethod

@@ -194,7 +194,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(input, w, b, target, class_weight, *output[1:])
         ctx.save_for_forward(input, w, b, target, class_weight)
         if _per_sample.current is not None:
-            _per_sample.mark(ctx, w, b)
+            _per_sample.note_tracked(ctx, w, b)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -217,7 +217,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             scale_rows = lambda s, e: scale
         rec = _per_sample.current
         if rec is not None:
-            w_p, b_p = rec.pair(w, b, _per_sample.marked(ctx))
+            w_p, b_p = rec.pair(w, b, _per_sample.tracked_pair(ctx))
             tracked_w = w_p if needs[1] else None
             tracked_b = b_p if b is not None and needs[2] else None
             if tracked_w is not None or tracked_b is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._core import autocast_apply, check_reduction, compile_twin, scratch, shape_str
+from ._core import autocast_apply, check_reduction, compile_twin, may_overwrite, shape_str
 
 __all__ = ["mse_loss", "huber_loss", "binary_cross_entropy_with_logits", "cross_entropy"]
 
@@ -337,7 +337,7 @@ def ce_grads(input, target, weight, ignore_index, eps, grad_output=None, reducti
     c = _class_dim(input)
     n_classes = input.shape[c]
     w = _class_weight(weight, input, c)
-    inplace = scratch(grad_output) if inplace is None else inplace
+    inplace = may_overwrite(grad_output) if inplace is None else inplace
     if target.is_floating_point():
         log_p = input.log_softmax(c) if log_p is None else log_p
         p = log_p.exp()

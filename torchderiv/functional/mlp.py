@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import _per_sample
-from ._core import apply, autocast_apply, autocast_cast, autocast_enabled, check_reduction, compile_twin, scratch
+from ._core import apply, autocast_apply, autocast_cast, autocast_enabled, check_reduction, compile_twin, may_overwrite
 from .activations import DEFAULT_PARAMS, get_activation, times
 from .linear import check_linear_args, linear_backward, linear_forward, linear_jvp
 from .losses import ce_grads, ce_jvp, ce_value, check_cross_entropy_args
@@ -70,7 +70,7 @@ class MLPFunction(torch.autograd.Function):
         ctx.save_for_backward(input, target, weight, *layers, *kept[loss is None :])
         ctx.save_for_forward(input, target, weight, *layers, *kept[loss is None :])
         if _per_sample.current is not None:
-            _per_sample.mark(ctx, *layers)
+            _per_sample.note_tracked(ctx, *layers)
 
     @staticmethod
     def _unpack(ctx):
@@ -85,7 +85,7 @@ class MLPFunction(torch.autograd.Function):
     def backward(ctx, *grads):
         act, input, target, weight, layers, z, kept = MLPFunction._unpack(ctx)
         params, needs, n = ctx.act_params, ctx.needs_input_grad, ctx.n_layers
-        writable = scratch(next((g for g in grads if g is not None), None))  # may overwrite its own buffers
+        writable = may_overwrite(next((g for g in grads if g is not None), None))  # may overwrite its own buffers
         delta, grad_kept, grad_target = _output_error(ctx, grads, z, target, weight, writable)  # Δ⁽ᴸ⁺¹⁾, §3.1
         first = _first_needing(needs, n)
         layer_grads, grad_input = [None] * (2 * n), None
@@ -156,7 +156,7 @@ def _layer_input(act, params, input, kept, k, needs, first, writable):
     h_prev = input if k == 0 else kept[k - 1]
     if k > 0 and not act.saves_output(*params) and needs[_LAYERS + 2 * k]:
         if k > first and act.factor is not None:
-            factor, h_prev = act.factor(h_prev, *params, ok=writable, value=True)
+            factor, h_prev = act.factor(h_prev, *params, writable=writable, value=True)
             return h_prev, factor
         h_prev = act.value(h_prev, *params)
     return h_prev, None
@@ -169,7 +169,7 @@ def _dense_gradients(ctx, k, first, delta, h_prev, layers):
     layer_needs = (k > first, needs[_LAYERS + 2 * k], needs[_LAYERS + 1 + 2 * k])
     w, b = layers[2 * k : 2 * k + 2]
     if _per_sample.current is not None:
-        layer_needs = _per_sample.defer(layer_needs, delta, h_prev, w, b, _per_sample.marked(ctx, k))
+        layer_needs = _per_sample.defer(layer_needs, delta, h_prev, w, b, _per_sample.tracked_pair(ctx, k))
     return linear_backward(layer_needs, delta, h_prev, w, b)
 
 
@@ -186,7 +186,7 @@ def _previous_error(act, params, gi, factor, kept, g_kept, writable):
     elif factor is not None:
         delta = times(gi, factor, writable, fresh)
     else:
-        delta = act.backprop(gi, kept, *params, owned=fresh)
+        delta = act.backprop(gi, kept, *params, overwrite_d=fresh)
     if not keep_h and g_kept is not None:
         delta = g_kept if delta is None else delta + g_kept
     return delta

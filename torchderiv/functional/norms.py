@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import _per_sample
 from . import _torch_internals as internals
-from ._core import autocast_apply, compile_twin, scratch
+from ._core import autocast_apply, compile_twin, may_overwrite
 
 __all__ = ["NormFunction", "layer_norm", "rms_norm"]
 
@@ -87,7 +87,7 @@ class NormFunction(torch.autograd.Function):
         ctx.save_for_forward(input, weight, bias)
         ctx.config = (k, eps, centered)
         if _per_sample.current is not None:
-            _per_sample.mark(ctx, weight, bias)
+            _per_sample.note_tracked(ctx, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -99,12 +99,12 @@ class NormFunction(torch.autograd.Function):
         keep = None  # inside per_sample: the tracked (γ, β), whose per-example gradients go to the recorder
         rec = _per_sample.current
         if rec is not None and (want_w or want_b):
-            w_p, b_p = rec.pair(weight, bias, _per_sample.marked(ctx))
+            w_p, b_p = rec.pair(weight, bias, _per_sample.tracked_pair(ctx))
             w_p, b_p = (w_p if want_w else None), (b_p if want_b else None)
             if w_p is not None or b_p is not None:
                 keep = (rec, w_p, b_p)
                 want_w, want_b = want_w and w_p is None, want_b and b_p is None
-        if scratch(grad_output):
+        if may_overwrite(grad_output):
             grads = _backward_plain(needs[0], want_w, want_b, grad_output, input, weight, bias, k, eps, centered, keep)
             return grads + (None, None, None)
         x_hat, rstd = _stats(input, k, eps, centered)

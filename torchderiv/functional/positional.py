@@ -40,7 +40,7 @@ class PositionalFunction(torch.autograd.Function):
         input, weight, seq_first = inputs
         ctx.config = (input.shape[0 if seq_first else -2], weight.shape[0], seq_first, output.shape, weight.dtype)
         if _per_sample.current is not None:
-            _per_sample.mark(ctx, weight, None)
+            _per_sample.note_tracked(ctx, weight, None)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -49,7 +49,7 @@ class PositionalFunction(torch.autograd.Function):
         grad_weight = None
         if needs[1]:
             rec = _per_sample.current
-            w = None if rec is None else rec.pair(None, None, _per_sample.marked(ctx))[0]
+            w = None if rec is None else rec.pair(None, None, _per_sample.tracked_pair(ctx))[0]
             if w is not None:
                 rec.keep((w,), grad_output, grad_output, lambda dim: _examples(w, grad_output, dim, num))
             else:
