@@ -62,7 +62,9 @@ def _batch(n=40, seed=0):
     return torch.randn(n, SIZES[0], generator=g, dtype=torch.float64) * 2, torch.randint(0, 10, (n,), generator=g)
 
 
-def _our_step(sigma: float, x, y, expected: float, seed: int = 5):
+def _our_step(sigma: float, x, y, expected: float, seed: int = 5, rank: int = 0, world: int = 1):
+    """One private step from fixed weights; with ``world > 1`` (inside a process group) this rank's share of the
+    batch, its share of the expected batch size, and Opacus's distributed optimizer."""
     torch.manual_seed(0)
     model = torchderiv.nn.MLP(SIZES).double()
     opt = private_optimizer(
@@ -70,14 +72,32 @@ def _our_step(sigma: float, x, y, expected: float, seed: int = 5):
         torch.optim.SGD(model.parameters(), lr=LR),
         noise_multiplier=sigma,
         max_grad_norm=C,
-        expected_batch_size=expected,
-        generator=torch.Generator().manual_seed(seed),
+        expected_batch_size=expected / world,  # this process's share, as under Lightning's DDP
+        generator=torch.Generator().manual_seed(seed),  # under DDP the same seed on every rank: twice would show
+        distributed=world > 1,
     )
     opt.zero_grad()
     with opt.clipping():
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(x[rank::world]), y[rank::world]).backward()
     opt.step()
     return model
+
+
+def _opacus_step(ref, loader, sigma, generator, x, y):
+    """One step of Opacus's own ``make_private`` (hooks) on ``ref`` with the noise stream ``generator``."""
+    model, opt, _ = OpacusEngine().make_private(
+        module=ref,
+        optimizer=torch.optim.SGD(ref.parameters(), lr=LR),
+        data_loader=loader,
+        noise_multiplier=sigma,
+        max_grad_norm=C,
+        poisson_sampling=False,
+        noise_generator=generator,
+    )
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    return opt
 
 
 def test_loop_recipe_step_at_sigma_equals_opacus_make_private():
@@ -88,19 +108,7 @@ def test_loop_recipe_step_at_sigma_equals_opacus_make_private():
     ours0 = torchderiv.nn.MLP(SIZES).double()
     ref = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).double()
     ref.load_state_dict({k.replace("layers.1", "2").replace("layers.0", "0"): v for k, v in ours0.state_dict().items()})
-    loader = DataLoader(TensorDataset(x, y), batch_size=40)
-    model, opt, _ = OpacusEngine().make_private(
-        module=ref,
-        optimizer=torch.optim.SGD(ref.parameters(), lr=LR),
-        data_loader=loader,
-        noise_multiplier=sigma,
-        max_grad_norm=C,
-        poisson_sampling=False,
-        noise_generator=torch.Generator().manual_seed(5),
-    )
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
+    _opacus_step(ref, DataLoader(TensorDataset(x, y), batch_size=40), sigma, torch.Generator().manual_seed(5), x, y)
     theirs = _flat(ref)
     assert_close(mine, theirs, rtol=0, atol=1e-6)
     # and the noise moved the step well beyond that tolerance (σ·C·lr / E ≈ 0.013 per entry)
@@ -162,19 +170,8 @@ def test_lightning_step_at_sigma_equals_opacus_make_private(tmp_path):
     loader = DataLoader(dm.splits["train"], batch_size=64)
     gen = torch.Generator()
     gen.set_state(record.noise_state)
-    model, opt, _ = OpacusEngine().make_private(
-        module=ref,
-        optimizer=torch.optim.SGD(ref.parameters(), lr=LR),
-        data_loader=loader,
-        noise_multiplier=sigma,
-        max_grad_norm=C,
-        poisson_sampling=False,
-        noise_generator=gen,
-    )
+    opt = _opacus_step(ref, loader, sigma, gen, x.double(), y)
     assert opt.expected_batch_size == record.expected
-    opt.zero_grad()
-    F.cross_entropy(model(x.double()), y).backward()
-    opt.step()
     assert_close(_flat(module.net), _flat(ref), rtol=0, atol=1e-6)
 
 
@@ -197,30 +194,11 @@ def _ddp_worker(rank: int, world: int, port: int, sigma: float, out: str) -> Non
     try:
         x, y = _batch(n=48)
         expected = 48.0
-        params = []
-        for s in (sigma, 0.0):
-            torch.manual_seed(0)
-            model = torchderiv.nn.MLP(SIZES).double()
-            opt = private_optimizer(
-                model,
-                torch.optim.SGD(model.parameters(), lr=LR),
-                noise_multiplier=s,
-                max_grad_norm=C,
-                expected_batch_size=expected / world,  # this process's share, as under Lightning's DDP
-                generator=torch.Generator().manual_seed(5),  # the same seed on every rank: twice would show
-                distributed=True,
-            )
-            opt.zero_grad()
-            with opt.clipping():
-                F.cross_entropy(model(x[rank::world]), y[rank::world]).backward()
-            opt.step()
-            params.append(_flat(model))
+        params = [_flat(_our_step(s, x, y, expected, rank=rank, world=world)) for s in (sigma, 0.0)]
         if rank == 0:
             torch.save((params[0] - params[1]) * (-expected / LR), out)
-        else:
-            # every rank ends at the same weights
+        else:  # every rank ends at the same weights
             torch.save(params[0], out + ".rank1")
-            torch.save(params[1], out + ".rank1-clean")
     finally:
         dist.destroy_process_group()
 
