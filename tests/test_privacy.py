@@ -603,3 +603,13 @@ def test_fixed_preprocessing_depends_on_no_data(cls):
         dm.setup()
         x = dm.splits["train"].tensors[0]
         assert x.min() == 0 and x.max() == 1 and torch.equal(x * 16, (x * 16).round())
+
+
+def test_digits_cnn_dp_config_meets_its_targets(tmp_path, monkeypatch):
+    # The private CNN: both convolutions and both dense layers clipped per example; epsilon <= 4, test acc >= 0.90.
+    from torchderiv.train import main
+
+    monkeypatch.chdir(tmp_path)
+    results = main([str(ROOT / "configs/digits_cnn_dp.yaml"), f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert results["test/acc"] >= 0.90
+    assert 0 < results["privacy/epsilon"] <= 4.0

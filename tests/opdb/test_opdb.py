@@ -29,6 +29,8 @@ TWINS = {
     "nn.functional.cross_entropy": TF.cross_entropy,
     "nn.functional.layer_norm": TF.layer_norm,
     "nn.functional.rms_norm": TF.rms_norm,
+    "nn.functional.conv1d": TF.conv1d,
+    "nn.functional.conv2d": TF.conv2d,
 }
 
 

@@ -5,6 +5,7 @@ The lowercase wrappers take exactly torch 2.13's parameters, in torch's order.
 
 from .activations import ACTIVATIONS, elu, gelu, get_activation, leaky_relu, relu, sigmoid, silu, softplus, tanh
 from .attention import multi_head_attention, packed_linear
+from .conv import conv1d, conv2d
 from .embedding import embedding
 from .fused import dense
 from .linear import linear
@@ -18,6 +19,8 @@ __all__ = [
     "ACTIVATIONS",
     "get_activation",
     "linear",
+    "conv1d",
+    "conv2d",
     "sigmoid",
     "tanh",
     "relu",

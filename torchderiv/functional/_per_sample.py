@@ -39,6 +39,7 @@ __all__ = [
     "DenseRule",
     "ExampleRule",
     "BlockRule",
+    "ShapedRule",
     "current",
     "defer",
     "note_tracked",
@@ -178,6 +179,12 @@ class Recorder:
             return needs
         self.keep((w, b), delta, input, lambda dim: self._factors(w, b, delta, input, dim))
         return (needs[0], needs[1] and w is None, needs[2] and b is None)
+
+    def dense_rule(self, w, b, delta, input, dim: int = 0) -> DenseRule:
+        """The dense rule of ``Z = H Wᵀ + b`` for ``delta`` ``(*, n_out)`` and ``input`` ``(*, n_in)`` (the examples
+        along ``dim``), its share of each ``‖gᵢ‖²`` computed: for a Function whose layer is dense in other shapes
+        (a convolution over its patches), to wrap in its own :class:`Rule`."""
+        return self._factors(w, b, delta, input, dim)
 
     def take_blocks(self, w, b, deltas, inputs) -> None:
         """A packed dense layer, row blocks ``W_b`` of one weight on inputs ``H_b`` (attention's ``in_proj`` on separate
@@ -553,6 +560,28 @@ class BlockRule(Rule):
     def samples(self):
         parts = [block.samples() for block in self.blocks]
         return tuple(None if p is None else torch.cat([g[k] for g in parts], 1) for k, p in enumerate(self.params))
+
+
+class ShapedRule(Rule):
+    """A dense rule (or dense blocks) whose ``(n_out, n_in)`` weight is a parameter of another shape (a convolution's
+    kernel, flattened): the same norms, the gradients reshaped to the parameters'."""
+
+    def __init__(self, inner: Rule, params):
+        super().__init__(params)
+        self.inner = inner
+        self.sq = inner.sq
+
+    def settle(self) -> None:
+        self.inner.settle()
+        self.sq = self.inner.sq
+
+    def clipped(self, c):
+        return tuple(None if p is None else g.reshape(p.shape) for p, g in zip(self.params, self.inner.clipped(c)))
+
+    def samples(self):
+        return tuple(
+            None if p is None else g.reshape(g.shape[0], *p.shape) for p, g in zip(self.params, self.inner.samples())
+        )
 
 
 class DenseRule(Rule):

@@ -27,8 +27,9 @@ def linear_forward(input, weight, bias):
     if bias is not None and input.is_contiguous() and _plain_eager():
         # The bias added inside the GEMM (one pass less over Z), on the rows of H, written through a view into Z:
         # Z itself is then no view (a view of a temporary breaks forward-mode AD's tangent layout check).
+        rows = math.prod(input.shape[:-1])  # explicit: a view to -1 is ambiguous when a size is 0
         z = input.new_empty(*input.shape[:-1], weight.shape[0])
-        torch.addmm(bias, input.view(-1, input.shape[-1]), weight.t(), out=z.view(-1, weight.shape[0]))
+        torch.addmm(bias, input.view(rows, input.shape[-1]), weight.t(), out=z.view(rows, weight.shape[0]))
         return z
     z = input.matmul(weight.t())  # (*, n_out)
     return z + bias if bias is not None else z

@@ -16,7 +16,7 @@ from .data import (  # noqa: E402
     EpochShuffleSampler,
     StudentDataModule,
 )
-from .models import TokenTransformer  # noqa: E402
+from .models import DigitsCNN, TokenTransformer  # noqa: E402
 from .module import AutogradMLP, MLPModule, ModelModule  # noqa: E402
 from .report import RunReport  # noqa: E402
 
@@ -24,6 +24,7 @@ __all__ = [
     "MLPModule",
     "ModelModule",
     "TokenTransformer",
+    "DigitsCNN",
     "AutogradMLP",
     "ArrayDataModule",
     "DigitsDataModule",

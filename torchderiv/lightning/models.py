@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
 from ..nn import Positional
 
-__all__ = ["TokenTransformer"]
+__all__ = ["TokenTransformer", "DigitsCNN"]
 
 
 class TokenTransformer(nn.Module):
@@ -54,3 +56,52 @@ class TokenTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, length) -> (B, num_classes)
         h = self.norm(self.encoder(self.positions(self.embedding(tokens))))  # (B, length, d_model)
         return self.head(h.flatten(1))
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN for 8×8 images given as 64 features (digits), in the shape of Opacus's MNIST example: two
+    convolutions with ReLU and 2×2 max-pooling, then two dense layers.
+
+    ``(B, 64) -> (B, 1, 8, 8)``, conv 3×3 (padding 1) to ``channels[0]``, pool to 4×4, conv 3×3 to ``channels[1]``,
+    pool to 2×2, flatten, dense to ``hidden``, ReLU, dense to ``num_classes``. Every parameter is one that
+    :func:`torchderiv.per_sample` clips after :func:`torchderiv.convert` (the pooling has none).
+
+    Args:
+        channels: output channels of the two convolutions.
+        hidden: units of the hidden dense layer.
+        num_classes: outputs (logits).
+        side: the images' side (digits: 8); a multiple of 4.
+        activation: after each convolution and the hidden layer: ``relu`` or ``tanh`` (bounded: often the better
+            choice under DP-SGD, whose clipping and noise favour small, bounded activations).
+    """
+
+    def __init__(
+        self,
+        channels: tuple[int, int] = (16, 32),
+        hidden: int = 64,
+        num_classes: int = 10,
+        side: int = 8,
+        activation: Literal["relu", "tanh"] = "relu",
+    ) -> None:
+        super().__init__()
+        if side % 4:
+            raise ValueError(f"DigitsCNN: expected the images' side to be a multiple of 4, got {side}")
+        if activation not in ("relu", "tanh"):
+            raise ValueError(f"DigitsCNN: expected activation 'relu' or 'tanh', got {activation!r}")
+        self.side = side
+        act = nn.ReLU if activation == "relu" else nn.Tanh
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1),
+            act(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            act(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(c2 * (side // 4) ** 2, hidden), act(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, side²) -> (B, num_classes)
+        return self.classifier(self.features(x.reshape(-1, 1, self.side, self.side)))

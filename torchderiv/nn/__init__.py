@@ -6,6 +6,8 @@ from .modules import (
     GELU,
     MLP,
     BCEWithLogitsLoss,
+    Conv1d,
+    Conv2d,
     CrossEntropyLoss,
     Dense,
     Embedding,
@@ -26,6 +28,8 @@ from .modules import (
 )
 
 __all__ = [
+    "Conv1d",
+    "Conv2d",
     "Linear",
     "Dense",
     "MLP",

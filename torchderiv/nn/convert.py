@@ -32,6 +32,8 @@ MODULE_TWINS: dict[type, type] = {
     nn.RMSNorm: M.RMSNorm,
     nn.Embedding: M.Embedding,
     nn.MultiheadAttention: M.MultiheadAttention,
+    nn.Conv1d: M.Conv1d,
+    nn.Conv2d: M.Conv2d,
 }
 
 # torch activation functions a module may hold as an attribute (TransformerEncoderLayer.activation).

@@ -37,6 +37,8 @@ __all__ = [
     "Embedding",
     "Positional",
     "MultiheadAttention",
+    "Conv1d",
+    "Conv2d",
 ]
 
 
@@ -75,6 +77,43 @@ class Linear(TorchderivModule, nn.Linear):
 
     def per_sample_parameters(self) -> tuple:
         return _own(self, "weight", "bias")
+
+
+class _ConvTwin(TorchderivModule):
+    """What torchderiv's Conv1d and Conv2d share: torch's forward, with the convolution itself torchderiv's."""
+
+    _functional = None
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.padding_mode != "zeros":
+            # torch's own padding for the other modes (autograd differentiates it), then a convolution without
+            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return type(self)._functional(input, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return type(self)._functional(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def per_sample_parameters(self) -> tuple:
+        return _own(self, "weight", "bias")
+
+
+class Conv1d(_ConvTwin, nn.Conv1d):
+    r""":class:`torch.nn.Conv1d` with torchderiv's backward: the dense layer over patches
+    (:func:`torchderiv.functional.conv1d`). Args / Shape: as torch's; every ``padding_mode``."""
+
+    _functional = staticmethod(TF.conv1d)
+
+
+class Conv2d(_ConvTwin, nn.Conv2d):
+    r""":class:`torch.nn.Conv2d` with torchderiv's backward: the dense layer over patches
+    (:func:`torchderiv.functional.conv2d`). Args / Shape: as torch's; every ``padding_mode``.
+
+    Examples::
+
+        >>> conv = Conv2d(1, 8, 3, padding=1)
+        >>> conv(torch.randn(4, 1, 8, 8)).shape
+        torch.Size([4, 8, 8, 8])
+    """
+
+    _functional = staticmethod(TF.conv2d)
 
 
 class Dense(Linear):

@@ -1,0 +1,202 @@
+"""Convolution as the dense layer over patches: values, gradients, jvp and double backward against torch and finite
+differences; the modules and convert; per-example norms, clipping and grad_sample against per-example autograd."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+import torchderiv
+import torchderiv.functional as TF
+
+OPTIONS = [
+    dict(),
+    dict(stride=2, padding=1),
+    dict(padding="same", dilation=2),
+    dict(padding="valid"),
+    dict(groups=2, padding=1),
+    dict(stride=2, groups=2, dilation=2, padding=2),
+]
+IDS = ["plain", "stride-pad", "same-dilated", "valid", "groups", "everything"]
+
+
+def _args(n, kw, dtype=torch.float64, batch=3, kernel=3):
+    g = kw.get("groups", 1)
+    x = torch.randn(batch, 4, *(9, 7)[:n], dtype=dtype, requires_grad=True)
+    w = torch.randn(6, 4 // g, *([kernel] * n), dtype=dtype, requires_grad=True)
+    b = torch.randn(6, dtype=dtype, requires_grad=True)
+    return x, w, b
+
+
+@pytest.mark.parametrize("kw", OPTIONS, ids=IDS)
+@pytest.mark.parametrize("n", [1, 2], ids=["conv1d", "conv2d"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_values_and_gradients_equal_torchs(n, kw, dtype):
+    ours, theirs = (TF.conv1d, F.conv1d) if n == 1 else (TF.conv2d, F.conv2d)
+    x, w, b = _args(n, kw, dtype)
+    out, ref = ours(x, w, b, **kw), theirs(x, w, b, **kw)
+    tol = dict(rtol=0, atol=0) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    assert_close(out, ref, **tol)
+    g = torch.randn_like(ref)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for a, c in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+        assert_close(a, c, **tol)
+
+
+@pytest.mark.parametrize("kw", [dict(stride=2, padding=1, groups=2), dict(padding="same", dilation=2)], ids=IDS[4:6])
+@pytest.mark.parametrize("n", [1, 2], ids=["conv1d", "conv2d"])
+def test_gradcheck_forward_ad_double_backward(n, kw):
+    fn = TF.conv1d if n == 1 else TF.conv2d
+    x, w, b = _args(n, kw, batch=2, kernel=2 if kw.get("padding") == "same" else 3)
+    f = lambda x, w, b: fn(x, w, b, **kw)
+    assert torch.autograd.gradcheck(f, (x, w, b), check_forward_ad=True, check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(f, (x, w, b), check_fwd_over_rev=True, check_batched_grad=True)
+
+
+def test_unbatched_input_and_meta_device():
+    x, w, b = _args(2, {})
+    assert_close(TF.conv2d(x[0], w, b, padding=1), F.conv2d(x[0], w, b, padding=1), rtol=0, atol=0)
+    meta = TF.conv2d(torch.empty(5, 4, 16, 16, device="meta"), torch.empty(8, 4, 3, 3, device="meta"), stride=2)
+    assert meta.shape == (5, 8, 7, 7) and meta.device.type == "meta"
+
+
+def test_backward_uses_no_convolution_derivative_kernel():
+    # torch's convolution_backward must not run: the weight gradient is the GEMM over patches, the input gradient a
+    # transposed convolution (a forward op)
+    x, w, b = _args(2, dict(stride=2, padding=1))
+    with torch.profiler.profile() as prof:
+        TF.conv2d(x, w, b, stride=2, padding=1).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert not any("convolution_backward" in name for name in names), sorted(names)
+    assert any("im2col" in name or "unfold" in name for name in names)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: TF.conv2d(torch.randn(2, 3, 8, 8), torch.randn(6, 4, 3, 3)), RuntimeError, r"expected input with 4"),
+        (lambda: TF.conv2d(torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3)), RuntimeError, r"expected a 4-D weight"),
+        (
+            lambda: TF.conv2d(torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3), padding="full"),
+            ValueError,
+            r"Invalid padding string 'full'",
+        ),
+        (
+            lambda: TF.conv2d(torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3), stride=2, padding="same"),
+            ValueError,
+            r"padding='same' is not supported for strided convolutions",
+        ),
+        (
+            lambda: TF.conv1d(torch.randn(2, 4, 8), torch.randn(6, 4, 3), torch.randn(5)),
+            RuntimeError,
+            r"expected bias of shape \(6,\)",
+        ),
+    ],
+    ids=["channels", "weight-dim", "padding-string", "same-strided", "bias"],
+)
+def test_bad_input_names_what_was_expected(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+# --- the modules and convert -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_modules_are_torchs_with_torchderivs_backward(mode):
+    torch.manual_seed(0)
+    ref = nn.Conv2d(2, 4, 3, padding=1, padding_mode=mode).double()
+    ours = torchderiv.convert(copy.deepcopy(ref))
+    assert type(ours) is torchderiv.nn.Conv2d and isinstance(ours, nn.Conv2d)
+    x = torch.randn(3, 2, 6, 5, dtype=torch.float64)
+    assert_close(ours(x), ref(x), rtol=0, atol=0)
+    ours(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12)
+    one = torchderiv.convert(nn.Conv1d(2, 3, 3, padding=1, padding_mode=mode))
+    assert type(one) is torchderiv.nn.Conv1d and one(torch.randn(2, 2, 7)).shape == (2, 3, 7)
+
+
+# --- per-example norms, clipping and grad_sample -----------------------------------------------------------------
+
+
+def _cnn(mode="zeros"):
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, padding_mode=mode),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, groups=2),
+        nn.GELU(),
+        nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 5),
+    ).double()
+
+
+@pytest.mark.parametrize("grad_sample", [False, True], ids=["clipped", "grad_sample"])
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_per_sample_equals_one_backward_per_example(mode, grad_sample):
+    torch.manual_seed(0)
+    ref = _cnn(mode)
+    ours = torchderiv.convert(copy.deepcopy(ref))
+    x, y = torch.randn(7, 2, 8, 8, dtype=torch.float64), torch.randint(0, 5, (7,))
+    C = 0.5
+    with torchderiv.per_sample(ours, max_norm=C, loss_reduction="sum", grad_sample=grad_sample) as ps:
+        F.cross_entropy(ours(x), y, reduction="sum").backward()
+    per = [
+        torch.autograd.grad(F.cross_entropy(ref(x[i : i + 1]), y[i : i + 1], reduction="sum"), list(ref.parameters()))
+        for i in range(7)
+    ]
+    norms = torch.stack([torch.sqrt(sum(t.square().sum() for t in g)) for g in per])
+    assert_close(ps.norms, norms, rtol=1e-10, atol=0)
+    c = (C / (norms + 1e-6)).clamp(max=1)
+    assert (c < 1).any()  # the clipping bites
+    for k, p in enumerate(ours.parameters()):
+        assert_close(p.grad, sum(c[i] * per[i][k] for i in range(7)), rtol=1e-10, atol=1e-12)
+        if grad_sample:
+            assert_close(p.grad_sample, torch.stack([g[k] for g in per]), rtol=1e-10, atol=1e-12)
+
+
+def test_per_sample_with_the_gram_form_makes_the_patches_again():
+    # a layer with few output positions and many weights takes the Gram form: its patches are not held to the end
+    # of the pass but made again from the input then (the same clipped gradient)
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(8, 32, 3, stride=3), nn.Flatten(), nn.Linear(32 * 16, 3)).double()
+    ours = torchderiv.convert(copy.deepcopy(ref))
+    x, y = torch.randn(5, 8, 12, 12, dtype=torch.float64), torch.randint(0, 3, (5,))
+    from torchderiv.functional import _per_sample
+
+    held = []
+    keep = _per_sample.Recorder.dense_rule
+
+    def spy(self, *args, **kwargs):
+        rule = keep(self, *args, **kwargs)
+        held.append(rule)
+        return rule
+
+    _per_sample.Recorder.dense_rule = spy
+    try:
+        with torchderiv.per_sample(ours, max_norm=0.1, loss_reduction="sum"):
+            F.cross_entropy(ours(x), y, reduction="sum").backward()
+    finally:
+        _per_sample.Recorder.dense_rule = keep
+    assert held and held[0].product is None and held[0].input is None  # Gram form, patches to be made again
+    per = [
+        torch.autograd.grad(F.cross_entropy(ref(x[i : i + 1]), y[i : i + 1], reduction="sum"), list(ref.parameters()))
+        for i in range(5)
+    ]
+    norms = torch.stack([torch.sqrt(sum(t.square().sum() for t in g)) for g in per])
+    c = (0.1 / (norms + 1e-6)).clamp(max=1)
+    for k, p in enumerate(ours.parameters()):
+        assert_close(p.grad, sum(c[i] * per[i][k] for i in range(5)), rtol=1e-10, atol=1e-12)
+
+
+def test_per_sample_with_an_empty_batch():
+    # Poisson sampling gives empty batches: no example, every gradient 0
+    model = torchderiv.convert(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 64, 3)))
+    with torchderiv.per_sample(model, max_norm=1.0, clipped_sum=True) as ps:
+        F.cross_entropy(model(torch.randn(0, 1, 8, 8)), torch.randint(0, 3, (0,))).backward()
+    assert ps.norms.shape == (0,)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())

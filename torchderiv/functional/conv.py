@@ -1,0 +1,253 @@
+"""Convolution as the derivation's dense layer applied to every patch (docs/derivation.md § convolution).
+
+With ``P = unfold(H)``, one row per output position holding the patch it sees (``C_in/g · k`` numbers for a kernel
+of ``k`` taps), a convolution is ``Z = P Wᵀ + b`` with ``W`` the kernel flattened to ``(C_out, C_in/g · k)``, one
+such product per group. The dense layer's backward (§3.2–3.5) then gives
+
+    ∂J/∂W = Σ_positions Δᵀ P          ∂J/∂b = Σ_positions Δ          ∂J/∂P = Δ W, folded back onto H
+
+and folding ``Δ W`` back is the transposed convolution of ``Δ`` with ``W``. The forward and the transposed
+convolution are torch's kernels; the weight gradient is the GEMM over unfolded patches; no autograd derivative
+kernel is used. Each example's weight gradient is the sequence layer's ``Δᵢᵀ Pᵢ`` with T = its output positions,
+so :func:`torchderiv.per_sample` clips convolutions with the dense rule (the Gram form or the product), the patches
+made again from ``H`` at the end of the pass rather than held.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _per_sample
+from ._core import autocast_apply, compile_twin, shape_str
+
+__all__ = ["ConvFunction", "conv1d", "conv2d"]
+
+
+def _conv(x, w, b, stride, padding, dilation, groups):
+    return (F.conv1d if x.dim() == 3 else F.conv2d)(x, w, b, stride, padding, dilation, groups)
+
+
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    """A 1-d convolution's ``(N, C, L)`` as the 2-d one's ``(N, C, 1, L)``."""
+    return t.unsqueeze(2) if t.dim() == 3 else t
+
+
+def patches(x, kernel, stride, padding, dilation) -> torch.Tensor:
+    """``P``: ``(N, L, C · k)``, row l the patch output position l sees (channel-major, then the kernel's taps, as a
+    flattened weight), ``L`` the output positions. 1-d inputs are taken as 2-d of height 1."""
+    one = x.dim() == 3
+    if one:
+        kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
+    return F.unfold(_as_2d(x), kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+
+
+def _positions(t: torch.Tensor) -> torch.Tensor:
+    """``(N, C, *spatial) -> (N, C, L)``, the sizes given (a -1 is ambiguous for an empty batch)."""
+    return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
+
+
+def _group(t: torch.Tensor, dim: int, j: int, size: int, groups: int) -> torch.Tensor:
+    """Group j's ``size`` entries of ``t`` along ``dim`` (``t`` itself for one group: no view of all of it, which
+    the legacy vmap of batched-gradient checks cannot take)."""
+    if groups == 1:
+        return t
+    return t.narrow(dim, j * size, size)
+
+
+def conv_backward(needs, delta, x, w, b, stride, padding, dilation, groups):
+    """``(∂J/∂H, ∂J/∂W, ∂J/∂b)`` given ``Δ = ∂J/∂Z``, each only if ``needs`` asks: ``∂J/∂H`` the transposed
+    convolution of Δ with W (``Δ W`` folded back), ``∂J/∂W = Σ Δᵀ P`` per group, ``∂J/∂b = Σ Δ`` over examples and
+    positions."""
+    grad_input = grad_weight = grad_bias = None
+    spatial = x.shape[2:]
+    if needs[0]:
+        out = delta.shape[2:]
+        # the rows and columns the forward's stride skipped at the far edge come back as output_padding
+        extra = tuple(
+            s - ((o - 1) * st - 2 * p + d * (k - 1) + 1)
+            for s, o, st, p, d, k in zip(spatial, out, stride, padding, dilation, w.shape[2:])
+        )
+        transpose = F.conv_transpose1d if x.dim() == 3 else F.conv_transpose2d
+        grad_input = transpose(delta, w, None, stride, padding, extra, groups, dilation)
+    if needs[1]:
+        rows = patches(x, w.shape[2:], stride, padding, dilation)  # (N, L, C_in · k)
+        d = _positions(delta)  # (N, C_out, L)
+        per_in, per_out = rows.shape[2] // groups, w.shape[0] // groups
+        # one GEMM per group over every example's positions: (C_out/g, N·L) @ (N·L, C_in/g · k)
+        parts = [
+            _group(d, 1, j, per_out, groups).transpose(0, 1).reshape(per_out, -1)
+            @ _group(rows, 2, j, per_in, groups).reshape(-1, per_in)
+            for j in range(groups)
+        ]
+        grad_weight = (parts[0] if groups == 1 else torch.cat(parts)).reshape(w.shape)
+    if b is not None and needs[2]:
+        grad_bias = delta.sum((0, *range(2, delta.dim())))
+    return grad_input, grad_weight, grad_bias
+
+
+class ConvFunction(torch.autograd.Function):
+    """``Z = conv(H, W) + b`` (1-d or 2-d, stride, padding, dilation, groups), the dense layer over patches.
+
+    backward (§3.2–3.5 on ``P = unfold(H)``): ``∂J/∂W = Σ Δᵀ P`` per group, ``∂J/∂b = Σ Δ``, ``∂J/∂H`` the transposed
+    convolution of Δ with W. jvp: ``dZ = conv(dH, W) + conv(H, dW) + db``. Saves only its inputs.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias, stride, padding, dilation, groups):
+        return _conv(input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(input, weight, bias)
+        ctx.save_for_forward(input, weight, bias)
+        ctx.config = (stride, padding, dilation, groups)
+        if _per_sample.current is not None:
+            _per_sample.note_tracked(ctx, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bias = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        rec = _per_sample.current
+        if rec is not None and (needs[1] or (bias is not None and needs[2])):
+            needs = _keep_examples(rec, ctx, needs, grad_output, input, weight, bias)
+        grads = conv_backward(needs, grad_output, input, weight, bias, *ctx.config)
+        return (*grads, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, d_input, d_weight, d_bias, *_):
+        input, weight, bias = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.config
+        dz = None
+        for x, w in ((d_input, weight), (input, d_weight)):
+            if x is not None and w is not None:
+                term = _conv(x, w, None, stride, padding, dilation, groups)
+                dz = term if dz is None else dz + term
+        if dz is None:  # only the bias has a tangent
+            dz = torch.zeros_like(_conv(input, weight, None, stride, padding, dilation, groups))
+        if bias is not None and d_bias is not None:
+            dz = dz + d_bias.reshape((1, -1) + (1,) * (input.dim() - 2))
+        return dz
+
+
+def _keep_examples(rec, ctx, needs, delta, x, w, b):
+    """Hand each example's ``(Σ_l Δᵢₗᵀ Pᵢₗ, Σ_l δᵢₗ)`` to the per_sample recorder as dense rules over the patches, one
+    per group; the patches are made again from ``H`` at the end of the pass if the rule waits for them. Returns
+    ``needs`` without the GEMMs the recorder now does."""
+    w_p, b_p = rec.pair(w, b, _per_sample.tracked_pair(ctx))
+    w_p = w_p if needs[1] else None
+    b_p = b_p if b is not None and needs[2] else None
+    if w_p is None and b_p is None:
+        return needs
+    stride, padding, dilation, groups = ctx.config
+    kernel = w.shape[2:]
+
+    def build(dim):
+        d = _positions(delta).transpose(1, 2)  # (N, L, C_out)
+        per_out, per_in = w.shape[0] // groups, w.shape[1]
+        blocks = []
+        for j in range(groups):
+            xj = _group(x, 1, j, per_in, groups)
+            rows = patches(xj, kernel, stride, padding, dilation)
+            block = rec.dense_rule(w_p, b_p, _group(d, 2, j, per_out, groups), rows)
+            if block.input is rows:  # the Gram form waits for the end: make the patches again then
+                block.input = None
+                block.remake = (xj, lambda t: patches(t, kernel, stride, padding, dilation))
+            blocks.append(block)
+        inner = blocks[0] if groups == 1 else _per_sample.BlockRule((w_p, b_p), blocks)
+        return _per_sample.ShapedRule(inner, (w_p, b_p))
+
+    rec.keep((w_p, b_p), delta, x, build)
+    return (needs[0], needs[1] and w_p is None, needs[2] and b_p is None)
+
+
+CONV = compile_twin(ConvFunction)
+
+
+def _tuple(value, n: int, name: str, what: str) -> tuple:
+    t = (value,) * n if isinstance(value, int) else tuple(value)
+    if len(t) != n or not all(isinstance(v, int) for v in t):
+        raise RuntimeError(f"{name}: expected {what} to be an int or {n} ints, got {value!r}")
+    return t
+
+
+def _padding(padding, kernel, dilation, stride, n: int, name: str):
+    """``(symmetric padding, explicit (left, right) pads or None)`` from torch's padding argument."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0,) * n, None
+        if padding != "same":
+            raise ValueError(f"Invalid padding string {padding!r}, should be one of {{'valid', 'same'}}")
+        if any(s != 1 for s in stride):
+            raise ValueError("padding='same' is not supported for strided convolutions")
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        if all(t % 2 == 0 for t in totals):
+            return tuple(t // 2 for t in totals), None
+        # an even kernel: torch pads the extra row or column on the far side
+        pads = []
+        for t in reversed(totals):
+            pads += [t // 2, t - t // 2]
+        return (0,) * n, pads
+    pad = _tuple(padding, n, name, "padding")
+    if any(p < 0 for p in pad):
+        raise RuntimeError(f"{name}: negative padding is not supported, got {padding!r}")
+    return pad, None
+
+
+def _convolution(input, weight, bias, stride, padding, dilation, groups, n: int, name: str):
+    for label, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected {label} to be a Tensor, got {type(t).__name__}")
+    if weight.dim() != n + 2:
+        raise RuntimeError(
+            f"{name}: expected a {n + 2}-D weight (out_channels, in_channels/groups, *kernel), got shape "
+            f"{shape_str(weight)}"
+        )
+    batched = input.dim() == n + 2
+    if input.dim() not in (n + 1, n + 2):
+        raise RuntimeError(
+            f"{name}: expected a {n + 1}-D (unbatched) or {n + 2}-D (batched) input, got shape {shape_str(input)}"
+        )
+    if not isinstance(groups, int) or groups < 1:
+        raise RuntimeError(f"{name}: expected groups to be a positive int, got {groups!r}")
+    stride = _tuple(stride, n, name, "stride")
+    dilation = _tuple(dilation, n, name, "dilation")
+    if any(s < 1 for s in stride) or any(d < 1 for d in dilation):
+        raise RuntimeError(f"{name}: expected stride and dilation >= 1, got stride={stride}, dilation={dilation}")
+    channels = input.shape[1 if batched else 0]
+    if channels != weight.shape[1] * groups or weight.shape[0] % groups:
+        raise RuntimeError(
+            f"{name}: expected input with {weight.shape[1] * groups} channels (weight {shape_str(weight)}, "
+            f"groups={groups}) and out_channels divisible by groups, got input of shape {shape_str(input)}"
+        )
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
+        raise RuntimeError(
+            f"{name}: expected bias of shape ({weight.shape[0]},), got "
+            f"{shape_str(bias) if isinstance(bias, torch.Tensor) else type(bias).__name__}"
+        )
+    pad, explicit = _padding(padding, weight.shape[2:], dilation, stride, n, name)
+    x = input if batched else input.unsqueeze(0)
+    if explicit is not None:
+        x = F.pad(x, explicit)  # torch's own padding for an even kernel under "same"; autograd differentiates it
+    out = autocast_apply(CONV, "lower", x, weight, bias, stride, pad, dilation, groups)
+    return out if batched else out.squeeze(0)
+
+
+def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """:func:`torch.nn.functional.conv1d` with torchderiv's backward and jvp: the dense layer over patches
+    (``Z = P Wᵀ + b``; ``∂J/∂W = Σ Δᵀ P``, ``∂J/∂H`` the transposed convolution of Δ). Same arguments, shapes and
+    padding strings (``"valid"``, ``"same"``)."""
+    return _convolution(input, weight, bias, stride, padding, dilation, groups, 1, "conv1d")
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """:func:`torch.nn.functional.conv2d` with torchderiv's backward and jvp: the dense layer over patches
+    (``Z = P Wᵀ + b``; ``∂J/∂W = Σ Δᵀ P``, ``∂J/∂H`` the transposed convolution of Δ). Same arguments, shapes and
+    padding strings (``"valid"``, ``"same"``)."""
+    return _convolution(input, weight, bias, stride, padding, dilation, groups, 2, "conv2d")
