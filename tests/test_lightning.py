@@ -392,18 +392,18 @@ def test_model_module_converts_and_reports(caplog):
 def test_model_module_refuses_what_per_sample_cannot_clip_before_training(tmp_path):
     from torchderiv.lightning import ModelModule
 
-    class WithGroupNorm(torch.nn.Module):  # a layer without a torchderiv twin (yet)
+    class WithPReLU(torch.nn.Module):  # a layer without a torchderiv twin
         def __init__(self):
             super().__init__()
-            self.norm = torch.nn.GroupNorm(1, 1)
+            self.act = torch.nn.PReLU()
             self.head = torch.nn.Linear(64, 10)
 
         def forward(self, x):
-            return self.head(self.norm(x.unsqueeze(1)).flatten(1))
+            return self.head(self.act(x))
 
-    module = ModelModule(WithGroupNorm(), 10, privacy={"noise_multiplier": 1.0, "max_grad_norm": 1.0})
+    module = ModelModule(WithPReLU(), 10, privacy={"noise_multiplier": 1.0, "max_grad_norm": 1.0})
     trainer = _trainer(tmp_path, max_epochs=1)
-    with pytest.raises(RuntimeError, match=r"parameters norm\.weight, norm\.bias of GroupNorm: not computed"):
+    with pytest.raises(RuntimeError, match=r"parameter act\.weight of PReLU: not computed"):
         trainer.fit(module, DigitsDataModule(batch_size=64))
 
 

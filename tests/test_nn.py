@@ -208,7 +208,7 @@ def test_convert_reports_what_it_changed_and_what_it_left(caplog):
         nn.LayerNorm(8),
         nn.LazyLinear(3),
         nn.TransformerEncoderLayer(8, 2),
-        nn.GroupNorm(2, 8),
+        nn.InstanceNorm1d(8, affine=True),
         nn.MultiheadAttention(8, 2, add_bias_kv=True),
     )
     with caplog.at_level(logging.INFO, logger="torchderiv"):
@@ -225,13 +225,14 @@ def test_convert_reports_what_it_changed_and_what_it_left(caplog):
     assert "subclass of nn.Linear" in left["6.out_proj"][1]
     assert ("2", "nn.LayerNorm -> torchderiv.LayerNorm") in report.converted
     assert ("4.norm1", "nn.LayerNorm -> torchderiv.LayerNorm") in report.converted
-    assert left["5"] == ("GroupNorm", "no torchderiv twin for this layer")
+    assert left["5"] == ("InstanceNorm1d", "no torchderiv twin for this layer")
     text = str(report)
     assert text.startswith("torchderiv.convert: 9 converted, 4 left on torch") and text in caplog.text
     # print(model) says which layers are torchderiv's
     shown = repr(model)
     assert "(0): torchderiv.Linear(in_features=4, out_features=8, bias=True)" in shown
-    assert "(1): torchderiv.ReLU()" in shown and "(2): torchderiv.LayerNorm(" in shown and "(5): GroupNorm(" in shown
+    assert "(1): torchderiv.ReLU()" in shown and "(2): torchderiv.LayerNorm(" in shown
+    assert "(5): InstanceNorm1d(" in shown
 
 
 def test_convert_report_names_what_filter_fn_excluded():

@@ -20,6 +20,7 @@ from .nn.convert import MODULE_TWINS, embedding_options
 from .nn.modules import (
     Conv1d,
     Conv2d,
+    GroupNorm,
     LinearCrossEntropyLoss,
     MultiheadAttention,
     Positional,
@@ -36,8 +37,8 @@ def _own_batch_first(module: nn.Module) -> bool | None:
     attention (``self_attn.batch_first``) is told."""
     if isinstance(module, MultiheadAttention):
         return False  # it works sequence-first whatever its batch_first: its projections see (T, B, d)
-    if isinstance(module, (Conv1d, Conv2d)):
-        return True  # (N, C, *spatial): torch's convolutions take the batch first whatever the model's layout
+    if isinstance(module, (Conv1d, Conv2d, GroupNorm)):
+        return True  # (N, C, *spatial): torch's convolutions and GroupNorm take the batch first whatever the layout
     if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
         module = module.self_attn
     if isinstance(module, (nn.MultiheadAttention, nn.Transformer, Positional)):

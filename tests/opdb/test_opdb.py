@@ -31,6 +31,7 @@ TWINS = {
     "nn.functional.rms_norm": TF.rms_norm,
     "nn.functional.conv1d": TF.conv1d,
     "nn.functional.conv2d": TF.conv2d,
+    "nn.functional.group_norm": TF.group_norm,
 }
 
 

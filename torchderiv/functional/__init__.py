@@ -8,6 +8,7 @@ from .attention import multi_head_attention, packed_linear
 from .conv import conv1d, conv2d
 from .embedding import embedding
 from .fused import dense
+from .group_norm import group_norm
 from .linear import linear
 from .linear_cross_entropy import linear_cross_entropy
 from .losses import binary_cross_entropy_with_logits, cross_entropy, huber_loss, mse_loss
@@ -21,6 +22,7 @@ __all__ = [
     "linear",
     "conv1d",
     "conv2d",
+    "group_norm",
     "sigmoid",
     "tanh",
     "relu",

@@ -11,6 +11,7 @@ from .modules import (
     CrossEntropyLoss,
     Dense,
     Embedding,
+    GroupNorm,
     HuberLoss,
     LayerNorm,
     LeakyReLU,
@@ -30,6 +31,7 @@ from .modules import (
 __all__ = [
     "Conv1d",
     "Conv2d",
+    "GroupNorm",
     "Linear",
     "Dense",
     "MLP",

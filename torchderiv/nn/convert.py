@@ -34,6 +34,7 @@ MODULE_TWINS: dict[type, type] = {
     nn.MultiheadAttention: M.MultiheadAttention,
     nn.Conv1d: M.Conv1d,
     nn.Conv2d: M.Conv2d,
+    nn.GroupNorm: M.GroupNorm,
 }
 
 # torch activation functions a module may hold as an attribute (TransformerEncoderLayer.activation).

@@ -39,6 +39,7 @@ __all__ = [
     "MultiheadAttention",
     "Conv1d",
     "Conv2d",
+    "GroupNorm",
 ]
 
 
@@ -114,6 +115,17 @@ class Conv2d(_ConvTwin, nn.Conv2d):
     """
 
     _functional = staticmethod(TF.conv2d)
+
+
+class GroupNorm(TorchderivModule, nn.GroupNorm):
+    r""":class:`torch.nn.GroupNorm` with torchderiv's backward (:func:`torchderiv.functional.group_norm`): LayerNorm's
+    derivatives per example and channel group. Args / Shape: as torch's."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return TF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    def per_sample_parameters(self) -> tuple:
+        return _own(self, "weight", "bias")
 
 
 class Dense(Linear):

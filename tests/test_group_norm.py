@@ -1,0 +1,80 @@
+"""GroupNorm with LayerNorm's derivatives per example and channel group: values and gradients against torch and
+finite differences; the module and convert; per-example norms and clipping against per-example autograd."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+import torchderiv
+import torchderiv.functional as TF
+
+CASES = [((3, 6, 5, 4), 3), ((2, 4, 7), 2), ((3, 6), 6), ((2, 8, 3, 3), 1)]
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("shape, groups", CASES, ids=["2d", "1d", "one-per-group", "one-group"])
+def test_values_and_gradients_equal_torchs(shape, groups, affine):
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(shape[1], dtype=torch.float64, requires_grad=True) if affine else None
+    b = torch.randn(shape[1], dtype=torch.float64, requires_grad=True) if affine else None
+    out, ref = TF.group_norm(x, groups, w, b), F.group_norm(x, groups, w, b)
+    assert_close(out, ref, rtol=0, atol=1e-14)
+    leaves = [t for t in (x, w, b) if t is not None]
+    g = torch.randn_like(ref)
+    for a, c in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        assert_close(a, c, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape, groups", CASES[:2], ids=["2d", "1d"])
+def test_gradcheck_forward_ad_double_backward(shape, groups):
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+    f = lambda x, w, b: TF.group_norm(x, groups, w, b)
+    assert torch.autograd.gradcheck(f, (x, w, b), check_forward_ad=True, check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(f, (x, w, b), check_fwd_over_rev=True, check_batched_grad=True)
+
+
+def test_float32_and_bad_input():
+    x = torch.randn(4, 6, 5)
+    assert_close(TF.group_norm(x, 2), F.group_norm(x, 2), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r"channels of input \(6\) to be divisible by num_groups"):
+        TF.group_norm(x, 4)
+    with pytest.raises(RuntimeError, match=r"expected weight of shape \(6,\)"):
+        TF.group_norm(x, 2, torch.ones(5))
+
+
+def test_module_and_convert():
+    ref = nn.GroupNorm(2, 6).double()
+    ours = torchderiv.convert(copy.deepcopy(ref))
+    assert type(ours) is torchderiv.nn.GroupNorm and isinstance(ours, nn.GroupNorm)
+    x = torch.randn(3, 6, 4, 4, dtype=torch.float64)
+    assert_close(ours(x), ref(x), rtol=0, atol=1e-14)
+
+
+def test_per_sample_equals_one_backward_per_example():
+    # GroupNorm in place of BatchNorm, as DP-SGD's CNNs use it: each example's γ, β gradients are its own
+    torch.manual_seed(0)
+    ref = nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 4)
+    ).double()
+    ours = torchderiv.convert(copy.deepcopy(ref))
+    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (5,))
+    C = 0.3
+    with torchderiv.per_sample(ours, max_norm=C, loss_reduction="sum", grad_sample=True) as ps:
+        F.cross_entropy(ours(x), y, reduction="sum").backward()
+    per = [
+        torch.autograd.grad(F.cross_entropy(ref(x[i : i + 1]), y[i : i + 1], reduction="sum"), list(ref.parameters()))
+        for i in range(5)
+    ]
+    norms = torch.stack([torch.sqrt(sum(t.square().sum() for t in g)) for g in per])
+    assert_close(ps.norms, norms, rtol=1e-10, atol=0)
+    c = (C / (norms + 1e-6)).clamp(max=1)
+    assert (c < 1).any()
+    for k, p in enumerate(ours.parameters()):
+        assert_close(p.grad, sum(c[i] * per[i][k] for i in range(5)), rtol=1e-10, atol=1e-12)
+        assert_close(p.grad_sample, torch.stack([g[k] for g in per]), rtol=1e-10, atol=1e-12)
