@@ -40,6 +40,7 @@ and its positions as an ``Embedding`` over position indices (what Opacus can cli
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -68,6 +69,11 @@ CASES = {
     "seq_gelu": dict(kind="seq", width=256, batch=32, length=128),
     # tokens → embedding + positions → 2 pre-norm encoder layers (GELU) → LayerNorm → a head on the flattened positions
     "transformer": dict(kind="transformer", batch=256, length=64, d_model=64, nhead=4, ff=256, layers=2, classes=10),
+    # Opacus's MNIST CNN on 28×28 images: conv 16 (8×8, stride 2, pad 3) → max-pool → conv 32 (4×4, stride 2) →
+    # max-pool → dense 32 → dense 10 (ReLU)
+    "cnn": dict(kind="cnn", batch=256, net="mnist"),
+    # a larger one: 3×32×32 images, four 3×3 convolutions of 32–64 channels with GroupNorm(8) and ReLU, average-pooled
+    "cnn_groupnorm": dict(kind="cnn", batch=256, net="groupnorm"),
 }
 TORCH_ACT = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -111,6 +117,27 @@ def _transformer(cfg, positions):
     return model
 
 
+def _cnn(net: str) -> nn.Module:
+    if net == "mnist":
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 8, 2, padding=3),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 1),
+            nn.Conv2d(16, 32, 4, 2),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 1),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, 32),
+            nn.ReLU(),
+            nn.Linear(32, 10),
+        )
+    layers, c = [], 3
+    for out, stride in ((32, 1), (32, 2), (64, 1), (64, 2)):
+        layers += [nn.Conv2d(c, out, 3, stride, padding=1), nn.GroupNorm(8, out), nn.ReLU()]
+        c = out
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
 def build(case: str, positions: str = "module"):
     """(torchderiv model, torch twin with the same weights, x, y, loss on (model output, y)). ``positions``: the
     twin's position parameter as torchderiv's module, or as an Embedding over positions (for Opacus)."""
@@ -123,6 +150,12 @@ def build(case: str, positions: str = "module"):
         torchderiv.convert(ours)
         x = torch.randint(0, 17, (cfg["batch"], cfg["length"]))
         y = torch.randint(0, cfg["classes"], (cfg["batch"],))
+    elif cfg["kind"] == "cnn":
+        theirs = _cnn(cfg["net"])
+        ours = torchderiv.convert(copy.deepcopy(theirs))
+        side, channels = (28, 1) if cfg["net"] == "mnist" else (32, 3)
+        x = torch.randn(cfg["batch"], channels, side, side)
+        y = torch.randint(0, 10, (cfg["batch"],))
     elif cfg["kind"] == "mlp":
         ours = MLP(cfg["sizes"], cfg["activation"])
         layers = []
@@ -154,7 +187,7 @@ def make_steps(case: str, names) -> tuple[dict, dict]:
     td_loss = _flat_ce(TF.cross_entropy)
     if CASES[case]["kind"] == "mlp":
         forward_loss = lambda: ours.cross_entropy(x, y)[0]  # network and loss in one Function
-    elif CASES[case]["kind"] == "transformer":
+    elif CASES[case]["kind"] in ("transformer", "cnn"):
         forward_loss = lambda: TF.cross_entropy(ours(x), y)
     else:
         forward_loss = lambda: td_loss(ours(x), y)
@@ -268,7 +301,6 @@ def _backpack_clipped_sum(model, loss_fn, x, y):
 def _backpack_step(model, x, y):
     """BackPACK's per-example gradients, clipped, summed and noised by hand as in ``dp`` (MLP cases only:
     BackPACK needs the loss module right after the model)."""
-    import copy
 
     from backpack import extend
 
@@ -289,8 +321,6 @@ def _backpack_step(model, x, y):
 
 def check_backpack(case: str, batch: int = 32) -> float:
     """Largest relative difference between BackPACK's clipped sum and torch.func's (as ``check_clipping``)."""
-    import copy
-
     from backpack import extend
 
     _, theirs, x, y = build(case)
@@ -312,8 +342,6 @@ def _vmap_step(model, x, y, opt):
 
 
 def _opacus_steps(case, names, x, y):
-    import copy
-
     from opacus import GradSampleModule
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
@@ -499,6 +527,12 @@ def markdown(rows, meta) -> str:
         cfg = CASES[row["case"]]
         if cfg["kind"] == "mlp":
             title = f"MLP {'-'.join(map(str, cfg['sizes']))} {cfg['activation']}, batch {cfg['batch']}"
+        elif cfg["kind"] == "cnn":
+            title = (
+                "CNN: Opacus's MNIST example, 28×28, batch 256"
+                if cfg["net"] == "mnist"
+                else "CNN: 3×32×32, four 3×3 convolutions of 32–64 channels with GroupNorm, batch 256"
+            )
         elif cfg["kind"] == "seq":
             title = f"Linear–GELU–Linear, width {cfg['width']}, on ({cfg['batch']}, {cfg['length']}, {cfg['width']})"
         else:
@@ -539,7 +573,7 @@ def run(
     rows = []
     for case in cases or CASES:
         slow = ["vmap"] + (["backpack"] if _have("backpack") else [])
-        names = base + opacus + ([] if quick or CASES[case]["kind"] != "mlp" else slow)
+        names = base + opacus + ([] if quick or CASES[case]["kind"] not in ("mlp", "cnn") else slow)
         if CASES[case]["kind"] == "seq":
             names = [n for n in names if n != "opacus_hooks"]
         if CASES[case]["kind"] == "transformer" and not quick:

@@ -200,3 +200,16 @@ def test_per_sample_with_an_empty_batch():
         F.cross_entropy(model(torch.randn(0, 1, 8, 8)), torch.randint(0, 3, (0,))).backward()
     assert ps.norms.shape == (0,)
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+def test_weight_gradient_in_chunks_of_examples(monkeypatch):
+    # the patches are made a few examples at a time; the sum over chunks is the whole batch's gradient
+    from torchderiv.functional import conv
+
+    monkeypatch.setattr(conv, "_CHUNK_FLOATS", 1)  # one example a chunk
+    x, w, b = _args(2, dict(groups=2), batch=5)
+    out, ref = TF.conv2d(x, w, b, groups=2, padding=1), F.conv2d(x, w, b, groups=2, padding=1)
+    g = torch.randn_like(ref)
+    for a, c in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+        assert_close(a, c, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradgradcheck(lambda w: TF.conv2d(x.detach(), w, None, groups=2), (w,))

@@ -57,6 +57,27 @@ def _group(t: torch.Tensor, dim: int, j: int, size: int, groups: int) -> torch.T
     return t.narrow(dim, j * size, size)
 
 
+_CHUNK_FLOATS = 1 << 22  # patches made at once for the weight gradient: 16 MiB of float32
+
+
+def _examples(t: torch.Tensor, start: int, step: int) -> torch.Tensor:
+    """Examples ``start … start + step`` of ``t`` (``t`` itself when that is all of them: no view of the whole)."""
+    return t if start == 0 and step >= t.shape[0] else t.narrow(0, start, min(step, t.shape[0] - start))
+
+
+def _weight_gradient(delta, x, w, stride, padding, dilation, groups) -> torch.Tensor:
+    """``Σ Δᵀ P`` over these examples' positions, one GEMM per group: ``(C_out/g, n·L) @ (n·L, C_in/g · k)``."""
+    rows = patches(x, w.shape[2:], stride, padding, dilation)  # (n, L, C_in · k)
+    d = _positions(delta)  # (n, C_out, L)
+    per_in, per_out = rows.shape[2] // groups, w.shape[0] // groups
+    parts = [
+        _group(d, 1, j, per_out, groups).transpose(0, 1).reshape(per_out, -1)
+        @ _group(rows, 2, j, per_in, groups).reshape(-1, per_in)
+        for j in range(groups)
+    ]
+    return (parts[0] if groups == 1 else torch.cat(parts)).reshape(w.shape)
+
+
 def conv_backward(needs, delta, x, w, b, stride, padding, dilation, groups):
     """``(∂J/∂H, ∂J/∂W, ∂J/∂b)`` given ``Δ = ∂J/∂Z``, each only if ``needs`` asks: ``∂J/∂H`` the transposed
     convolution of Δ with W (``Δ W`` folded back), ``∂J/∂W = Σ Δᵀ P`` per group, ``∂J/∂b = Σ Δ`` over examples and
@@ -73,16 +94,17 @@ def conv_backward(needs, delta, x, w, b, stride, padding, dilation, groups):
         transpose = F.conv_transpose1d if x.dim() == 3 else F.conv_transpose2d
         grad_input = transpose(delta, w, None, stride, padding, extra, groups, dilation)
     if needs[1]:
-        rows = patches(x, w.shape[2:], stride, padding, dilation)  # (N, L, C_in · k)
-        d = _positions(delta)  # (N, C_out, L)
-        per_in, per_out = rows.shape[2] // groups, w.shape[0] // groups
-        # one GEMM per group over every example's positions: (C_out/g, N·L) @ (N·L, C_in/g · k)
-        parts = [
-            _group(d, 1, j, per_out, groups).transpose(0, 1).reshape(per_out, -1)
-            @ _group(rows, 2, j, per_in, groups).reshape(-1, per_in)
-            for j in range(groups)
-        ]
-        grad_weight = (parts[0] if groups == 1 else torch.cat(parts)).reshape(w.shape)
+        # ∂J/∂W = Σ Δᵀ P, a few examples at a time: their patches, C_in·k numbers for each of L positions, would
+        # otherwise be made for the whole batch at once (hundreds of MB for a batch of 32×32 images)
+        positions = math.prod(delta.shape[2:])
+        step = max(1, _CHUNK_FLOATS // max(1, positions * w.shape[1] * math.prod(w.shape[2:]) * groups))
+        for start in range(0, x.shape[0], step):
+            part = _weight_gradient(
+                _examples(delta, start, step), _examples(x, start, step), w, stride, padding, dilation, groups
+            )
+            grad_weight = part if grad_weight is None else grad_weight + part
+        if grad_weight is None:  # an empty batch
+            grad_weight = torch.zeros_like(w)
     if b is not None and needs[2]:
         grad_bias = delta.sum((0, *range(2, delta.dim())))
     return grad_input, grad_weight, grad_bias
