@@ -82,3 +82,28 @@ def full_check(fn, inputs, *, fwd_over_rev=True, batched=True):
 def needs_grad_combinations(n: int):
     """Every non-empty requires_grad pattern over n differentiable inputs."""
     return [c for c in itertools.product([False, True], repeat=n) if any(c)]
+
+
+def check_clipping_against_per_example_autograd(ours, ref, x, y, max_norm, grad_sample=False):
+    """One backward of ``ours`` inside ``per_sample(max_norm=..., loss_reduction="sum")`` against one autograd backward
+    per example of its twin ``ref`` (same weights): norms, clipped ``.grad`` and ``grad_sample``, float64 to 1e-10.
+    Returns the clipping factors."""
+    import torch.nn.functional as F
+
+    import torchderiv
+
+    with torchderiv.per_sample(ours, max_norm=max_norm, loss_reduction="sum", grad_sample=grad_sample) as ps:
+        F.cross_entropy(ours(x), y, reduction="sum").backward()
+    n = len(x)
+    per = [
+        torch.autograd.grad(F.cross_entropy(ref(x[i : i + 1]), y[i : i + 1], reduction="sum"), list(ref.parameters()))
+        for i in range(n)
+    ]
+    norms = torch.stack([torch.sqrt(sum(t.square().sum() for t in g)) for g in per])
+    assert_close(ps.norms, norms, rtol=1e-10, atol=0)
+    c = (max_norm / (norms + 1e-6)).clamp(max=1)
+    for k, p in enumerate(ours.parameters()):
+        assert_close(p.grad, sum(c[i] * per[i][k] for i in range(n)), rtol=1e-10, atol=1e-12)
+        if grad_sample:
+            assert_close(p.grad_sample, torch.stack([g[k] for g in per]), rtol=1e-10, atol=1e-12)
+    return c
