@@ -86,8 +86,8 @@ def needs_grad_combinations(n: int):
 
 def check_clipping_against_per_example_autograd(ours, ref, x, y, max_norm, grad_sample=False):
     """One backward of ``ours`` inside ``per_sample(max_norm=..., loss_reduction="sum")`` against one autograd backward
-    per example of its twin ``ref`` (same weights): norms, clipped ``.grad`` and ``grad_sample``, float64 to 1e-10.
-    Returns the clipping factors."""
+    per example of its twin ``ref`` (same weights): norms, clipped ``.grad`` and ``grad_sample``, to 1e-10 in float64
+    and 1e-5 in float32. Returns the clipping factors."""
     import torch.nn.functional as F
 
     import torchderiv
@@ -100,10 +100,11 @@ def check_clipping_against_per_example_autograd(ours, ref, x, y, max_norm, grad_
         for i in range(n)
     ]
     norms = torch.stack([torch.sqrt(sum(t.square().sum() for t in g)) for g in per])
-    assert_close(ps.norms, norms, rtol=1e-10, atol=0)
+    rtol, atol = (1e-10, 1e-12) if x.dtype == torch.float64 else (1e-5, 1e-6)
+    assert_close(ps.norms, norms, rtol=rtol, atol=0)
     c = (max_norm / (norms + 1e-6)).clamp(max=1)
     for k, p in enumerate(ours.parameters()):
-        assert_close(p.grad, sum(c[i] * per[i][k] for i in range(n)), rtol=1e-10, atol=1e-12)
+        assert_close(p.grad, sum(c[i] * per[i][k] for i in range(n)), rtol=rtol, atol=atol)
         if grad_sample:
-            assert_close(p.grad_sample, torch.stack([g[k] for g in per]), rtol=1e-10, atol=1e-12)
+            assert_close(p.grad_sample, torch.stack([g[k] for g in per]), rtol=rtol, atol=atol)
     return c

@@ -2,6 +2,7 @@
 differences; the modules and convert; per-example norms, clipping and grad_sample against per-example autograd."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -32,10 +33,21 @@ def _args(n, kw, dtype=torch.float64, batch=3, kernel=3):
     return x, w, b
 
 
+CONV = importlib.import_module("torchderiv.functional.conv")
+
+
+@pytest.fixture(params=["patches", "convolution"])
+def weight_gradient_form(request, monkeypatch):
+    """Both forms of ∂J/∂W = Σ Δᵀ P: the GEMM over patches (small kernels) and the correlation of H with Δ as torch's
+    forward convolution (kernels of many taps), each forced for every kernel."""
+    monkeypatch.setattr(CONV, "_CONVOLUTION_TAPS", 1 if request.param == "convolution" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("kw", OPTIONS, ids=IDS)
 @pytest.mark.parametrize("n", [1, 2], ids=["conv1d", "conv2d"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_values_and_gradients_equal_torchs(n, kw, dtype):
+def test_values_and_gradients_equal_torchs(n, kw, dtype, weight_gradient_form):
     ours, theirs = (TF.conv1d, F.conv1d) if n == 1 else (TF.conv2d, F.conv2d)
     x, w, b = _args(n, kw, dtype)
     out, ref = ours(x, w, b, **kw), theirs(x, w, b, **kw)
@@ -49,7 +61,7 @@ def test_values_and_gradients_equal_torchs(n, kw, dtype):
 
 @pytest.mark.parametrize("kw", [dict(stride=2, padding=1, groups=2), dict(padding="same", dilation=2)], ids=IDS[4:6])
 @pytest.mark.parametrize("n", [1, 2], ids=["conv1d", "conv2d"])
-def test_gradcheck_forward_ad_double_backward(n, kw):
+def test_gradcheck_forward_ad_double_backward(n, kw, weight_gradient_form):
     fn = TF.conv1d if n == 1 else TF.conv2d
     x, w, b = _args(n, kw, batch=2, kernel=2 if kw.get("padding") == "same" else 3)
     f = lambda x, w, b: fn(x, w, b, **kw)
@@ -72,7 +84,12 @@ def test_backward_uses_no_convolution_derivative_kernel():
         TF.conv2d(x, w, b, stride=2, padding=1).sum().backward()
     names = {e.name for e in prof.events()}
     assert not any("convolution_backward" in name for name in names), sorted(names)
-    assert any("im2col" in name or "unfold" in name for name in names)
+    assert "aten::bmm" in names, sorted(names)  # the weight gradient: each example's Δᵢᵀ Pᵢ
+    with torch.profiler.profile() as prof:  # an 8×8 kernel: the weight gradient as torch's forward convolution
+        TF.conv2d(x, torch.randn(6, 4, 8, 8, dtype=x.dtype), stride=2, padding=3).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert not any("convolution_backward" in name for name in names), sorted(names)
+    assert "aten::bmm" not in names and sum("convolution" in name for name in names) >= 1, sorted(names)
 
 
 @pytest.mark.parametrize(
@@ -125,7 +142,7 @@ def test_modules_are_torchs_with_torchderivs_backward(mode):
 # --- per-example norms, clipping and grad_sample -----------------------------------------------------------------
 
 
-def _cnn(mode="zeros"):
+def _cnn(mode="zeros", dtype=torch.float64):
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1, padding_mode=mode),
         nn.ReLU(),
@@ -133,16 +150,17 @@ def _cnn(mode="zeros"):
         nn.GELU(),
         nn.Flatten(),
         nn.Linear(6 * 3 * 3, 5),
-    ).double()
+    ).to(dtype)
 
 
 @pytest.mark.parametrize("grad_sample", [False, True], ids=["clipped", "grad_sample"])
 @pytest.mark.parametrize("mode", ["zeros", "reflect"])
-def test_per_sample_equals_one_backward_per_example(mode, grad_sample):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_per_sample_equals_one_backward_per_example(mode, grad_sample, dtype):
     torch.manual_seed(0)
-    ref = _cnn(mode)
+    ref = _cnn(mode, dtype)
     ours = torchderiv.convert(copy.deepcopy(ref))
-    x, y = torch.randn(7, 2, 8, 8, dtype=torch.float64), torch.randint(0, 5, (7,))
+    x, y = torch.randn(7, 2, 8, 8, dtype=dtype), torch.randint(0, 5, (7,))
     c = check_clipping_against_per_example_autograd(ours, ref, x, y, 0.5, grad_sample)
     assert (c < 1).any()  # the clipping bites
 

@@ -57,13 +57,38 @@ def test_module_and_convert():
     assert_close(ours(x), ref(x), rtol=0, atol=1e-14)
 
 
-def test_per_sample_equals_one_backward_per_example():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_per_sample_equals_one_backward_per_example(dtype):
     # GroupNorm in place of BatchNorm, as DP-SGD's CNNs use it: each example's γ, β gradients are its own
     torch.manual_seed(0)
     ref = nn.Sequential(
         nn.Conv2d(2, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 4)
-    ).double()
+    ).to(dtype)
     ours = torchderiv.convert(copy.deepcopy(ref))
-    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (5,))
+    x, y = torch.randn(5, 2, 6, 6, dtype=dtype), torch.randint(0, 4, (5,))
     c = check_clipping_against_per_example_autograd(ours, ref, x, y, 0.3, grad_sample=True)
     assert (c < 1).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_plain_backward_on_awkward_inputs(dtype):
+    # the plain backward (x̂ and its statistics from torch's forward kernel, sums per example and channel): inputs
+    # far from zero, non-contiguous, an expanded incoming gradient, an empty batch, no positions; against torch in
+    # float64
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    cases = [torch.randn(4, 6, 5, 3, dtype=dtype).transpose(2, 3) * 5 + 300, torch.randn(0, 6, 4, dtype=dtype)]
+    for x in cases:
+        x.requires_grad_()
+        w = torch.randn(6, dtype=dtype, requires_grad=True)
+        b = torch.randn(6, dtype=dtype, requires_grad=True)
+        g = torch.randn(x.shape[1:], dtype=dtype).expand(x.shape)
+        ours = torch.autograd.grad(TF.group_norm(x, 3, w, b), (x, w, b), g)
+        ref = torch.autograd.grad(F.group_norm(*(t.double() for t in (x,)), 3, w.double(), b.double()), (x, w, b), g)
+        for a, c in zip(ours, ref):
+            assert a.dtype == dtype
+            assert_close(a.double(), c.double(), **tol)
+    # no positions: each channel's sum over positions is empty, so ∂J/∂γ = ∂J/∂β = 0 (torch's kernel gives NaN for γ)
+    x = torch.randn(3, 6, 0, dtype=dtype, requires_grad=True)
+    w = torch.randn(6, dtype=dtype, requires_grad=True)
+    gx, gw = torch.autograd.grad(TF.group_norm(x, 3, w), (x, w), torch.randn(3, 6, 0, dtype=dtype))
+    assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(gw))

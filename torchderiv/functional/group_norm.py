@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import _per_sample
 from . import _torch_internals as internals
-from ._core import autocast_apply, compile_twin, shape_str
+from ._core import autocast_apply, compile_twin, may_overwrite, shape_str
 
 __all__ = ["GroupNormFunction", "group_norm"]
 
@@ -91,6 +91,19 @@ class GroupNormFunction(torch.autograd.Function):
         input, weight, bias = ctx.saved_tensors
         groups, eps = ctx.config
         needs = ctx.needs_input_grad
+        want_w = weight is not None and needs[1]
+        want_b = bias is not None and needs[2]
+        keep = None  # inside per_sample: the tracked (γ, β), whose per-example gradients go to the recorder
+        rec = _per_sample.current
+        if rec is not None and (want_w or want_b):
+            w_p, b_p = rec.pair(weight, bias, _per_sample.tracked_pair(ctx))
+            w_p, b_p = (w_p if want_w else None), (b_p if want_b else None)
+            if w_p is not None or b_p is not None:
+                keep = (rec, w_p, b_p)
+                want_w, want_b = want_w and w_p is None, want_b and b_p is None
+        if _plain_backward_applies(grad_output, input, weight, bias):
+            grads = _backward_plain(needs[0], want_w, want_b, grad_output, input, weight, groups, eps, keep)
+            return grads + (None, None)
         x_hat, rstd = _stats(input, groups, eps)
         delta = grad_output.to(x_hat.dtype)
         grad_input = grad_weight = grad_bias = None
@@ -99,15 +112,8 @@ class GroupNormFunction(torch.autograd.Function):
             xg = _grouped(x_hat, groups)
             inner = g - g.mean(-1, keepdim=True) - xg * (g * xg).mean(-1, keepdim=True)
             grad_input = (inner * rstd).reshape(input.shape).to(input.dtype)
-        want_w = weight is not None and needs[1]
-        want_b = bias is not None and needs[2]
-        rec = _per_sample.current
-        if rec is not None and (want_w or want_b):
-            w_p, b_p = rec.pair(weight, bias, _per_sample.tracked_pair(ctx))
-            w_p, b_p = (w_p if want_w else None), (b_p if want_b else None)
-            if w_p is not None or b_p is not None:
-                _keep_examples(rec, w_p, b_p, delta, x_hat)
-                want_w, want_b = want_w and w_p is None, want_b and b_p is None
+        if keep is not None:
+            _keep_examples(*keep, delta, x_hat)
         if want_w:
             grad_weight = _channel_sum(delta * x_hat).to(weight.dtype)
         if want_b:
@@ -137,16 +143,87 @@ class GroupNormFunction(torch.autograd.Function):
         return dy.to(input.dtype)
 
 
-def _keep_examples(rec, w, b, delta, x_hat) -> None:
+def _plain_backward_applies(grad_output, *tensors) -> bool:
+    """A plain backward (nothing differentiates it) on one float32 or float64 dtype, where torch's fused forward
+    kernel gives x̂ and its statistics exactly as :func:`_stats` would (lower precisions keep x̂ in float32)."""
+    dtypes = {t.dtype for t in (grad_output, *tensors) if t is not None}
+    return may_overwrite(grad_output) and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
+
+
+_CHUNK_FLOATS = 1 << 18  # the scratch of the sums Σ δ ⊙ x̂: 1 MiB of float32, reused a few examples at a time
+
+
+def _position_dots(delta: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """``Σ_positions δ ⊙ x̂`` per example and channel, ``(N, C, L) -> (N, C)``, through one small scratch buffer:
+    a product of the whole tensors would be a fresh buffer of x's size, whose pages cost more than the arithmetic
+    on CPU."""
+    n, c, length = delta.shape
+    out = delta.new_empty(n, c)
+    step = max(1, _CHUNK_FLOATS // max(1, c * length))
+    scratch = delta.new_empty(min(step, n), c, length)
+    for start in range(0, n, step):
+        part = scratch[: min(step, n - start)]
+        torch.mul(delta[start : start + step], x_hat[start : start + step], out=part)
+        torch.sum(part, -1, out=out[start : start + step])
+    return out
+
+
+def _backward_plain(want_x, want_w, want_b, grad_output, input, weight, groups, eps, keep):
+    """The backward's formulas (docs/derivation.md § normalisation layers) in a plain backward, arranged to pass over
+    x few times: torch's forward kernel gives ``x̂``, ``μ`` and ``1/r`` in one pass and a fresh buffer, which becomes
+    ``∂J/∂x``. With per example and channel ``s_c = Σ_pos δ`` and ``p_c = Σ_pos δ ⊙ x̂`` (each example's own
+    ``∂J/∂β`` and ``∂J/∂γ``), the group means ``mean(g) = Σ_{c∈group} γ_c s_c / m`` and
+    ``mean(g ⊙ x̂) = Σ_{c∈group} γ_c p_c / m``, and
+    ``∂J/∂x = δ ⊙ (γ_c / r) − x̂ ⊙ mean(g ⊙ x̂) / r − mean(g) / r``."""
+    n, c = input.shape[:2]
+    length = math.prod(input.shape[2:])
+    per = c // groups
+    x_hat, _, rstd = torch.native_group_norm(input.contiguous(), None, None, n, c, length, groups, eps)
+    delta = _positions(grad_output)  # (N, C, L)
+    hat = _positions(x_hat)
+    s = delta.sum(-1)  # (N, C)
+    p = _position_dots(delta, hat) if (want_x or want_w or (keep is not None and keep[1] is not None)) else None
+    if keep is not None:
+        _keep_examples(*keep, grad_output, x_hat, sums=(p, s))
+    grad_input = grad_weight = grad_bias = None
+    if want_x:
+        gamma = None if weight is None else weight.reshape(1, groups, per)
+        r_inv = rstd.reshape(n, groups, 1)  # 1/r per example and group
+
+        def group_mean(t):  # Σ_{c ∈ group} γ_c t_c / m, (N, C) -> (N, G, 1)
+            t = t.reshape(n, groups, per)
+            return (t if gamma is None else t * gamma).sum(-1, keepdim=True).div_(per * length)
+
+        scale = r_inv.expand(n, groups, per) if gamma is None else r_inv * gamma  # γ_c / r, (N, G, C/G)
+        grouped = hat.reshape(n, groups, per * length)
+        grouped.mul_(group_mean(p).mul_(r_inv).neg_()).sub_(group_mean(s).mul_(r_inv))
+        grouped.view(n, groups, per, length).addcmul_(delta.reshape(n, groups, per, length), scale.unsqueeze(-1))
+        grad_input = x_hat
+    if want_w:
+        grad_weight = p.sum(0)
+    if want_b:
+        grad_bias = s.sum(0)
+    return grad_input, grad_weight, grad_bias
+
+
+def _positions(t: torch.Tensor) -> torch.Tensor:
+    """``(N, C, *) -> (N, C, L)`` (the sizes given: a -1 is ambiguous for an empty batch)."""
+    return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
+
+
+def _keep_examples(rec, w, b, delta, x_hat, sums=None) -> None:
     """Hand each example's ``∂J/∂γ = Σ_positions δᵢ ⊙ x̂ᵢ`` and ``∂J/∂β = Σ_positions δᵢ`` (C numbers each) to the
-    per_sample recorder."""
+    per_sample recorder; ``sums``: those two ``(N, C)`` sums when the caller has made them already."""
 
     def build(dim):
-        dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
-        lead = delta.reshape(delta.shape[0], delta.shape[1], math.prod(delta.shape[2:]))  # (N, C, positions)
-        gw = None if w is None else (lead * x_hat.reshape(lead.shape)).sum(-1, dtype=dtype)
-        gb = None if b is None else lead.sum(-1, dtype=dtype)
-        return _per_sample.ExampleRule((w, b), (gw, gb))
+        if sums is not None:
+            gw, gb = sums
+        else:
+            dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
+            lead = _positions(delta)
+            gw = None if w is None else (lead * _positions(x_hat)).sum(-1, dtype=dtype)
+            gb = None if b is None else lead.sum(-1, dtype=dtype)
+        return _per_sample.ExampleRule((w, b), (gw if w is not None else None, gb if b is not None else None))
 
     rec.keep((w, b), delta, x_hat, build)  # x̂ has the input's shape, (N, C, *): the examples along dim 0
 
