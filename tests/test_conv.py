@@ -38,8 +38,9 @@ CONV = importlib.import_module("torchderiv.functional.conv")
 
 @pytest.fixture(params=["patches", "convolution"])
 def weight_gradient_form(request, monkeypatch):
-    """Both forms of ∂J/∂W = Σ Δᵀ P: the GEMM over patches (small kernels) and the correlation of H with Δ as torch's
-    forward convolution (kernels of many taps), each forced for every kernel."""
+    """Both forms of ∂J/∂W = Σ Δᵀ P (and, inside per_sample, of each example's Δᵢᵀ Pᵢ): the GEMMs over patches (small
+    kernels) and the correlation of H with Δ as torch's forward convolution (kernels of many taps), each forced for
+    every kernel."""
     monkeypatch.setattr(CONV, "_CONVOLUTION_TAPS", 1 if request.param == "convolution" else 10**9)
     return request.param
 
@@ -156,7 +157,7 @@ def _cnn(mode="zeros", dtype=torch.float64):
 @pytest.mark.parametrize("grad_sample", [False, True], ids=["clipped", "grad_sample"])
 @pytest.mark.parametrize("mode", ["zeros", "reflect"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_per_sample_equals_one_backward_per_example(mode, grad_sample, dtype):
+def test_per_sample_equals_one_backward_per_example(mode, grad_sample, dtype, weight_gradient_form):
     torch.manual_seed(0)
     ref = _cnn(mode, dtype)
     ours = torchderiv.convert(copy.deepcopy(ref))
@@ -165,9 +166,9 @@ def test_per_sample_equals_one_backward_per_example(mode, grad_sample, dtype):
     assert (c < 1).any()  # the clipping bites
 
 
-def test_per_sample_with_the_gram_form_makes_the_patches_again():
+def test_per_sample_with_the_gram_form_makes_the_patches_again(weight_gradient_form):
     # a layer with few output positions and many weights takes the Gram form: its patches are not held to the end
-    # of the pass but made again from the input then (the same clipped gradient)
+    # of the pass but made again from the input then, a few examples at a time (the same clipped gradient)
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Conv2d(8, 32, 3, stride=3), nn.Flatten(), nn.Linear(32 * 16, 3)).double()
     ours = torchderiv.convert(copy.deepcopy(ref))
@@ -179,7 +180,7 @@ def test_per_sample_with_the_gram_form_makes_the_patches_again():
 
     def spy(self, *args, **kwargs):
         rule = keep(self, *args, **kwargs)
-        held.append(rule)
+        held.append((rule.product, rule.input))  # what the rule holds until the end of the pass
         return rule
 
     _per_sample.Recorder.dense_rule = spy
@@ -188,7 +189,8 @@ def test_per_sample_with_the_gram_form_makes_the_patches_again():
             F.cross_entropy(ours(x), y, reduction="sum").backward()
     finally:
         _per_sample.Recorder.dense_rule = keep
-    assert held and held[0].product is None and held[0].input is None  # Gram form, patches to be made again
+    # the Gram form, holding no product and no patches: they are made again from the input at the end
+    assert held and held[0][0] is None and isinstance(held[0][1], _per_sample.MadeRows)
     per = [
         torch.autograd.grad(F.cross_entropy(ref(x[i : i + 1]), y[i : i + 1], reduction="sum"), list(ref.parameters()))
         for i in range(5)

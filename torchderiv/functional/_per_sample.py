@@ -302,7 +302,8 @@ class Recorder:
         """One layer's share of ``‖gᵢ‖²`` (now, or its product's at :meth:`_settle`), and what its clipped gradient
         will need at the end; ``dim``: the examples' dim in ``delta`` and ``input``."""
         dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32  # fp32 norms under autocast
-        d, h = by_sample(delta, dim), by_sample(input, dim)  # (B, T, n_out), (B, T, n_in)
+        d = by_sample(delta, dim)  # (B, T, n_out)
+        h = input if isinstance(input, MadeRows) else by_sample(input, dim)  # (B, T, n_in)
         t, n_out, n_in = d.shape[1], d.shape[2], h.shape[2]
         layer = DenseRule(w, b, dim)
         sq = torch.zeros(d.shape[0], dtype=dtype, device=d.device)
@@ -311,7 +312,7 @@ class Recorder:
             # Keep Δᵢᵀ Hᵢ itself (then Δ and H may go, and the clipped gradient is Σᵢ cᵢ (Δᵢᵀ Hᵢ): the batched GEMM
             # replaces the deferred one, the fastest form) when it is no larger than the factors the deferred GEMM
             # would hold, Δ and H. Sequence layers only: with T = 1 it is B× the weight.
-            remake = _remake(input)
+            remake = None if isinstance(input, MadeRows) else _remake(input)
             if self.grad_sample or (t > 1 and n_in * n_out <= t * (n_in + n_out)):
                 if remake is None:
                     _product(layer, d, h, sq)
@@ -329,6 +330,7 @@ class Recorder:
                 else:
                     layer.input = input
                 if t == 1:  # ‖δᵢ‖² ‖hᵢ‖²
+                    h = h[0 : h.shape[0]] if isinstance(h, MadeRows) else h  # one row an example: made whole
                     delta_sq = torch.linalg.vector_norm(d, dim=(1, 2), dtype=dtype).square()
                     sq += delta_sq * torch.linalg.vector_norm(h, dim=(1, 2), dtype=dtype).square()
                 else:
@@ -623,6 +625,23 @@ class DenseRule(Rule):
         return self.product, self.bias_rows
 
 
+class MadeRows:
+    """A dense layer's input ``(B, T, n_in)`` (examples along dim 0) that is not held but made a few examples at a
+    time where it is needed: a convolution's patches, ``C_in·k`` numbers at each of T positions, several times the
+    size of the input they come from. ``make(start, stop)`` gives examples ``start … stop − 1``'s rows; indexing
+    with a slice of examples makes them. The layer may also give its own ways to the two products the rule needs,
+    where they cost less than the rows: ``products(d)`` each example's ``Δᵢᵀ Hᵢ`` ``(B, n_out, n_in)`` and
+    ``gemm(d)`` the sum ``Σᵢ Δᵢᵀ Hᵢ`` (its ordinary weight gradient), for ``d`` of shape ``(B, T, n_out)``."""
+
+    def __init__(self, shape, make, dtype, products=None, gemm=None):
+        self.shape, self.make, self.dtype = tuple(shape), make, dtype
+        self.products, self.gemm = products, gemm
+        self.step = max(1, _GRAM_FLOATS * 8 // max(1, self.shape[1] * self.shape[2]))  # ~4 MiB of float32 a part
+
+    def __getitem__(self, examples: slice) -> torch.Tensor:
+        return self.make(examples.start, min(examples.stop, self.shape[0]))
+
+
 def _product(layer: DenseRule, d: torch.Tensor, h: torch.Tensor, sq: torch.Tensor) -> None:
     """``layer.product = Δᵢᵀ Hᵢ`` for every example i, ``(B, n_out, n_in)`` in ``sq``'s dtype, each one's squared
     norm added to ``sq``. ``d: (B, T, n_out)``, ``h: (B, T, n_in)``."""
@@ -630,8 +649,14 @@ def _product(layer: DenseRule, d: torch.Tensor, h: torch.Tensor, sq: torch.Tenso
     # buffer kept, each slice's norm taken at once: in one call, bmm's copy of its transposed operand and the
     # squares came on top of the product
     dtype = sq.dtype
+    if isinstance(h, MadeRows) and h.products is not None:
+        layer.product = h.products(d.to(dtype)).to(dtype)
+        sq += torch.linalg.vector_norm(layer.product.flatten(1), dim=1).square()
+        return
     layer.product = d.new_empty(d.shape[0], d.shape[2], h.shape[2], dtype=dtype)
     step = max(1, _GRAM_FLOATS * 2 // (d.shape[1] * d.shape[2]))  # the copy of Δ's slice: ~1 MiB (fp32)
+    if isinstance(h, MadeRows):
+        step = min(step, h.step)
     for i in range(0, d.shape[0], step):
         part = layer.product[i : i + step]
         torch.bmm(d[i : i + step].to(dtype).mT, h[i : i + step].to(dtype), out=part)
@@ -650,6 +675,19 @@ def _deferred_gemm(layer: DenseRule, c: torch.Tensor | None) -> torch.Tensor:
     """``(c ⊙ Δ)ᵀ H`` (``Δᵀ H`` when ``c`` is None) from what ``layer`` holds. A function of its own so that
     its temporaries, and its references to Δ and H, are gone when it returns (finish frees layer by layer)."""
     delta, h = layer.delta, _input_of(layer)
+    if isinstance(h, MadeRows) and h.gemm is not None:  # the layer's own weight gradient of c ⊙ Δ
+        return h.gemm(delta if c is None else delta * _by_row(c, delta, layer.dim))
+    if isinstance(h, MadeRows):
+        # a few examples' rows at a time, each part a fresh tensor of ours (scaled where it lies): Σ_parts of
+        # each example's Δᵢᵀ (cᵢ Hᵢ), one batched GEMM a part on Δ's transposed view (no copy of it)
+        d, total = by_sample(delta, 0), None
+        for i in range(0, d.shape[0], h.step):
+            part = h[i : i + h.step]
+            if c is not None:
+                part.mul_(c[i : i + h.step].to(part.dtype).reshape(-1, 1, 1))
+            term = torch.bmm(d[i : i + h.step].mT, part).sum(0)
+            total = term if total is None else total.add_(term)
+        return total if total is not None else delta.new_zeros(d.shape[2], h.shape[2])
     if c is not None:
         if layer.remake is not None:
             # (c ⊙ Δ)ᵀ H = Δᵀ (c ⊙ H), and the H just made is a fresh tensor of ours (the activations' values

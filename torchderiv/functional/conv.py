@@ -98,7 +98,7 @@ def _weight_gradient(delta, x, w, stride, padding, dilation, groups) -> torch.Te
     return (parts[0] if groups == 1 else torch.cat(parts)).reshape(w.shape)
 
 
-def _weight_gradient_as_convolution(delta, x, w, stride, padding, dilation, groups) -> torch.Tensor:
+def _weight_gradient_as_convolution(delta, x, kernel, stride, padding, dilation, groups) -> torch.Tensor:
     """``Σ Δᵀ P`` read as the correlation it is: ``∂J/∂W[o, c, i, j] = Σ_{n, p, q} Δ[n, o, p, q] H[n, c, p·s + i·d,
     q·s + j·d]``, torch's forward convolution of H (channels as the batch, the examples of each group as its
     channels) with Δ (examples as channels) for kernel, at stride d and dilation s, cut to the kernel's size."""
@@ -108,9 +108,23 @@ def _weight_gradient_as_convolution(delta, x, w, stride, padding, dilation, grou
     grouped = x.reshape(n, groups, per_in, *spatial)
     xt = grouped.permute(2, 1, 0, *range(3, grouped.dim())).reshape(per_in, groups * n, *spatial)
     out = _conv(xt, delta.transpose(0, 1), None, dilation, padding, stride, groups)  # (C_in/g, C_out, ≥ kernel)
-    for dim, k in enumerate(w.shape[2:], start=2):
+    for dim, k in enumerate(kernel, start=2):
         out = out.narrow(dim, 0, k)
     return out.transpose(0, 1)
+
+
+def _per_example_weight_gradients(delta, x, kernel, stride, padding, dilation) -> torch.Tensor:
+    """Each example's ``Δᵢᵀ Pᵢ`` of a one-group convolution, ``(N, C_out, C_in · k)``: the correlation of
+    :func:`_weight_gradient_as_convolution` done for every example at once as one grouped convolution (group i:
+    example i's channels of H against example i's Δ)."""
+    n, channels = x.shape[:2]
+    c_out = delta.shape[1]
+    xt = x.transpose(0, 1)  # (C_in, N, *spatial): example i is channel i
+    kernels = delta.reshape(n * c_out, 1, *delta.shape[2:])
+    out = _conv(xt, kernels, None, dilation, padding, stride, n)  # (C_in, N · C_out, ≥ kernel)
+    for dim, k in enumerate(kernel, start=2):
+        out = out.narrow(dim, 0, k)
+    return out.reshape(channels, n, c_out, -1).permute(1, 2, 0, 3).reshape(n, c_out, -1)
 
 
 def conv_backward(needs, delta, x, w, b, stride, padding, dilation, groups):
@@ -130,7 +144,7 @@ def conv_backward(needs, delta, x, w, b, stride, padding, dilation, groups):
         grad_input = transpose(delta, w, None, stride, padding, extra, groups, dilation)
     taps = math.prod(w.shape[2:])
     if needs[1] and taps >= _CONVOLUTION_TAPS and x.shape[0]:
-        grad_weight = _weight_gradient_as_convolution(delta, x, w, stride, padding, dilation, groups)
+        grad_weight = _weight_gradient_as_convolution(delta, x, w.shape[2:], stride, padding, dilation, groups)
     elif needs[1]:
         # ∂J/∂W = Σ Δᵀ P, a few examples at a time: their patches, C_in·k numbers for each of L positions, would
         # otherwise be made for the whole batch at once (hundreds of MB for a batch of 32×32 images)
@@ -197,8 +211,8 @@ class ConvFunction(torch.autograd.Function):
 
 def _keep_examples(rec, ctx, needs, delta, x, w, b):
     """Hand each example's ``(Σ_l Δᵢₗᵀ Pᵢₗ, Σ_l δᵢₗ)`` to the per_sample recorder as dense rules over the patches, one
-    per group; the patches are made again from ``H`` at the end of the pass if the rule waits for them. Returns
-    ``needs`` without the GEMMs the recorder now does."""
+    per group, the patches made from ``H`` a few examples at a time where the rule needs them. Returns ``needs``
+    without the GEMMs the recorder now does."""
     w_p, b_p = rec.pair(w, b, _per_sample.tracked_pair(ctx))
     w_p = w_p if needs[1] else None
     b_p = b_p if b is not None and needs[2] else None
@@ -210,15 +224,40 @@ def _keep_examples(rec, ctx, needs, delta, x, w, b):
     def build(dim):
         d = _positions(delta).transpose(1, 2)  # (N, L, C_out)
         per_out, per_in = w.shape[0] // groups, w.shape[1]
+        shape = (x.shape[0], d.shape[1], per_in * math.prod(kernel))
         blocks = []
+        out = delta.shape[2:]
+        config = (kernel, stride, padding, dilation)
         for j in range(groups):
             xj = _group(x, 1, j, per_in, groups)
-            rows = patches(xj, kernel, stride, padding, dilation)
-            block = rec.dense_rule(w_p, b_p, _group(d, 2, j, per_out, groups), rows)
-            if block.input is rows:  # the Gram form waits for the end: make the patches again then
-                block.input = None
-                block.remake = (xj, lambda t: patches(t, kernel, stride, padding, dilation))
-            blocks.append(block)
+            # the patches are made a few examples at a time wherever the rule needs them, never for the whole batch;
+            # kernels of many taps take both products as torch's forward convolution instead (each group's block is
+            # a convolution of one group)
+            by_convolution = math.prod(kernel) >= _CONVOLUTION_TAPS and x.shape[0] > 0
+
+            def as_delta(dj):  # (N, L, C_out/g) -> (N, C_out/g, *out)
+                return dj.mT.reshape(dj.shape[0], dj.shape[2], *out)
+
+            rows = _per_sample.MadeRows(
+                shape,
+                lambda start, stop, xj=xj: patches(xj[start:stop], kernel, stride, padding, dilation),
+                x.dtype,
+                products=(
+                    (lambda dj, xj=xj: _per_example_weight_gradients(as_delta(dj), xj.to(dj.dtype), *config))
+                    if by_convolution
+                    else None
+                ),
+                gemm=(
+                    (
+                        lambda dj, xj=xj: _weight_gradient_as_convolution(
+                            as_delta(dj), xj.to(dj.dtype), *config, 1
+                        ).reshape(dj.shape[2], -1)
+                    )
+                    if by_convolution
+                    else None
+                ),
+            )
+            blocks.append(rec.dense_rule(w_p, b_p, _group(d, 2, j, per_out, groups), rows))
         inner = blocks[0] if groups == 1 else _per_sample.BlockRule((w_p, b_p), blocks)
         return _per_sample.ShapedRule(inner, (w_p, b_p))
 
