@@ -40,17 +40,21 @@ def test_overhead_floor_cpp_body_builds_and_matches_autograd():
 def test_benchmark_quick_writes_its_tables(tmp_path):
     _run(["benchmark.py", "--quick", "--no-lce", "--rounds", "7", "--inner", "1", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
-    assert [(r["net"], r["activation"]) for r in rows] == [
+    assert [(r["net"], r.get("activation")) for r in rows] == [
         ("large", "relu"),
         ("large", "gelu"),
         ("small", "relu"),
         ("small", "gelu"),
+        ("cnn", None),
     ]
-    by = {(r["net"], r["activation"]): r for r in rows}
+    by = {(r["net"], r.get("activation")): r for r in rows}
     # Saved bytes are deterministic: relu keeps what autograd keeps, gelu only Z per layer.
     assert by["large", "relu"]["saved_ratio"] <= 1.0
     assert by["large", "gelu"]["saved_ratio"] < 0.6
-    assert "| large 1024-2048-2048-10 ×512 | gelu |" in (tmp_path / "benchmark.md").read_text()
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "| large 1024-2048-2048-10 ×512 | gelu |" in table
+    # the CNN's plain step: what autograd saves, no more (the convolutions and ReLUs keep their inputs or outputs)
+    assert "| Opacus's MNIST CNN, 1×28×28 ×256 |" in table and by["cnn", None]["saved_ratio"] <= 1.0
 
 
 def test_ratio_stats_interval_brackets_the_median():

@@ -311,9 +311,11 @@ class Recorder:
         if w is not None:
             # Keep Δᵢᵀ Hᵢ itself (then Δ and H may go, and the clipped gradient is Σᵢ cᵢ (Δᵢᵀ Hᵢ): the batched GEMM
             # replaces the deferred one, the fastest form) when it is no larger than the factors the deferred GEMM
-            # would hold, Δ and H. Sequence layers only: with T = 1 it is B× the weight.
+            # would hold, Δ and H (for rows made again, what they are made from). Sequence layers only: with T = 1 it
+            # is B× the weight.
             remake = None if isinstance(input, MadeRows) else _remake(input)
-            if self.grad_sample or (t > 1 and n_in * n_out <= t * (n_in + n_out)):
+            held = h.held if isinstance(h, MadeRows) else t * n_in  # floats an example of H, or of its source
+            if self.grad_sample or (t > 1 and n_in * n_out <= t * n_out + held):
                 if remake is None:
                     _product(layer, d, h, sq)
                 else:
@@ -629,12 +631,12 @@ class MadeRows:
     """A dense layer's input ``(B, T, n_in)`` (examples along dim 0) that is not held but made a few examples at a
     time where it is needed: a convolution's patches, ``C_in·k`` numbers at each of T positions, several times the
     size of the input they come from. ``make(start, stop)`` gives examples ``start … stop − 1``'s rows; indexing
-    with a slice of examples makes them. The layer may also give its own ways to the two products the rule needs,
+    with a slice of examples makes them; ``held``: the numbers an example of the source holds. The layer may also give its own ways to the two products the rule needs,
     where they cost less than the rows: ``products(d)`` each example's ``Δᵢᵀ Hᵢ`` ``(B, n_out, n_in)`` and
     ``gemm(d)`` the sum ``Σᵢ Δᵢᵀ Hᵢ`` (its ordinary weight gradient), for ``d`` of shape ``(B, T, n_out)``."""
 
-    def __init__(self, shape, make, dtype, products=None, gemm=None):
-        self.shape, self.make, self.dtype = tuple(shape), make, dtype
+    def __init__(self, shape, make, dtype, held, products=None, gemm=None):
+        self.shape, self.make, self.dtype, self.held = tuple(shape), make, dtype, held
         self.products, self.gemm = products, gemm
         self.step = max(1, _GRAM_FLOATS * 8 // max(1, self.shape[1] * self.shape[2]))  # ~4 MiB of float32 a part
 

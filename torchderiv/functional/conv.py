@@ -242,6 +242,7 @@ def _keep_examples(rec, ctx, needs, delta, x, w, b):
                 shape,
                 lambda start, stop, xj=xj: patches(xj[start:stop], kernel, stride, padding, dilation),
                 x.dtype,
+                math.prod(xj.shape[1:]),
                 products=(
                     (lambda dj, xj=xj: _per_example_weight_gradients(as_delta(dj), xj.to(dj.dtype), *config))
                     if by_convolution
