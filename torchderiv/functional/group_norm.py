@@ -144,10 +144,12 @@ class GroupNormFunction(torch.autograd.Function):
 
 
 def _plain_backward_applies(grad_output, *tensors) -> bool:
-    """A plain backward (nothing differentiates it) on one float32 or float64 dtype, where torch's fused forward
-    kernel gives x̂ and its statistics exactly as :func:`_stats` would (lower precisions keep x̂ in float32)."""
+    """A plain backward (nothing differentiates it) on one float32 or float64 dtype and a non-empty input, where
+    torch's fused forward kernel gives x̂ and its statistics exactly as :func:`_stats` would (lower precisions keep x̂
+    in float32)."""
     dtypes = {t.dtype for t in (grad_output, *tensors) if t is not None}
-    return may_overwrite(grad_output) and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
+    plain = may_overwrite(grad_output) and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
+    return plain and tensors[0].numel() > 0  # torch 2.14's kernel refuses an empty batch or no positions
 
 
 _CHUNK_FLOATS = 1 << 20  # the scratch of the sums Σ δ ⊙ x̂: 4 MiB of float32, reused a few examples at a time
