@@ -259,7 +259,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     if cnn:
         lines += [
             "",
-            "| CNN (converted; plain step) | torchderiv ms | autograd ms | time vs autograd | saved bytes vs autograd |",
+            "| CNN (converted; plain step) | torchderiv ms | autograd ms | time vs autograd "
+            "| saved bytes vs autograd |",
             "|---|---|---|---|---|",
         ]
         for r in cnn:

@@ -631,9 +631,10 @@ class MadeRows:
     """A dense layer's input ``(B, T, n_in)`` (examples along dim 0) that is not held but made a few examples at a
     time where it is needed: a convolution's patches, ``C_in·k`` numbers at each of T positions, several times the
     size of the input they come from. ``make(start, stop)`` gives examples ``start … stop − 1``'s rows; indexing
-    with a slice of examples makes them; ``held``: the numbers an example of the source holds. The layer may also give its own ways to the two products the rule needs,
-    where they cost less than the rows: ``products(d)`` each example's ``Δᵢᵀ Hᵢ`` ``(B, n_out, n_in)`` and
-    ``gemm(d)`` the sum ``Σᵢ Δᵢᵀ Hᵢ`` (its ordinary weight gradient), for ``d`` of shape ``(B, T, n_out)``."""
+    with a slice of examples makes them; ``held``: the numbers an example of the source holds. The layer may also
+    give its own ways to the two products the rule needs, where they cost less than the rows: ``products(d)`` each
+    example's ``Δᵢᵀ Hᵢ`` ``(B, n_out, n_in)`` and ``gemm(d)`` the sum ``Σᵢ Δᵢᵀ Hᵢ`` (its ordinary weight
+    gradient), for ``d`` of shape ``(B, T, n_out)``."""
 
     def __init__(self, shape, make, dtype, held, products=None, gemm=None):
         self.shape, self.make, self.dtype, self.held = tuple(shape), make, dtype, held
