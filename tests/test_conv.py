@@ -221,3 +221,23 @@ def test_weight_gradient_in_chunks_of_examples(monkeypatch):
     for a, c in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
         assert_close(a, c, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradgradcheck(lambda w: TF.conv2d(x.detach(), w, None, groups=2), (w,))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "every_other_channel"])
+def test_gradients_of_non_contiguous_inputs(layout, weight_gradient_form):
+    # the patches are read through a strided view of the input: its own strides, whatever its layout
+    torch.manual_seed(0)
+    if layout == "channels_last":
+        x = torch.randn(5, 4, 9, 11, dtype=torch.float64).to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = torch.randn(5, 4, 11, 9, dtype=torch.float64).transpose(2, 3)
+    else:
+        x = torch.randn(5, 8, 9, 11, dtype=torch.float64)[:, ::2]
+    x.requires_grad_()
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    for kw in (dict(stride=2, padding=1), dict(dilation=2)):
+        g = torch.randn_like(F.conv2d(x, w, **kw))
+        for a, c in zip(
+            torch.autograd.grad(TF.conv2d(x, w, **kw), (x, w), g), torch.autograd.grad(F.conv2d(x, w, **kw), (x, w), g)
+        ):
+            assert_close(a, c, rtol=1e-12, atol=1e-12)

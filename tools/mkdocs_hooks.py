@@ -33,5 +33,7 @@ def _mathml(match: re.Match) -> str:
 def on_page_content(content, page, config, files):
     content = _MATH.sub(_mathml, content)
     if 'class="arithmatex"' in content:  # math the pattern above did not take would be shown as raw LaTeX
-        raise ValueError(f"{page.file.src_path}: math left unconverted near {content[content.index('arithmatex'):][:80]!r}")
+        raise ValueError(
+            f"{page.file.src_path}: math left unconverted near {content[content.index('arithmatex') :][:80]!r}"
+        )
     return content
