@@ -282,16 +282,20 @@ def _layer_input(maker, shape):
     ],
 )
 @pytest.mark.parametrize("chunk_floats", [None, 1], ids=["one-piece", "one-example-a-time"])
-def test_each_norm_path_equals_the_explicit_product(t, n_in, n_out, maker, path, chunk_floats, monkeypatch):
+@pytest.mark.parametrize("max_norm", [1.0, None], ids=["clipping", "norms-only"])
+def test_each_norm_path_equals_the_explicit_product(t, n_in, n_out, maker, path, chunk_floats, max_norm, monkeypatch):
+    # with clipping the products are kept for Σᵢ cᵢ gᵢ; for norms alone only their sum is (made part by part)
     if chunk_floats is not None:  # the bounded-temporary loops, one example per piece
         monkeypatch.setattr(_per_sample, "_GRAM_FLOATS", chunk_floats)
-    rec = _per_sample.Recorder({}, None, False, "sum")
+    rec = _per_sample.Recorder({}, max_norm, False, "sum")
+    kept = path in ("product", "later") and max_norm is not None
     w, b = torch.zeros(n_out, n_in, dtype=torch.float64), torch.zeros(n_out, dtype=torch.float64)
     d = torch.randn(B, t, n_out, dtype=torch.float64)
     h = _layer_input(maker, (B, n_in) if t == 1 else (B, t, n_in))
     with torch.no_grad():  # as inside a backward
         layer = rec._factors(w, b, d.squeeze(1) if t == 1 else d, h)
-    assert (layer.product is not None) == (path == "product")
+    assert (layer.product is not None) == (path == "product" and kept)
+    assert (layer.summed is not None) == (path == "product" and not kept)
     assert (layer.delta is None) == (path == "product")
     assert layer.waiting == (path == "later")
     if path != "product":  # what the layer holds: H, or the gelu's input Z to make H again (bit for bit)
@@ -304,10 +308,16 @@ def test_each_norm_path_equals_the_explicit_product(t, n_in, n_out, maker, path,
         assert_close(layer.sq, bias_sq, rtol=1e-12, atol=1e-12)
         with torch.no_grad():
             rec._settle([layer])
-        assert layer.product is not None and layer.delta is None and layer.input is None and layer.remake is None
+        assert (layer.product is not None) == kept and (layer.summed is not None) == (not kept)
+        assert layer.delta is None and layer.input is None and layer.remake is None
     assert_close(layer.sq, g.flatten(1).square().sum(1) + bias_sq, rtol=1e-12, atol=1e-12)
     if layer.product is not None:
         assert_close(layer.product, g, rtol=1e-12, atol=1e-12)
+    if layer.summed is not None:
+        assert_close(layer.summed, g.sum(0), rtol=1e-12, atol=1e-12)
+    gw, gb = layer.clipped(None)  # the unclipped gradient, from whichever the layer holds
+    assert_close(gw, g.sum(0), rtol=1e-12, atol=1e-12)
+    assert_close(gb, d.sum((0, 1)), rtol=1e-12, atol=1e-12)
 
 
 def test_product_made_at_the_end_of_the_pass(monkeypatch):

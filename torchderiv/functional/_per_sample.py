@@ -306,6 +306,7 @@ class Recorder:
         h = input if isinstance(input, MadeRows) else by_sample(input, dim)  # (B, T, n_in)
         t, n_out, n_in = d.shape[1], d.shape[2], h.shape[2]
         layer = DenseRule(w, b, dim)
+        layer.sum_only = self.max_norm is None and not self.grad_sample and not self.clipped_sum
         sq = torch.zeros(d.shape[0], dtype=dtype, device=d.device)
         delta_sq = None
         if w is not None:
@@ -597,6 +598,9 @@ class DenseRule(Rule):
         self.dim = dim  # the examples' dim in delta and input
         self.delta = self.input = self.remake = self.product = self.bias_rows = None
         self.waiting = False  # the product waits for the backward of H's maker
+        # no clipping and no grad_sample: the products are summed as they are made (each part while it is in cache)
+        # and not kept, Σᵢ Δᵢᵀ Hᵢ being all the end of the pass asks of them
+        self.sum_only, self.summed = False, None
 
     def settle(self) -> None:
         """Make the product that waited for its input's maker's backward, letting Δ and H (or Z) go."""
@@ -610,7 +614,9 @@ class DenseRule(Rule):
         w, b = self.params
         gw = gb = None
         if w is not None:
-            if self.product is not None:
+            if self.summed is not None:  # c is None: nothing to weigh
+                gw, self.summed = self.summed, None
+            elif self.product is not None:
                 gw = (
                     self.product.sum(0)
                     if c is None
@@ -653,17 +659,27 @@ def _product(layer: DenseRule, d: torch.Tensor, h: torch.Tensor, sq: torch.Tenso
     # squares came on top of the product
     dtype = sq.dtype
     if isinstance(h, MadeRows) and h.products is not None:
-        layer.product = h.products(d.to(dtype)).to(dtype)
-        sq += torch.linalg.vector_norm(layer.product.flatten(1), dim=1).square()
+        product = h.products(d.to(dtype)).to(dtype)
+        sq += torch.linalg.vector_norm(product.flatten(1), dim=1).square()
+        if layer.sum_only:
+            layer.summed = product.sum(0)
+        else:
+            layer.product = product
         return
-    layer.product = d.new_empty(d.shape[0], d.shape[2], h.shape[2], dtype=dtype)
     step = max(1, _GRAM_FLOATS * 2 // (d.shape[1] * d.shape[2]))  # the copy of Δ's slice: ~1 MiB (fp32)
     if isinstance(h, MadeRows):
         step = min(step, h.step)
+    if layer.sum_only:  # one part's buffer, reused
+        buffer = d.new_empty(min(step, d.shape[0]), d.shape[2], h.shape[2], dtype=dtype)
+        layer.summed = d.new_zeros(d.shape[2], h.shape[2], dtype=dtype)
+    else:
+        buffer = layer.product = d.new_empty(d.shape[0], d.shape[2], h.shape[2], dtype=dtype)
     for i in range(0, d.shape[0], step):
-        part = layer.product[i : i + step]
+        part = buffer[: min(step, d.shape[0] - i)] if layer.sum_only else buffer[i : i + step]
         torch.bmm(d[i : i + step].to(dtype).mT, h[i : i + step].to(dtype), out=part)
         sq[i : i + step] += torch.linalg.vector_norm(part.flatten(1), dim=1).square()
+        if layer.sum_only:
+            layer.summed += part.sum(0)
 
 
 def _input_of(layer: DenseRule) -> torch.Tensor:
