@@ -17,8 +17,9 @@ smaller.
 * 3-GEMM limit: per layer the forward GEMM, the weight-gradient GEMM and the input-gradient GEMM (none
   for the first layer), the same shapes and transposes, no elementwise work.
 * saved bytes: unique storages saved for backward (``saved_tensors_hooks``), parameters excluded.
-* CNNs (``--only-cnn`` for them alone): dp_benchmark's two CNN cases converted by ``torchderiv.convert``, their plain
-  step (forward + cross-entropy + backward) against the same torch modules under autograd.
+* models (``--only-models`` for them alone): dp_benchmark's transformer and two CNNs converted by
+  ``torchderiv.convert``, their plain step (forward + cross-entropy + backward) against the same torch modules under
+  autograd.
 
 Writes experiments/out/benchmark.json and benchmark.md (the table the README carries).
 """
@@ -189,21 +190,21 @@ def bench_mlp(net: str, activation: str, args, device, dtype, compiled: bool = F
     return row
 
 
-def bench_cnn(case: str, args, device, dtype) -> dict:
-    """A CNN's plain training step (forward + backward, no optimizer) against torch autograd's on the same weights:
-    ``dp_benchmark``'s CNN cases (Opacus's MNIST CNN; 3×32×32 with four convolutions and GroupNorm), converted."""
+def bench_model(case: str, args, device, dtype) -> dict:
+    """A converted model's plain training step (forward + backward, no optimizer) against torch autograd's on the
+    same weights: ``dp_benchmark``'s transformer and CNN cases."""
     import dp_benchmark
 
     ours, theirs, x, target = dp_benchmark.build(case)
     ours, theirs = ours.to(device, dtype), theirs.to(device, dtype)
-    x, target = x.to(device, dtype), target.to(device)
+    x, target = (x.to(device, dtype) if x.is_floating_point() else x.to(device)), target.to(device)  # tokens stay
     ours_step = make_step(ours.parameters(), lambda x, t: TF.cross_entropy(ours(x), t), x, target)
     theirs_step = make_step(theirs.parameters(), lambda x, t: F.cross_entropy(theirs(x), t), x, target)
     times = interleaved({"torchderiv": ours_step, "autograd": theirs_step}, args.rounds, args.inner, device)
     params = list(ours.parameters()) + list(theirs.parameters())
     saved = {"torchderiv": saved_bytes(ours_step, params), "autograd": saved_bytes(theirs_step, params)}
     return {
-        "kind": "cnn",
+        "kind": "model",
         "net": case,
         "batch": x.shape[0],
         "vs_autograd": ratio_stats(times["torchderiv"], times["autograd"]),
@@ -213,7 +214,8 @@ def bench_cnn(case: str, args, device, dtype) -> dict:
     }
 
 
-CNN_NAMES = {
+MODEL_NAMES = {
+    "transformer": "transformer: 2 pre-norm encoder layers (d 64, 4 heads, GELU), 64 tokens",
     "cnn": "Opacus's MNIST CNN, 1×28×28",
     "cnn_groupnorm": "four 3×3 convolutions + GroupNorm, 3×32×32",
 }
@@ -239,7 +241,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
     for r in rows:
-        if r.get("kind") in ("linear_cross_entropy", "cnn"):
+        if r.get("kind") in ("linear_cross_entropy", "model"):
             continue
         net = f"{r['net']} {'-'.join(map(str, r['sizes']))} ×{r['batch']}"
         cells = [
@@ -255,17 +257,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
             fmt(r["two_vs_autograd"]) if "two_vs_autograd" in r else "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    cnn = [r for r in rows if r.get("kind") == "cnn"]
-    if cnn:
+    models = [r for r in rows if r.get("kind") == "model"]
+    if models:
         lines += [
             "",
-            "| CNN (converted; plain step) | torchderiv ms | autograd ms | time vs autograd "
+            "| model (converted; plain step) | torchderiv ms | autograd ms | time vs autograd "
             "| saved bytes vs autograd |",
             "|---|---|---|---|---|",
         ]
-        for r in cnn:
+        for r in models:
             lines.append(
-                f"| {CNN_NAMES[r['net']]} ×{r['batch']} | {r['ms']['torchderiv']:.1f} | {r['ms']['autograd']:.1f} "
+                f"| {MODEL_NAMES[r['net']]} ×{r['batch']} | {r['ms']['torchderiv']:.1f} | {r['ms']['autograd']:.1f} "
                 f"| {fmt(r['vs_autograd'], interval=True)} | {r['saved_ratio']:.2f} |"
             )
     lce = [r for r in rows if r.get("kind") == "linear_cross_entropy"]
@@ -293,8 +295,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-lce", action="store_true", help="skip the linear + cross-entropy study")
-    parser.add_argument("--no-cnn", action="store_true", help="skip the CNNs")
-    parser.add_argument("--only-cnn", action="store_true", help="only the CNNs")
+    parser.add_argument("--no-models", action="store_true", help="skip the converted transformer and CNNs")
+    parser.add_argument("--only-models", action="store_true", help="only the converted transformer and CNNs")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument(
         "--dp", action="store_true", help="only the per-example clipping (DP-SGD) study: dp_benchmark.py"
@@ -312,7 +314,7 @@ def main() -> None:
     args.rounds = max(args.rounds or (7 if args.quick else 21), 7)
     rows = []
     activations = ["relu", "gelu"] if args.quick else ["relu", "tanh", "gelu", "silu"]
-    for net in () if args.only_cnn else ("large", "small"):
+    for net in () if args.only_models else ("large", "small"):
         for activation in activations:
             # On CPU a small net's step is ~0.3 ms: 100 steps a timing keep one timing above the noise floor.
             cpu = device.type == "cpu"
@@ -327,14 +329,15 @@ def main() -> None:
                 f"two Functions vs autograd {fmt(row['two_vs_autograd'])}",
                 flush=True,
             )
-    if not args.no_cnn:
-        for case in ["cnn"] if args.quick else ["cnn", "cnn_groupnorm"]:
-            # one GroupNorm CNN step is ~0.2 s on CPU: one step a timing; the MNIST CNN's ~20 ms: five
+    if not args.no_models:
+        for case in ["cnn"] if args.quick else ["transformer", "cnn", "cnn_groupnorm"]:
+            # the transformer's and the GroupNorm CNN's step are ~0.2 s on CPU: one step a timing; the MNIST CNN's
+            # ~20 ms: five
             a = argparse.Namespace(rounds=args.rounds, inner=args.inner or (5 if case == "cnn" else 1))
-            row = bench_cnn(case, a, device, dtype)
+            row = bench_model(case, a, device, dtype)
             rows.append(row)
             print(f"{case:13} time vs autograd {fmt(row['vs_autograd'], interval=True)}", flush=True)
-    if not args.quick and not args.no_compile and not args.only_cnn:
+    if not args.quick and not args.no_compile and not args.only_models:
         for activation in ["relu", "tanh", "gelu", "silu"]:
             a = argparse.Namespace(rounds=args.rounds, inner=args.inner or 2)
             row = bench_mlp("large", activation, a, device, dtype, compiled=True)
@@ -343,7 +346,7 @@ def main() -> None:
                 f"large {activation:5} compiled: time vs compiled autograd {fmt(row['vs_autograd'], interval=True)}",
                 flush=True,
             )
-    if not args.no_lce and not args.only_cnn:
+    if not args.no_lce and not args.only_models:
         from lce_memory import bench_linear_cross_entropy
 
         rows += bench_linear_cross_entropy(quick=args.quick, rounds=args.rounds, device=args.device)
