@@ -82,6 +82,16 @@ def test_relu_passes_gradient_at_nan():
     assert x.grad[0].item() == 1.0  # torch's threshold_backward keeps it
 
 
+def test_relu_blocks_an_infinite_gradient_where_the_unit_is_off():
+    # d ⊙ 1[z > 0] is a select: an inf (or NaN) arriving at a unit with z ≤ 0 gives 0, as torch's; the float mask
+    # (inf · 0 = NaN) must not be used then, whatever else the tensors hold
+    x = torch.tensor([-1.0, 2.0, 0.0, 3.0]).repeat(64).requires_grad_()
+    d = torch.tensor([float("inf"), 1.0, float("nan"), 2.0]).repeat(64)
+    (ours,) = torch.autograd.grad(TF.relu(x), x, d)
+    (ref,) = torch.autograd.grad(torch.relu(x), x, d)
+    assert torch.equal(ours, ref) and ours[0] == 0 and ours[2] == 0
+
+
 INPLACE = [c for c in CASES if c[0].split("-")[0] in ("relu", "leaky_relu", "elu", "silu")]
 
 
