@@ -225,40 +225,40 @@ def _keep_examples(rec, ctx, needs, delta, x, w, b):
         d = _positions(delta).transpose(1, 2)  # (N, L, C_out)
         per_out, per_in = w.shape[0] // groups, w.shape[1]
         shape = (x.shape[0], d.shape[1], per_in * math.prod(kernel))
-        blocks = []
-        out = delta.shape[2:]
         config = (kernel, stride, padding, dilation)
-        for j in range(groups):
-            xj = _group(x, 1, j, per_in, groups)
-            # the patches are made a few examples at a time wherever the rule needs them, never for the whole batch;
-            # kernels of many taps take both products as torch's forward convolution instead (each group's block is
-            # a convolution of one group)
-            by_convolution = math.prod(kernel) >= _CONVOLUTION_TAPS and x.shape[0] > 0
+        # kernels of many taps take both products as torch's forward convolution (each group's block is a convolution
+        # of one group), others the GEMMs over the patches
+        by_convolution = math.prod(kernel) >= _CONVOLUTION_TAPS and x.shape[0] > 0
 
-            def as_delta(dj):  # (N, L, C_out/g) -> (N, C_out/g, *out)
-                return dj.mT.reshape(dj.shape[0], dj.shape[2], *out)
+        def as_delta(dj):  # a block's (N, L, C_out/g) -> (N, C_out/g, *out)
+            return dj.mT.reshape(dj.shape[0], dj.shape[2], *delta.shape[2:])
 
-            rows = _per_sample.MadeRows(
+        def rows_of(xj):
+            """The block's patches, made a few examples at a time wherever the rule needs them."""
+            products = gemm = None
+            if by_convolution:
+
+                def products(dj):
+                    return _per_example_weight_gradients(as_delta(dj), xj.to(dj.dtype), *config)
+
+                def gemm(dj):
+                    return _weight_gradient_as_convolution(as_delta(dj), xj.to(dj.dtype), *config, 1).reshape(
+                        dj.shape[2], -1
+                    )
+
+            return _per_sample.MadeRows(
                 shape,
-                lambda start, stop, xj=xj: patches(xj[start:stop], kernel, stride, padding, dilation),
+                lambda start, stop: patches(xj[start:stop], *config),
                 x.dtype,
                 math.prod(xj.shape[1:]),
-                products=(
-                    (lambda dj, xj=xj: _per_example_weight_gradients(as_delta(dj), xj.to(dj.dtype), *config))
-                    if by_convolution
-                    else None
-                ),
-                gemm=(
-                    (
-                        lambda dj, xj=xj: _weight_gradient_as_convolution(
-                            as_delta(dj), xj.to(dj.dtype), *config, 1
-                        ).reshape(dj.shape[2], -1)
-                    )
-                    if by_convolution
-                    else None
-                ),
+                products=products,
+                gemm=gemm,
             )
-            blocks.append(rec.dense_rule(w_p, b_p, _group(d, 2, j, per_out, groups), rows))
+
+        blocks = [
+            rec.dense_rule(w_p, b_p, _group(d, 2, j, per_out, groups), rows_of(_group(x, 1, j, per_in, groups)))
+            for j in range(groups)
+        ]
         inner = blocks[0] if groups == 1 else _per_sample.BlockRule((w_p, b_p), blocks)
         return _per_sample.ShapedRule(inner, (w_p, b_p))
 
