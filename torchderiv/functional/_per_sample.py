@@ -777,6 +777,21 @@ def tracked_pair(ctx, k: int = 0):
     return None if kept is None else kept[2 * k : 2 * k + 2]
 
 
+def tracked_affine(ctx, weight, bias, want_w: bool, want_b: bool):
+    """For a layer whose per-example ``(∂J/∂γ, ∂J/∂β)`` it forms itself (a norm's ``γ``, ``β``), in its backward:
+    ``(keep, want_w, want_b)``, ``keep`` = ``(recorder, γ or None, β or None)`` for the gradients that go to the
+    recorder inside a per_sample context (None outside it or when neither is tracked), and the wants left for the
+    ordinary sums."""
+    rec = current
+    if rec is None or not (want_w or want_b):
+        return None, want_w, want_b
+    w_p, b_p = rec.pair(weight, bias, tracked_pair(ctx))
+    w_p, b_p = (w_p if want_w else None), (b_p if want_b else None)
+    if w_p is None and b_p is None:
+        return None, want_w, want_b
+    return (rec, w_p, b_p), want_w and w_p is None, want_b and b_p is None
+
+
 def defer(needs, delta, input, weight, bias, params=None):
     """``needs`` for :func:`~torchderiv.functional.linear.linear_backward`: inside a per_sample context the
     weight and bias GEMMs of tracked parameters are left to :meth:`Recorder.finish`. ``params``: what

@@ -94,16 +94,10 @@ class NormFunction(torch.autograd.Function):
         input, weight, bias = ctx.saved_tensors
         k, eps, centered = ctx.config
         needs = ctx.needs_input_grad
-        want_w = weight is not None and needs[1]
-        want_b = bias is not None and needs[2]
-        keep = None  # inside per_sample: the tracked (γ, β), whose per-example gradients go to the recorder
-        rec = _per_sample.current
-        if rec is not None and (want_w or want_b):
-            w_p, b_p = rec.pair(weight, bias, _per_sample.tracked_pair(ctx))
-            w_p, b_p = (w_p if want_w else None), (b_p if want_b else None)
-            if w_p is not None or b_p is not None:
-                keep = (rec, w_p, b_p)
-                want_w, want_b = want_w and w_p is None, want_b and b_p is None
+        # inside per_sample: the tracked (γ, β), whose per-example gradients go to the recorder
+        keep, want_w, want_b = _per_sample.tracked_affine(
+            ctx, weight, bias, weight is not None and needs[1], bias is not None and needs[2]
+        )
         if may_overwrite(grad_output):
             grads = _backward_plain(needs[0], want_w, want_b, grad_output, input, weight, bias, k, eps, centered, keep)
             return grads + (None, None, None)
