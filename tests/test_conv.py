@@ -241,3 +241,16 @@ def test_gradients_of_non_contiguous_inputs(layout, weight_gradient_form):
             torch.autograd.grad(TF.conv2d(x, w, **kw), (x, w), g), torch.autograd.grad(F.conv2d(x, w, **kw), (x, w), g)
         ):
             assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
+def test_per_sample_leaves_the_input_alone_when_its_patches_are_the_input_itself():
+    # a 1×1 kernel at stride 1 has the input itself for patches (a view, no copy); in the Gram form the clipped sum
+    # at the end of the pass must scale Δ's rows, never the patches in place (that would scale the input)
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(16, 16, 1), nn.Flatten(), nn.Linear(16 * 4, 3)).double()
+    ours = torchderiv.convert(copy.deepcopy(ref))
+    x, y = torch.randn(6, 16, 2, 2, dtype=torch.float64), torch.randint(0, 3, (6,))
+    kept = x.clone()
+    c = check_clipping_against_per_example_autograd(ours, ref, x, y, 0.05)
+    assert (c < 1).all()  # every example clipped: a write into the input would show
+    assert torch.equal(x, kept)

@@ -642,8 +642,8 @@ class MadeRows:
     example's ``Δᵢᵀ Hᵢ`` ``(B, n_out, n_in)`` and ``gemm(d)`` the sum ``Σᵢ Δᵢᵀ Hᵢ`` (its ordinary weight
     gradient), for ``d`` of shape ``(B, T, n_out)``."""
 
-    def __init__(self, shape, make, dtype, held, products=None, gemm=None):
-        self.shape, self.make, self.dtype, self.held = tuple(shape), make, dtype, held
+    def __init__(self, shape, make, held, products=None, gemm=None):
+        self.shape, self.make, self.held = tuple(shape), make, held
         self.products, self.gemm = products, gemm
         self.step = max(1, _GRAM_FLOATS * 8 // max(1, self.shape[1] * self.shape[2]))  # ~4 MiB of float32 a part
 
@@ -697,14 +697,15 @@ def _deferred_gemm(layer: DenseRule, c: torch.Tensor | None) -> torch.Tensor:
     if isinstance(h, MadeRows) and h.gemm is not None:  # the layer's own weight gradient of c ⊙ Δ
         return h.gemm(delta if c is None else delta * _by_row(c, delta, layer.dim))
     if isinstance(h, MadeRows):
-        # a few examples' rows at a time, each part a fresh tensor of ours (scaled where it lies): Σ_parts of
-        # each example's Δᵢᵀ (cᵢ Hᵢ), one batched GEMM a part on Δ's transposed view (no copy of it)
+        # a few examples' rows at a time: Σ_parts of each example's (cᵢ Δᵢ)ᵀ Hᵢ, one batched GEMM a part. Δ's rows
+        # are scaled, never the rows made: those may be a view of the layer's input itself (a 1×1 convolution's
+        # patches are its input)
         d, total = by_sample(delta, 0), None
         for i in range(0, d.shape[0], h.step):
-            part = h[i : i + h.step]
+            dd = d[i : i + h.step]
             if c is not None:
-                part.mul_(c[i : i + h.step].to(part.dtype).reshape(-1, 1, 1))
-            term = torch.bmm(d[i : i + h.step].mT, part).sum(0)
+                dd = dd * c[i : i + h.step].to(dd.dtype).reshape(-1, 1, 1)
+            term = torch.bmm(dd.mT, h[i : i + h.step]).sum(0)
             total = term if total is None else total.add_(term)
         return total if total is not None else delta.new_zeros(d.shape[2], h.shape[2])
     if c is not None:

@@ -37,8 +37,9 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
 
 def patches(x, kernel, stride, padding, dilation) -> torch.Tensor:
     """``P``: ``(N, L, C · k)``, row l the patch output position l sees (channel-major, then the kernel's taps, as a
-    flattened weight), ``L`` the output positions; a transposed view of a contiguous ``(N, C · k, L)``. 1-d inputs
-    are taken as 2-d of height 1."""
+    flattened weight), ``L`` the output positions; a transposed view of a contiguous ``(N, C · k, L)``, which for a
+    1×1 kernel at stride 1 without padding is the input itself (read it, never write it). 1-d inputs are taken as
+    2-d of height 1."""
     if x.dim() == 3:
         kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
     x = _as_2d(x)
@@ -249,7 +250,6 @@ def _keep_examples(rec, ctx, needs, delta, x, w, b):
             return _per_sample.MadeRows(
                 shape,
                 lambda start, stop: patches(xj[start:stop], *config),
-                x.dtype,
                 math.prod(xj.shape[1:]),
                 products=products,
                 gemm=gemm,
