@@ -345,3 +345,109 @@ def test_backward_twice_with_retain_graph(activation, fused):
     for a, b, r in zip(first, second, torch.autograd.grad(ref, params)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(a, r)
+
+
+# --- a plain training step: the backward that is the bare chain rule (functional/mlp.py, _plain_backward) ----------
+
+
+@pytest.fixture
+def plain_passes(monkeypatch):
+    """Records, for each backward of MLPFunction that tried the plain pass, whether it completed (False: it handed
+    the pass to the general loop) — so that a test knows which of the two gave the gradients it checks."""
+    import importlib
+
+    mlp_module = importlib.import_module("torchderiv.functional.mlp")
+    plain, passes = mlp_module._plain_backward, []
+
+    def recorded(ctx, grad):
+        out = plain(ctx, grad)
+        passes.append(out is not None)
+        return out
+
+    monkeypatch.setattr(mlp_module, "_plain_backward", recorded)
+    return passes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "leaky_relu", "elu"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", ["all", "ignored", "ignore-class", "ignore-absent"])
+def test_a_training_step_matches_torch(kind, reduction, activation, dtype, plain_passes):
+    """Only the loss differentiated, class indices, no options: the plain pass, unless a row is ignored (a class
+    given as ignore_index, or a negative one that the scatter refuses), when the general loop takes over."""
+    target, ignore_index = _targets(kind, dtype)
+
+    def fused(x, target, *layers):
+        return TF.mlp_cross_entropy(
+            x, list(layers[::2]), list(layers[1::2]), target, activation, ignore_index=ignore_index, reduction=reduction
+        )[0]
+
+    def composed(x, target, *layers):
+        logits = torch_mlp(x, *layers, activation=activation)
+        return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
+
+    for x_needs in (True, False):
+        x = leaf(torch.randn(6, SIZES[0], dtype=dtype), requires_grad=x_needs)
+        check_parity(fused, composed, [x, target, *_layers(dtype)])
+    assert plain_passes == [kind not in ("ignored", "ignore-class")] * 2
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("bias", [(True, False, True), (False, False, False)], ids=["some biases", "no biases"])
+def test_the_network_alone_takes_the_plain_pass(activation, bias, plain_passes):
+    """Without the loss (nn.MLP, then torch's or torchderiv's loss), the incoming gradient is Δ⁽ᴸ⁺¹⁾ itself."""
+    x = leaf(torch.randn(6, SIZES[0], dtype=torch.float64))
+    check_parity(
+        lambda *a: ours(*a, activation=activation),
+        lambda *a: torch_mlp(*a, activation=activation),
+        [x, *_layers(bias=bias)],
+    )
+    assert plain_passes == [True]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["mlp", "mlp_cross_entropy"])
+def test_an_infinite_gradient_at_units_that_are_off_gives_torch_s_zero(fused, plain_passes):
+    """Δ⁽³⁾ W⁽³⁾ overflows to inf only at hidden units that are off for every row (a large negative bias): torch's
+    relu backward gives 0 there and every gradient stays finite. The plain pass's float mask would give
+    inf · 0 = NaN; its one check at the end sees it and the general loop gives torch's select."""
+    torch.manual_seed(0)
+    x = torch.randn(6, SIZES[0])
+    layers = [t.detach() for t in _layers(torch.float32, bias=(True, True, True))]
+    layers[3] = torch.full((SIZES[2],), -1e3)  # b⁽²⁾: every unit of the second layer off...
+    layers[3][0] = 1e3  # ...but the first
+    layers[4][:, 1:] = 3e37  # W⁽³⁾'s columns of the units that are off: Δ W overflows there
+    layers = [leaf(t) for t in layers]
+    target = torch.tensor([0, 2, 2, 1, 1, 0])
+    scale = 1e6
+
+    def fused_loss(x, *layers):
+        if fused:
+            loss = TF.mlp_cross_entropy(x, list(layers[::2]), list(layers[1::2]), target)[0]
+        else:
+            loss = TF.cross_entropy(ours(x, *layers), target)
+        return loss * scale
+
+    def torch_loss(x, *layers):
+        return F.cross_entropy(torch_mlp(x, *layers), target) * scale
+
+    ours_grads = torch.autograd.grad(fused_loss(x, *layers), layers)
+    torch_grads = torch.autograd.grad(torch_loss(x, *layers), layers)
+    assert all(g.isfinite().all() for g in torch_grads)
+    for a, b in zip(ours_grads, torch_grads):
+        torch.testing.assert_close(a, b)
+    assert plain_passes == [False]
+
+
+def test_a_plain_pass_leaves_what_it_saved_untouched():
+    """The plain pass works in place on buffers it owns; a second backward (retain_graph) gives the same."""
+    x = torch.randn(6, SIZES[0])
+    layers = _layers(torch.float32)
+    params = [t for t in layers if t is not None]
+    target = torch.tensor([0, 2, 2, 1, 1, 0])
+    loss = TF.mlp_cross_entropy(x, list(layers[::2]), list(layers[1::2]), target)[0]
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    second = torch.autograd.grad(loss, params)
+    ref = torch.autograd.grad(F.cross_entropy(torch_mlp(x, *layers), target), params)
+    for a, b, r in zip(first, second, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, r)

@@ -54,3 +54,32 @@ def test_a_changed_internal_is_caught_and_per_sample_refuses_to_run(name, monkey
     with pytest.raises(RuntimeError, match=rf"torch {re.escape(torch.__version__)} changed internals .*What changed"):
         with torchderiv.per_sample(layer, max_norm=1.0):
             pass
+
+
+def test_a_tensor_left_by_a_finished_transform_is_taken_as_torch_takes_it():
+    """A tensor saved inside ``torch.func.grad`` outlives the transform as a dead wrapper; Function.apply unwraps it
+    (in Python before its C entry on torch 2.13, inside the C entry on 2.14), and so must torchderiv's apply."""
+
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * g
+
+    saved = []
+
+    def f(x):
+        saved.append(x)
+        return (x * 2).sum()
+
+    torch.func.grad(f)(torch.randn(3, 4, dtype=torch.float64))
+    dead = saved[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    theirs = Twice.apply(dead)
+    ours = torchderiv.functional.relu(dead)
+    assert not torch._C._functorch.is_functorch_wrapped_tensor(ours)
+    assert ours.requires_grad == theirs.requires_grad and (ours.grad_fn is None) == (theirs.grad_fn is None)
+    torch.testing.assert_close(ours, torch.relu(theirs / 2), rtol=0, atol=0)

@@ -18,6 +18,7 @@ import torch
 
 __all__ = [
     "transforms_active",
+    "forward_ad_active",
     "is_legacy_batched",
     "UNWRAP_IF_DEAD",
     "function_apply",
@@ -28,6 +29,7 @@ __all__ = [
     "saved_through_hooks",
     "version",
     "autocast_enabled",
+    "any_autocast",
     "self_test",
     "require",
 ]
@@ -40,15 +42,23 @@ def transforms_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD can reach a Function now: inside a ``torch.autograd.forward_ad.dual_level`` (outside
+    one no tensor has a tangent) or a torch.func transform (``jvp``)."""
+    return torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
 def is_legacy_batched(t: torch.Tensor) -> bool:
     """Whether ``t`` is batched by the legacy vmap (gradcheck's batched-gradient check), which sets no transform
     flag."""
     return torch._C._functorch.is_legacy_batchedtensor(t)
 
 
-# Unwraps a tensor left wrapped by a finished torch.func transform, as Function.apply does; None in a torch without
-# it (then there is nothing to unwrap). A bare function, not wrapped: Function application is the hot path.
-UNWRAP_IF_DEAD = getattr(torch._C._functorch, "unwrap_if_dead", None)
+# Unwraps a tensor left wrapped by a finished torch.func transform, as Function.apply does before its C entry (torch
+# 2.13); None where that C entry unwraps by itself (2.14 makes it Function.apply) or in a torch without it. A bare
+# function, not wrapped: Function application is the hot path.
+_APPLY_IS_C_ENTRY = torch.autograd.Function.__dict__.get("apply") is torch._C._FunctionBase.__dict__.get("apply")
+UNWRAP_IF_DEAD = None if _APPLY_IS_C_ENTRY else getattr(torch._C._functorch, "unwrap_if_dead", None)
 
 
 def function_apply(cls, *args):
@@ -85,6 +95,11 @@ def saved_through_hooks(node) -> bool:
     """Whether ``node``'s saved tensors come back through saved-tensor hooks (``save_on_cpu``, a non-reentrant
     checkpoint): unpacking them then copies or recomputes."""
     return any(s.unpack_hook is not None for s in node._raw_saved_tensors)
+
+
+def any_autocast() -> bool:
+    """Whether autocast is on for any device type: one call, where :func:`autocast_enabled` needs the device."""
+    return torch._C._is_any_autocast_enabled()
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -248,6 +263,17 @@ def _check_transforms(problems: list[str]) -> None:
     torch.func.vmap(f)(torch.ones(2, 3))
     if seen != [True]:
         problems.append(f"inside vmap transforms_active() was {seen}, expected [True]")
+    if any_autocast():
+        problems.append("autocast is reported on outside any autocast region")
+    with torch.autocast("cpu"):
+        if not any_autocast():
+            problems.append("autocast is reported off inside torch.autocast('cpu')")
+    if forward_ad_active():
+        problems.append("forward-mode AD is reported active outside any dual level or transform")
+    with torch.autograd.forward_ad.dual_level():
+        inside = forward_ad_active()
+    if not inside:
+        problems.append("forward-mode AD is reported inactive inside a dual level")
     if is_legacy_batched(torch.ones(2)):
         problems.append("a plain tensor is reported batched by the legacy vmap")
 

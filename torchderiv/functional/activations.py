@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._core import autocast_apply, compile_twin, may_overwrite
+from ._core import autocast_apply, compile_twin, may_overwrite, save_for_forward
 
 __all__ = [
     "Activation",
@@ -56,6 +56,9 @@ class Activation(NamedTuple):
             keeps ``z``, when ``g(z)`` is one multiply away from what ``g'(z)`` computes anyway (``Φ(z)``
             for gelu, ``σ(z)`` for silu): a backward that needs ``H`` again gets it almost free. ``writable``
             as for ``backprop`` (may work in place on its own temporaries); None where there is none.
+        mask_: ``(d, h) -> d ⊙ g'(z)`` written into ``d`` by a float 0/1 mask, exact wherever ``d`` is finite
+            (``inf · 0`` is NaN where torch's select gives 0); ``backprop`` checks ``d`` before using it, a caller
+            that checks the result once for several layers may use it directly. None where there is none.
 
     A NamedTuple rather than a dataclass: Dynamo can trace through it.
     """
@@ -67,6 +70,7 @@ class Activation(NamedTuple):
     derivative: str
     value_: Callable | None = None
     factor: Callable | None = None
+    mask_: Callable | None = None
 
 
 def _always(*_):
@@ -99,10 +103,19 @@ def _relu_backprop(d, h, overwrite_d=False):
     # NOTE: on CPU the select's bool kernels (comparison + masked_fill) took ~2-3x the float mask below on
     # 64 x 128 (a measurable share of a small network's step). The float mask multiplies, which equals the
     # select unless d holds inf/NaN (inf · 0 = NaN): one sum tells, and only then the select runs.
-    if d.device.type != "cpu" or not math.isfinite(d.sum().item()):
+    if not d.is_cpu or not math.isfinite(d.sum().item()):
         return d.masked_fill_(h <= 0, 0) if overwrite_d else d.masked_fill(h <= 0, 0)
-    on = torch.nan_to_num(h, nan=1.0).sign_()  # 1[h > 0], and 1 at NaN (sign(NaN) is 0 here)
-    return d.mul_(on) if overwrite_d else on.mul_(d)
+    return _relu_mask_(d, h) if overwrite_d else _relu_on(h).mul_(d)
+
+
+def _relu_on(h):
+    """1[h > 0] as floats, and 1 at NaN (``sign(NaN)`` is 0 here)."""
+    return torch.nan_to_num(h, nan=1.0).sign_()
+
+
+def _relu_mask_(d, h):
+    # The select d ⊙ 1[h > 0] wherever d is finite.
+    return d.mul_(_relu_on(h))
 
 
 def _leaky_relu_backprop(d, s, negative_slope, overwrite_d=False):
@@ -194,7 +207,7 @@ ACTIVATIONS: dict[str, Activation] = {
     for a in (
         Activation("sigmoid", torch.sigmoid, _sigmoid_backprop, _always, "h (1 − h)", torch.sigmoid_),
         Activation("tanh", torch.tanh, _tanh_backprop, _always, "1 − h²", torch.tanh_),
-        Activation("relu", torch.relu, _relu_backprop, _always, "1[z > 0]", torch.relu_),
+        Activation("relu", torch.relu, _relu_backprop, _always, "1[z > 0]", torch.relu_, mask_=_relu_mask_),
         Activation(
             "leaky_relu",
             lambda z, a: F.leaky_relu(z, a),
@@ -262,7 +275,7 @@ def _elementwise_function(act: Activation, class_name: str):
         ctx.params = tuple(params)
         saved = output if act.saves_output(*params) else input
         ctx.save_for_backward(saved)
-        ctx.save_for_forward(saved)
+        save_for_forward(ctx, saved)
 
     def backward(ctx, grad_output):
         (saved,) = ctx.saved_tensors
@@ -325,7 +338,7 @@ def _inplace_function(act: Activation, base: type, class_name: str):
         ctx.params = tuple(params)
         ctx.mark_dirty(input)
         ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
+        save_for_forward(ctx, output)
 
     def jvp(ctx, d_input, *_):
         # the input's tangent is updated in place, as the input itself was: dH = g'(Z) ⊙ dZ

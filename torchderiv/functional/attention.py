@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _per_sample
-from ._core import autocast_apply, compile_twin
+from ._core import autocast_apply, compile_twin, save_for_forward
 from .linear import linear, linear_backward, linear_forward, linear_jvp
 
 __all__ = ["PackedLinearFunction", "packed_linear", "multi_head_attention"]
@@ -49,7 +49,7 @@ class PackedLinearFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         query, key, value, weight, bias = inputs
         ctx.save_for_backward(query, key, value, weight, bias)
-        ctx.save_for_forward(query, key, value, weight, bias)
+        save_for_forward(ctx, query, key, value, weight, bias)
         if _per_sample.current is not None:
             _per_sample.note_tracked(ctx, weight, bias)
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _per_sample
-from ._core import autocast_apply, compile_twin, may_overwrite, shape_str
+from ._core import autocast_apply, compile_twin, may_overwrite, save_for_forward, shape_str
 
 __all__ = ["ConvFunction", "conv1d", "conv2d"]
 
@@ -179,7 +179,7 @@ class ConvFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         input, weight, bias, stride, padding, dilation, groups = inputs
         ctx.save_for_backward(input, weight, bias)
-        ctx.save_for_forward(input, weight, bias)
+        save_for_forward(ctx, input, weight, bias)
         ctx.config = (stride, padding, dilation, groups)
         if _per_sample.current is not None:
             _per_sample.note_tracked(ctx, weight, bias)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _per_sample
-from ._core import apply, compile_twin, shape_str
+from ._core import apply, compile_twin, save_for_forward, shape_str
 
 __all__ = ["EmbeddingFunction", "embedding"]
 
@@ -45,7 +45,7 @@ class EmbeddingFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         input, weight, padding_idx = inputs
         ctx.save_for_backward(input)
-        ctx.save_for_forward(input)
+        save_for_forward(ctx, input)
         ctx.config = (weight.shape[0], padding_idx)
         if _per_sample.current is not None:
             _per_sample.note_tracked(ctx, weight, None)

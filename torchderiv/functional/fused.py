@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _per_sample
-from ._core import autocast_apply, compile_twin
+from ._core import autocast_apply, compile_twin, save_for_forward
 from .activations import DEFAULT_PARAMS, get_activation
 from .linear import check_linear_args, linear_backward, linear_forward, linear_jvp
 
@@ -40,7 +40,7 @@ class DenseFunction(torch.autograd.Function):
         saved = h if act.saves_output(*params) else z
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(input, weight, bias, saved)
-        ctx.save_for_forward(input, weight, bias, saved)
+        save_for_forward(ctx, input, weight, bias, saved)
         if _per_sample.current is not None:
             _per_sample.note_tracked(ctx, weight, bias)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import _per_sample
 from . import _torch_internals as internals
-from ._core import autocast_apply, compile_twin, may_overwrite, shape_str
+from ._core import autocast_apply, compile_twin, may_overwrite, save_for_forward, shape_str
 
 __all__ = ["GroupNormFunction", "group_norm"]
 
@@ -81,7 +81,7 @@ class GroupNormFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         input, weight, bias, groups, eps = inputs
         ctx.save_for_backward(input, weight, bias)
-        ctx.save_for_forward(input, weight, bias)
+        save_for_forward(ctx, input, weight, bias)
         ctx.config = (groups, eps)
         if _per_sample.current is not None:
             _per_sample.note_tracked(ctx, weight, bias)

@@ -8,7 +8,7 @@ import torch
 
 from . import _per_sample
 from . import _torch_internals as internals
-from ._core import autocast_apply, compile_twin, shape_str
+from ._core import autocast_apply, compile_twin, save_for_forward, shape_str
 
 __all__ = ["LinearFunction", "linear", "check_linear_args", "linear_backward", "linear_jvp"]
 
@@ -92,7 +92,7 @@ class LinearFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         input, weight, bias = inputs
         ctx.save_for_backward(input, weight, bias)
-        ctx.save_for_forward(input, weight, bias)
+        save_for_forward(ctx, input, weight, bias)
         if _per_sample.current is not None:
             _per_sample.note_tracked(ctx, weight, bias)
 

@@ -21,7 +21,7 @@ import math
 import torch
 
 from . import _per_sample
-from ._core import apply, autocast_cast, autocast_enabled, check_reduction, compile_twin
+from ._core import apply, autocast_cast, autocast_enabled, check_reduction, compile_twin, save_for_forward
 from .linear import linear, linear_backward, linear_forward, linear_jvp
 from .losses import ce_grads, ce_loss, class_divisor, cross_entropy, gradient_divisor, index_rows, reduce_loss
 
@@ -192,7 +192,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.precomputed = precompute
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(input, w, b, target, class_weight, *output[1:])
-        ctx.save_for_forward(input, w, b, target, class_weight)
+        save_for_forward(ctx, input, w, b, target, class_weight)
         if _per_sample.current is not None:
             _per_sample.note_tracked(ctx, w, b)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._core import autocast_apply, check_reduction, compile_twin, may_overwrite, shape_str
+from ._core import autocast_apply, check_reduction, compile_twin, may_overwrite, save_for_forward, shape_str
 
 __all__ = ["mse_loss", "huber_loss", "binary_cross_entropy_with_logits", "cross_entropy"]
 
@@ -92,7 +92,7 @@ class ElementwiseLossFunction(torch.autograd.Function):
         input, target, weight, extra, kind, reduction, mean_over_weight, *params = inputs
         ctx.config = (kind, reduction, mean_over_weight, tuple(params))
         ctx.save_for_backward(input, target, weight, extra, output)
-        ctx.save_for_forward(input, target, weight, extra, output)
+        save_for_forward(ctx, input, target, weight, extra, output)
 
     @staticmethod
     def _parts(ctx):
@@ -351,18 +351,11 @@ def ce_grads(input, target, weight, ignore_index, eps, grad_output=None, reducti
         p = input.softmax(c)
     else:
         p = log_p.exp_() if inplace else log_p.exp()
-    if weight is None and eps == 0 and inplace and _none_ignored(target, ignore_index):
-        # Every row counts (the common case): ∂J/∂z = s (p − e_y) / D, D the row count. One scatter and
-        # one multiply; the general path below spends ~8 more small ops on per-row masks and divisors,
-        # each ~3 µs on CPU: a quarter of a small network's step (measured).
-        grad_z = p.scatter_(c, target.long().unsqueeze(c), -1.0, reduce="add")
-        if reduction == "none":
-            return (grad_z if grad_output is None else grad_z.mul_(grad_output.unsqueeze(c))), None
-        # On CPU (see _none_ignored), so s may be read as a number: a 0-dim tensor division costs a
-        # kernel call of its own.
-        scale = 1.0 if grad_output is None else grad_output.item()
-        scale = scale / max(target.numel(), 1) if reduction == "mean" else scale
-        return (grad_z if scale == 1 else grad_z.mul_(scale)), None
+    if weight is None and eps == 0 and inplace:
+        grad_z = softmax_minus_one_hot_(p, target, ignore_index, grad_output, reduction, p_can_be_remade=log_p is None)
+        if grad_z is not None:
+            return grad_z, None
+        p = input.softmax(c) if log_p is None else p  # a refused scatter may have written part of p
     # Per-row factors first, shaped (N, 1, d1, …): the logits-sized buffer p is then touched by one
     # multiply, one scatter and, with smoothing, one more pass.
     valid, idx = index_rows(target, ignore_index, c)
@@ -389,10 +382,42 @@ def ce_grads(input, target, weight, ignore_index, eps, grad_output=None, reducti
     return grad_z, None
 
 
+def softmax_minus_one_hot_(p, target, ignore_index, grad_output, reduction, p_can_be_remade=False):
+    """``∂J/∂z = s (p − e_y) / D`` (seed §3.1; D the row count for "mean", 1 for "sum"; "none": ``s`` per row),
+    written into ``p = softmax(z)``, for class indices with no class weights or smoothing when no row is ignored;
+    None otherwise. One scatter and one multiply: the general path of :func:`ce_grads` spends ~8 more small ops on
+    per-row masks and divisors, each ~3 µs on CPU, a quarter of a small network's step (measured).
+
+    On CPU only (elsewhere telling whether a row is ignored would wait for the device), where ``s`` may be read as
+    a number (a 0-dim tensor division costs a kernel call). When the caller can make ``p`` again and
+    ``ignore_index`` lies outside ``[0, C)``, no reduction asks whether a row is ignored: forward's ``nll_loss`` has
+    accepted only classes and ``ignore_index``, so an ignored row is an index the scatter refuses — after writing
+    part of ``p``, which is why the caller must be able to make it again.
+    """
+    if not target.is_cpu:
+        return None
+    c = _class_dim(p)
+    index = target.long().unsqueeze(c)
+    if p_can_be_remade and not 0 <= ignore_index < p.shape[c]:
+        try:
+            grad_z = p.scatter_(c, index, -1.0, reduce="add")
+        except RuntimeError:
+            return None
+    elif _none_ignored(target, ignore_index):
+        grad_z = p.scatter_(c, index, -1.0, reduce="add")
+    else:
+        return None
+    if reduction == "none":
+        return grad_z if grad_output is None else grad_z.mul_(grad_output.unsqueeze(c))
+    scale = 1.0 if grad_output is None else grad_output.item()
+    scale = scale / max(target.numel(), 1) if reduction == "mean" else scale
+    return grad_z if scale == 1 else grad_z.mul_(scale)
+
+
 def _none_ignored(target, ignore_index):
     """Whether no row's class is ``ignore_index``. Asked on CPU only: elsewhere reading the answer
     would wait for the device, so the general path (correct either way) is taken."""
-    if target.device.type != "cpu":
+    if not target.is_cpu:
         return False
     if ignore_index < 0:  # the usual -100: then "none ignored" is "min ≥ 0", one op instead of two
         return target.numel() == 0 or target.min().item() >= 0
@@ -465,7 +490,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         input, target, weight, reduction, ignore_index, label_smoothing = inputs
         ctx.config = (reduction, ignore_index, label_smoothing)
         ctx.save_for_backward(input, target, weight)
-        ctx.save_for_forward(input, target, weight)
+        save_for_forward(ctx, input, target, weight)
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -9,13 +9,25 @@ in the seed's backprop, which starts from the loss (§3.1) and runs to the first
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _per_sample
-from ._core import apply, autocast_apply, autocast_cast, autocast_enabled, check_reduction, compile_twin, may_overwrite
+from . import _torch_internals as internals
+from ._core import (
+    apply,
+    autocast_apply,
+    autocast_cast,
+    autocast_enabled,
+    check_reduction,
+    compile_twin,
+    may_overwrite,
+    save_for_forward,
+)
 from .activations import DEFAULT_PARAMS, get_activation, times
 from .linear import check_linear_args, linear_backward, linear_forward, linear_jvp
-from .losses import ce_grads, ce_jvp, ce_value, check_cross_entropy_args
+from .losses import ce_grads, ce_jvp, ce_value, check_cross_entropy_args, softmax_minus_one_hot_
 
 __all__ = ["MLPFunction", "mlp", "mlp_cross_entropy"]
 
@@ -38,7 +50,9 @@ class MLPFunction(torch.autograd.Function):
     backward (seed §3.1 and §3.6, batched): ``Δ⁽ᴸ⁺¹⁾ = ∂J/∂Z⁽ᴸ⁺¹⁾`` — with the loss, ``s (p − y) / D``
     (class weights and smoothing as in :func:`~torchderiv.functional.cross_entropy`) — then for
     k = L+1 … 1: ``∂J/∂W⁽ᵏ⁾ = Δ⁽ᵏ⁾ᵀ H⁽ᵏ⁻¹⁾``, ``∂J/∂b⁽ᵏ⁾ = Σ_rows Δ⁽ᵏ⁾``,
-    ``Δ⁽ᵏ⁻¹⁾ = (Δ⁽ᵏ⁾ W⁽ᵏ⁾) ⊙ g'(Z⁽ᵏ⁻¹⁾)``, and ``∂J/∂X = Δ⁽¹⁾ W⁽¹⁾``.
+    ``Δ⁽ᵏ⁻¹⁾ = (Δ⁽ᵏ⁾ W⁽ᵏ⁾) ⊙ g'(Z⁽ᵏ⁻¹⁾)``, and ``∂J/∂X = Δ⁽¹⁾ W⁽¹⁾``. A plain training step (only the first
+    output differentiated, no options, every parameter trained; :func:`_plain_case`) runs these formulas as they
+    stand (:func:`_plain_backward`); the general loop adds what options, frozen layers and double backward need.
     jvp: ``dZ⁽ᵏ⁾ = dH⁽ᵏ⁻¹⁾ W⁽ᵏ⁾ᵀ + H⁽ᵏ⁻¹⁾ dW⁽ᵏ⁾ᵀ + db⁽ᵏ⁾``, ``dH⁽ᵏ⁾ = g'(Z⁽ᵏ⁾) ⊙ dZ⁽ᵏ⁾``, then
     ``dJ = reduce(Σ_c ∂ℓ/∂z_c dz_c + ∂ℓ/∂t_c dt_c)``.
     """
@@ -68,7 +82,8 @@ class MLPFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         kept = output if loss is None else output[1:]  # Z⁽ᴸ⁺¹⁾ (kept only with a loss), S⁽¹⁾ … S⁽ᴸ⁾
         ctx.save_for_backward(input, target, weight, *layers, *kept[loss is None :])
-        ctx.save_for_forward(input, target, weight, *layers, *kept[loss is None :])
+        save_for_forward(ctx, input, target, weight, *layers, *kept[loss is None :])
+        ctx.plain = _plain_case(ctx, input, target, weight, activation, act_params, loss, layers, kept)
         if _per_sample.current is not None:
             _per_sample.note_tracked(ctx, *layers)
 
@@ -83,6 +98,10 @@ class MLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if ctx.plain and _only_the_first_differentiated(grads):
+            step = _plain_backward(ctx, grads[0])
+            if step is not None:
+                return step
         act, input, target, weight, layers, z, kept = MLPFunction._unpack(ctx)
         params, needs, n = ctx.act_params, ctx.needs_input_grad, ctx.n_layers
         writable = may_overwrite(next((g for g in grads if g is not None), None))  # may overwrite its own buffers
@@ -118,6 +137,85 @@ class MLPFunction(torch.autograd.Function):
         logits = _loss_logits(z, loss)
         d_loss = ce_jvp(logits, target, weight, *loss[:3], _loss_logits(dz, loss), d_target)
         return (d_loss, dz, *d_kept)
+
+
+# --- a training step's backward: the chain rule and nothing else -----------------------------------------------
+
+
+def _plain_case(ctx, input, target, weight, activation, act_params, loss, layers, kept) -> bool:
+    """Whether this application is a plain training step on CPU, whose backward :func:`_plain_backward` may take:
+    rows ``(N, n_0)``, an activation whose derivative reads ``H``, every parameter needing its gradient, and with a
+    loss, a "mean" or "sum" cross-entropy on class indices with no class weights or smoothing, in the logits' dtype.
+    """
+    if input.dim() != 2 or not input.is_cpu or not get_activation(activation).saves_output(*act_params):
+        return False
+    needs = ctx.needs_input_grad[_LAYERS:]
+    if False in needs and not all(need or t is None for need, t in zip(needs, layers)):
+        return False
+    if loss is None:
+        return True
+    if loss[0] == "none" or weight is not None or loss[2] != 0 or target.is_floating_point():
+        return False
+    return not loss[3] or kept[0].dtype not in _HALF  # no float32 upcast of half-precision logits
+
+
+def _only_the_first_differentiated(grads) -> bool:
+    """A gradient arrived for the first output (the loss, or the logits without one) and for no other (the logits
+    with a loss, the kept ``S⁽ᵏ⁾``)."""
+    if grads[0] is None:
+        return False
+    for g in grads[1:]:
+        if g is not None:
+            return False
+    return True
+
+
+def _plain_backward(ctx, grad):
+    """The whole backward pass of a plain training step (seed §3.1–3.6), or None where it does not apply (rows
+    ignored, an inf or NaN reaching a masked layer, a per_sample context, a backward that is itself
+    differentiated): the general loop then runs from the saved tensors, which this pass leaves untouched.
+
+    ``Δ⁽ᴸ⁺¹⁾ = s (P − Y) / D`` (or the logits' gradient ``grad`` without a loss); for k = L+1 … 1:
+    ``∂J/∂W⁽ᵏ⁾ = Δ⁽ᵏ⁾ᵀ H⁽ᵏ⁻¹⁾``, ``∂J/∂b⁽ᵏ⁾ = Σ_rows Δ⁽ᵏ⁾``, ``Δ⁽ᵏ⁻¹⁾ = (Δ⁽ᵏ⁾ W⁽ᵏ⁾) ⊙ g'(Z⁽ᵏ⁻¹⁾)``;
+    ``∂J/∂X = Δ⁽¹⁾ W⁽¹⁾`` if asked. Each Δ is built in place in a buffer of its own (the softmax, then each fresh
+    ``Δ W``): the bare formulas, at what they cost (docs/performance.md).
+    """
+    if _per_sample.current is not None or not may_overwrite(grad):
+        return None
+    saved = ctx.saved_tensors
+    n, loss = ctx.n_layers, ctx.loss
+    layers = saved[3 : 3 + 2 * n]
+    if loss is None:
+        delta, kept = grad, saved[3 + 2 * n :]
+    else:
+        delta, kept = _plain_output_error(saved[3 + 2 * n], saved[1], grad, loss), saved[4 + 2 * n :]
+        if delta is None:
+            return None
+    act, params = get_activation(ctx.activation), ctx.act_params
+    # A float 0/1 mask (act.mask_) is exact where Δ W is finite; the row sums of each masked Δ, which the bias
+    # gradients are anyway, tell at the end whether it was, for all layers at once (one reduction, not one each).
+    mask, row_sums = act.mask_, []
+    grads = [None] * (2 * n)
+    for k in range(n - 1, -1, -1):
+        h = kept[k - 1] if k else saved[0]
+        grads[2 * k] = delta.t().mm(h)
+        if layers[2 * k + 1] is not None:
+            grads[2 * k + 1] = delta.sum(0)
+        if mask is not None and k < n - 1:
+            row_sums.append(delta.sum(0) if grads[2 * k + 1] is None else grads[2 * k + 1])
+        if k:
+            gi = delta.mm(layers[2 * k])
+            delta = mask(gi, h) if mask is not None else act.backprop(gi, h, *params, overwrite_d=True)
+    if row_sums and not math.isfinite((torch.cat(row_sums) if len(row_sums) > 1 else row_sums[0]).sum().item()):
+        return None  # torch's select gives 0 where an inf or NaN meets a unit that is off: the general loop does
+    grad_input = delta.mm(layers[0]) if ctx.needs_input_grad[0] else None
+    return (grad_input, None, None, None, None, None, *grads)
+
+
+def _plain_output_error(z, target, grad_loss, loss):
+    """``Δ⁽ᴸ⁺¹⁾ = s (softmax(Z) − Y) / D`` (seed §3.1) when no row is ignored, else None (z is saved: the general
+    loop makes the softmax again)."""
+    return softmax_minus_one_hot_(z.softmax(1), target, loss[1], grad_loss, loss[0], p_can_be_remade=True)
 
 
 # --- the steps of MLPFunction.backward ---------------------------------------------------------------------------
@@ -192,9 +290,12 @@ def _previous_error(act, params, gi, factor, kept, g_kept, writable):
     return delta
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _loss_logits(z, loss):
     """The logits the loss sees: float32 under autocast when ``z`` is half precision (``loss[3]``)."""
-    return z.float() if loss[3] and z.dtype in (torch.float16, torch.bfloat16) else z
+    return z.float() if loss[3] and z.dtype in _HALF else z
 
 
 MLP_FUNCTION = compile_twin(MLPFunction)
@@ -288,12 +389,11 @@ def mlp_cross_entropy(
     logits_shape = input.shape[:-1] + (weights[-1].shape[0],)
     check_cross_entropy_args(logits_shape, target, weight, ignore_index, label_smoothing, name)
     params = tuple(act_params or DEFAULT_PARAMS[activation])
-    device_type = input.device.type
-    upcast = autocast_enabled(device_type)
+    upcast = internals.any_autocast() and autocast_enabled(input.device.type)
     if upcast:
         # torch's autocast policies, per argument: the network's GEMMs in the autocast dtype (F.linear),
         # the loss in float32 (F.cross_entropy). The casts happen here, where autograd differentiates them.
-        low = torch.get_autocast_dtype(device_type)
+        low = torch.get_autocast_dtype(input.device.type)
         input, cast = autocast_cast(input, low), [autocast_cast(t, low) for t in layers]
         if _per_sample.current is not None:  # tracked parameters now reach the Function as copies
             _per_sample.current.alias(layers, cast)

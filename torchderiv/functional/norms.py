@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import _per_sample
 from . import _torch_internals as internals
-from ._core import autocast_apply, compile_twin, may_overwrite
+from ._core import autocast_apply, compile_twin, may_overwrite, save_for_forward
 
 __all__ = ["NormFunction", "layer_norm", "rms_norm"]
 
@@ -84,7 +84,7 @@ class NormFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         input, weight, bias, k, eps, centered = inputs
         ctx.save_for_backward(input, weight, bias)
-        ctx.save_for_forward(input, weight, bias)
+        save_for_forward(ctx, input, weight, bias)
         ctx.config = (k, eps, centered)
         if _per_sample.current is not None:
             _per_sample.note_tracked(ctx, weight, bias)
