@@ -50,7 +50,7 @@ from benchmark import build, interleaved, make_step, ratio_stats, steps
 
 from torchderiv.functional._core import apply, compile_twin
 from torchderiv.functional.losses import check_cross_entropy_args
-from torchderiv.functional.mlp import MLPFunction, _layers
+from torchderiv.functional.mlp import MLPFunction, check_layers
 
 
 def _relu_mask_(d, h):
@@ -248,12 +248,12 @@ def main() -> None:
         "floor, two nodes": step(lambda: BareCrossEntropy.apply(BareNet.apply(x, *params), target)),
         "floor, one node": step(lambda: BareNetCrossEntropy.apply(x, target, *params)),
     }
-    ws, bs = ours._plain_layers()
 
     def checked(x, target):
         """What ``MLP.cross_entropy`` checks and prepares before its Function runs (relu, mean, no options)."""
-        layers = _layers(x, ws, bs, "mlp_cross_entropy")
-        check_cross_entropy_args(x.shape[:-1] + (ws[-1].shape[0],), target, None, -100, 0.0, "mlp_cross_entropy")
+        layers = ours._plain_layers()
+        n_out = check_layers(x, layers, "MLP")
+        check_cross_entropy_args(x.shape[:-1] + (n_out,), target, None, -100, 0.0, "MLP")
         return layers
 
     # torchderiv in parts: its Function on ready arguments, then with one body swapped for the floor's.

@@ -29,11 +29,12 @@ __all__ = [
 
 
 class FunctionForms(NamedTuple):
-    """A Function, its jvp-free twin and its classic-form twin; :func:`apply` picks one."""
+    """A Function, its jvp-free twin and its classic-form twin (and that twin's C entry); :func:`apply` picks one."""
 
     eager: type
     compiled: type
     classic: type
+    classic_apply: object
 
 
 def compile_twin(cls) -> FunctionForms:
@@ -50,7 +51,8 @@ def compile_twin(cls) -> FunctionForms:
         (cls,),
         {"jvp": torch.autograd.Function.jvp, "__doc__": f"{cls.__name__} without jvp, for torch.compile."},
     )
-    return FunctionForms(cls, twin, _classic(cls))
+    classic = _classic(cls)
+    return FunctionForms(cls, twin, classic, internals.c_apply(classic))
 
 
 def _classic(cls) -> type:
@@ -99,7 +101,7 @@ def apply(fn: FunctionForms, *args):
     if _unwrap is not None:  # tensors left wrapped by a finished transform, as Function.apply does
         args = [_unwrap(a) if isinstance(a, torch.Tensor) else a for a in args]
     # Function.apply's C entry (torch 2.13 wraps it in Python; 2.14 exposes it as apply itself)
-    return internals.function_apply(fn.classic, *args)
+    return fn.classic_apply(*args)
 
 
 _unwrap = internals.UNWRAP_IF_DEAD

@@ -22,6 +22,7 @@ __all__ = [
     "is_legacy_batched",
     "UNWRAP_IF_DEAD",
     "function_apply",
+    "c_apply",
     "graph_task_id",
     "queue_callback",
     "will_execute",
@@ -65,6 +66,11 @@ def function_apply(cls, *args):
     """``Function.apply``'s C entry, without the Python wrapper that binds arguments by ``inspect.signature``
     (torch 2.13 wraps it in Python; 2.14 exposes it directly)."""
     return super(torch.autograd.Function, cls).apply(*args)
+
+
+def c_apply(cls):
+    """:func:`function_apply` bound to ``cls`` once: the C entry itself, called with the Function's inputs."""
+    return torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
 
 
 def graph_task_id() -> int:

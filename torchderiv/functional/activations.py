@@ -309,7 +309,7 @@ def _elementwise_function(act: Activation, class_name: str):
 def _tag_activation(twins, act: Activation):
     # per_sample recognises a layer input made by one of these from its node (its Function class's .activation):
     # the node keeps h, or z to remake h from, until its own backward (_per_sample._remake).
-    for cls in twins:
+    for cls in (twins.eager, twins.compiled, twins.classic):
         cls.activation = act
     return twins
 

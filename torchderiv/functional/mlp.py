@@ -29,7 +29,7 @@ from .activations import DEFAULT_PARAMS, get_activation, times
 from .linear import check_linear_args, linear_backward, linear_forward, linear_jvp
 from .losses import ce_grads, ce_jvp, ce_value, check_cross_entropy_args, softmax_minus_one_hot_
 
-__all__ = ["MLPFunction", "mlp", "mlp_cross_entropy"]
+__all__ = ["MLPFunction", "mlp", "mlp_cross_entropy", "mlp_layers", "mlp_cross_entropy_layers", "check_layers"]
 
 _LAYERS = 6  # index of W⁽¹⁾ among MLPFunction's inputs
 
@@ -193,7 +193,7 @@ def _plain_backward(ctx, grad):
             return None
     act, params = get_activation(ctx.activation), ctx.act_params
     # A float 0/1 mask (act.mask_) is exact where Δ W is finite; the row sums of each masked Δ, which the bias
-    # gradients are anyway, tell at the end whether it was, for all layers at once (one reduction, not one each).
+    # gradients are anyway, tell at the end whether it was: one sum of n_k entries each, not one over Δ itself.
     mask, row_sums = act.mask_, []
     grads = [None] * (2 * n)
     for k in range(n - 1, -1, -1):
@@ -206,8 +206,9 @@ def _plain_backward(ctx, grad):
         if k:
             gi = delta.mm(layers[2 * k])
             delta = mask(gi, h) if mask is not None else act.backprop(gi, h, *params, overwrite_d=True)
-    if row_sums and not math.isfinite((torch.cat(row_sums) if len(row_sums) > 1 else row_sums[0]).sum().item()):
-        return None  # torch's select gives 0 where an inf or NaN meets a unit that is off: the general loop does
+    for sums in row_sums:  # (torch.cat of them would cost more than a sum each: measured)
+        if not math.isfinite(sums.sum().item()):
+            return None  # torch's select gives 0 where an inf or NaN meets a unit that is off: the general loop does
     grad_input = delta.mm(layers[0]) if ctx.needs_input_grad[0] else None
     return (grad_input, None, None, None, None, None, *grads)
 
@@ -301,28 +302,45 @@ def _loss_logits(z, loss):
 MLP_FUNCTION = compile_twin(MLPFunction)
 
 
-def _layers(input, weights, biases, name):
-    """Check the network's arguments; return ``[W⁽¹⁾, b⁽¹⁾, …]`` as MLPFunction takes them."""
+def _layers(weights, biases, name):
+    """``[W⁽¹⁾, b⁽¹⁾, …]`` as MLPFunction takes them, from one list of weights and one of biases (or None)."""
     n = len(weights)
     biases = [None] * n if biases is None else list(biases)
     if len(biases) != n or not n:
         raise ValueError(f"{name}: expected one bias (or None) per weight, got {n} weights and {len(biases)} biases")
-    check_linear_args(input, weights[0], biases[0], name=f"{name} layer 1")
-    layers = [weights[0], biases[0]]
-    n_prev = weights[0].shape[0]
-    for k in range(1, n):
-        w, b = weights[k], biases[k]
+    return [t for pair in zip(weights, biases) for t in pair]
+
+
+def check_layers(input, layers, name) -> int:
+    """Raise a clear error unless ``[W⁽¹⁾, b⁽¹⁾, …]`` (biases may be None) is a network for ``input``: each
+    weight takes the previous layer's outputs, each bias has one entry per output. Returns ``n_out``."""
+    w, b = layers[0], layers[1]
+    # check_linear_args's conditions in one expression (its name string and calls cost a small network ~1%, measured);
+    # where one fails, it runs and raises, naming what is wrong.
+    if not (
+        isinstance(input, torch.Tensor)
+        and isinstance(w, torch.Tensor)
+        and w.dim() == 2
+        and input.dim() >= 1
+        and input.shape[-1] == w.shape[1]
+        and (b is None or (isinstance(b, torch.Tensor) and b.shape == (w.shape[0],)))
+    ):
+        check_linear_args(input, w, b, name=f"{name} layer 1")
+    n_prev = w.shape[0]
+    for k in range(2, len(layers), 2):
+        w, b = layers[k], layers[k + 1]
         shape = w.shape
         if len(shape) != 2 or shape[1] != n_prev:
             raise RuntimeError(
-                f"{name} layer {k + 1}: expected a weight of shape (out_features, {n_prev}) to follow "
-                f"layer {k}'s {n_prev} outputs, got shape {tuple(shape)}"
+                f"{name} layer {k // 2 + 1}: expected a weight of shape (out_features, {n_prev}) to follow "
+                f"layer {k // 2}'s {n_prev} outputs, got shape {tuple(shape)}"
             )
         n_prev = shape[0]
         if b is not None and b.shape != (n_prev,):
-            raise RuntimeError(f"{name} layer {k + 1}: expected bias of shape ({n_prev},), got shape {tuple(b.shape)}")
-        layers += (w, b)
-    return layers
+            raise RuntimeError(
+                f"{name} layer {k // 2 + 1}: expected bias of shape ({n_prev},), got shape {tuple(b.shape)}"
+            )
+    return n_prev
 
 
 def mlp(
@@ -343,8 +361,14 @@ def mlp(
     Returns:
         ``(*, n_out)``, in the autocast dtype under autocast (as ``F.linear``).
     """
+    return mlp_layers(input, _layers(weights, biases, "mlp"), activation, act_params, "mlp")
+
+
+def mlp_layers(input, layers, activation, act_params=(), name="mlp"):
+    """:func:`mlp` of the network given as one list ``[W⁽¹⁾, b⁽¹⁾, …]`` (what :class:`torchderiv.nn.MLP` holds);
+    errors name ``name``."""
     get_activation(activation)
-    layers = _layers(input, weights, biases, "mlp")
+    check_layers(input, layers, name)
     params = tuple(act_params or DEFAULT_PARAMS[activation])
     return autocast_apply(MLP_FUNCTION, "lower", input, None, None, activation, params, None, *layers)[0]
 
@@ -378,16 +402,26 @@ def mlp_cross_entropy(
         ``(n_out,)`` / ``(N, n_out)`` logits as ``F.linear`` gives them (the autocast dtype under autocast).
     """
     name = "mlp_cross_entropy"
+    layers = _layers(weights, biases, name)
+    return mlp_cross_entropy_layers(
+        input, layers, target, activation, act_params, weight, ignore_index, reduction, label_smoothing, name
+    )
+
+
+def mlp_cross_entropy_layers(
+    input, layers, target, activation, act_params, weight, ignore_index, reduction, label_smoothing, name
+):
+    """:func:`mlp_cross_entropy` of the network given as one list ``[W⁽¹⁾, b⁽¹⁾, …]`` (what
+    :class:`torchderiv.nn.MLP` holds); errors name ``name``."""
     get_activation(activation)
     reduction = check_reduction(reduction)
-    layers = _layers(input, weights, biases, name)
+    n_out = check_layers(input, layers, name)
     if input.dim() > 2:
         raise RuntimeError(
             f"{name}: expected input of shape (n_0,) or (N, n_0) (logits with classes last), got shape "
             f"{tuple(input.shape)}; flatten the leading dimensions first"
         )
-    logits_shape = input.shape[:-1] + (weights[-1].shape[0],)
-    check_cross_entropy_args(logits_shape, target, weight, ignore_index, label_smoothing, name)
+    check_cross_entropy_args(input.shape[:-1] + (n_out,), target, weight, ignore_index, label_smoothing, name)
     params = tuple(act_params or DEFAULT_PARAMS[activation])
     upcast = internals.any_autocast() and autocast_enabled(input.device.type)
     if upcast:

@@ -13,6 +13,7 @@ from torch.nn.modules import module as _module
 
 from .. import functional as TF
 from ..functional.activations import get_activation
+from ..functional.mlp import mlp_cross_entropy_layers, mlp_layers
 
 __all__ = [
     "TorchderivModule",
@@ -191,8 +192,9 @@ class MLP(nn.Module):
             Linear(n_in, n_out, bias=bias, device=device, dtype=dtype) for n_in, n_out in zip(sizes[:-1], sizes[1:])
         )
 
-    def _plain_layers(self) -> tuple[list[Tensor], list[Tensor | None]] | None:
-        """``(weights, biases)`` when every child is a plain :class:`Linear`, else None.
+    def _plain_layers(self) -> list[Tensor | None] | None:
+        """``[W⁽¹⁾, b⁽¹⁾, …]`` (a bias None where a layer has none) when every child is a plain :class:`Linear`,
+        else None.
 
         Plain: exactly torchderiv's ``Linear`` (a parametrization or a replacement changes the class), no
         hooks of its own or global ones (pruning registers a forward pre-hook), its ``weight`` a
@@ -205,10 +207,10 @@ class MLP(nn.Module):
             or (_module._global_backward_pre_hooks)
         ):
             return None
-        weights, biases = [], []
+        layers = []
         # NOTE: the modules' dicts are read directly: nn.Module.__getattr__ costs ~1 µs a lookup, a measurable
         # share of a small network's step.
-        for m in self.layers._modules.values():
+        for m in self._modules["layers"]._modules.values():
             if (
                 type(m) is not Linear
                 or m._forward_hooks
@@ -221,9 +223,8 @@ class MLP(nn.Module):
             w = params.get("weight")
             if w is None:
                 return None
-            weights.append(w)
-            biases.append(params.get("bias"))
-        return weights, biases
+            layers += (w, params.get("bias"))
+        return layers
 
     def _child_by_child(self, input: Tensor) -> Tensor:
         """The network as the ``nn.Sequential`` of its children: each child called, hooks and all."""
@@ -241,7 +242,7 @@ class MLP(nn.Module):
         if layers is None:
             return self._child_by_child(input)
         # One Function for the whole network (torchderiv.functional.mlp): it keeps only what backward needs.
-        return TF.mlp(input, *layers, self.activation)
+        return mlp_layers(input, layers, self.activation, (), "MLP")
 
     def cross_entropy(
         self,
@@ -259,12 +260,14 @@ class MLP(nn.Module):
         Input ``(n_0,)`` or ``(N, n_0)``; the other arguments as :func:`torch.nn.functional.cross_entropy`.
         When a child is hooked, parametrized, pruned or replaced, the two calls are made child by child.
         """
-        kw = dict(weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
         layers = self._plain_layers()
         if layers is None:
             logits = self._child_by_child(input)
+            kw = dict(weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
             return TF.cross_entropy(logits, target, **kw), logits
-        return TF.mlp_cross_entropy(input, *layers, target, self.activation, **kw)
+        return mlp_cross_entropy_layers(
+            input, layers, target, self.activation, (), weight, ignore_index, reduction, label_smoothing, "MLP"
+        )
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, activation={self.activation!r}"
