@@ -14,6 +14,8 @@ On the digits-scale MLP (64-128-128-10, batch 64, relu, cross-entropy) a trainin
   generality: no argument checks, no autocast, no jvp/vmap/compile plumbing, no class weights, no
   ``ignore_index``, 2-D only;
 * floor, one node: network and loss as a single bare Function;
+* floor, one node, shaped as ours: the same with torchderiv's inputs (the options too) and outputs (the logits and
+  hidden activations, which double backward needs as outputs);
 * with ``--cpp``: the one-node floor with its forward and backward bodies written in C++ (the same ATen
   calls, built with ``torch.utils.cpp_extension.load_inline``; needs a C++ compiler and ninja, ~40 s to
   build the first time). The Function stays a Python ``autograd.Function``; only the calls between
@@ -116,6 +118,24 @@ class BareNetCrossEntropy(torch.autograd.Function):
         x, target, w1, w2, w3, h1, h2, z = ctx.saved_tensors
         d = _ce_backward(z, target, grad_output)
         return (None, None, *_net_backward(d, x, w1, w2, w3, h1, h2))
+
+
+class BareNetCrossEntropyShaped(torch.autograd.Function):
+    """The one-node floor with torchderiv's inputs and outputs: the options as four more inputs, and the logits and
+    hidden activations returned as outputs (what double backward needs of MLPFunction), not only saved."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, activation, act_params, loss, w1, b1, w2, b2, w3, b3):
+        z, h1, h2 = _net_forward(x, w1, b1, w2, b2, w3, b3)
+        ctx.save_for_backward(x, target, w1, w2, w3, h1, h2, z)
+        ctx.set_materialize_grads(False)
+        return F.nll_loss(z.log_softmax(1), target), z, h1, h2
+
+    @staticmethod
+    def backward(ctx, grad_output, *_):
+        x, target, w1, w2, w3, h1, h2, z = ctx.saved_tensors
+        d = _ce_backward(z, target, grad_output)
+        return (None,) * 6 + _net_backward(d, x, w1, w2, w3, h1, h2)
 
 
 class FloorForward(MLPFunction):
@@ -247,6 +267,9 @@ def main() -> None:
         "torchderiv, one": make_step(params, loss["torchderiv"], x, target),
         "floor, two nodes": step(lambda: BareCrossEntropy.apply(BareNet.apply(x, *params), target)),
         "floor, one node": step(lambda: BareNetCrossEntropy.apply(x, target, *params)),
+        "floor, one node, shaped as ours": step(
+            lambda: BareNetCrossEntropyShaped.apply(x, target, None, "relu", (), ("mean", -100, 0.0, False), *params)[0]
+        ),
     }
 
     def checked(x, target):
