@@ -60,6 +60,32 @@ def test_values_and_gradients_equal_torchs(n, kw, dtype, weight_gradient_form):
         assert_close(a, c, **tol)
 
 
+# (size, kernel, stride, padding, dilation) where the stride skips input rows at the far edge (their gradient is 0,
+# or from taps that the padding's crop would cut): conv_backward's output_padding case, each dim its own.
+FAR_EDGE = [
+    ((10, 8), 3, 2, 0, 1),
+    ((10, 9), 3, 2, 1, 1),
+    ((13, 12), 4, 2, 0, 1),
+    ((12, 11), 3, 3, 2, 2),
+    ((1, 2), 1, 5, 2, 1),  # a padding wider than the one tap's reach: the input gets no row of the full result
+]
+
+
+@pytest.mark.parametrize("size, kernel, stride, padding, dilation", FAR_EDGE, ids=str)
+@pytest.mark.parametrize("n", [1, 2], ids=["conv1d", "conv2d"])
+def test_input_gradient_where_the_stride_skips_the_far_edge(n, size, kernel, stride, padding, dilation):
+    ours, theirs = (TF.conv1d, F.conv1d) if n == 1 else (TF.conv2d, F.conv2d)
+    x = torch.randn(2, 4, *size[:n], dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, *[kernel] * n, dtype=torch.float64, requires_grad=True)
+    kw = dict(stride=stride, padding=padding, dilation=dilation)
+    out, ref = ours(x, w, None, **kw), theirs(x, w, None, **kw)
+    g = torch.randn_like(ref)
+    for a, c in zip(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+        assert_close(a, c, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, w: ours(x, w, None, **kw), (x, w), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(lambda x, w: ours(x, w, None, **kw), (x, w))
+
+
 @pytest.mark.parametrize("kw", [dict(stride=2, padding=1, groups=2), dict(padding="same", dilation=2)], ids=IDS[4:6])
 @pytest.mark.parametrize("n", [1, 2], ids=["conv1d", "conv2d"])
 def test_gradcheck_forward_ad_double_backward(n, kw, weight_gradient_form):

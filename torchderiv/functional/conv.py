@@ -128,6 +128,23 @@ def _per_example_weight_gradients(delta, x, kernel, stride, padding, dilation) -
     return out.reshape(channels, n, c_out, -1).permute(1, 2, 0, 3).reshape(n, c_out, -1)
 
 
+def _transposed_unpadded(transpose, delta, w, stride, padding, dilation, groups, spatial):
+    """``∂J/∂H`` where the forward's stride skipped rows at the far edge: the whole transposed convolution (every
+    padded position a tap reached), then in each spatial dim the input's own rows ``p … p + s − 1``, zeros past
+    the last tap's reach. The same numbers as ``output_padding``, which sends torch's CPU kernel down a path
+    ~2.5× slower than this (3.9 ms against 1.5 ms for Opacus's MNIST CNN's second layer, measured)."""
+    full = transpose(delta, w, None, stride, 0, 0, groups, dilation)
+    short = []
+    for dim, (p, s) in enumerate(zip(padding, spatial), start=2):
+        reach = full.shape[dim]  # a padding wider than the taps' reach leaves the input no row of it
+        kept = max(0, min(s, reach - p))
+        full = full.narrow(dim, min(p, reach), kept)
+        short.append(s - kept)
+    if not any(short):
+        return full
+    return F.pad(full, [n for missing in reversed(short) for n in (0, missing)])
+
+
 def conv_backward(needs, delta, x, w, b, stride, padding, dilation, groups):
     """``(∂J/∂H, ∂J/∂W, ∂J/∂b)`` given ``Δ = ∂J/∂Z``, each only if ``needs`` asks: ``∂J/∂H`` the transposed
     convolution of Δ with W (``Δ W`` folded back), ``∂J/∂W = Σ Δᵀ P`` per group, ``∂J/∂b = Σ Δ`` over examples and
@@ -142,7 +159,10 @@ def conv_backward(needs, delta, x, w, b, stride, padding, dilation, groups):
             for s, o, st, p, d, k in zip(spatial, out, stride, padding, dilation, w.shape[2:])
         )
         transpose = F.conv_transpose1d if x.dim() == 3 else F.conv_transpose2d
-        grad_input = transpose(delta, w, None, stride, padding, extra, groups, dilation)
+        if any(extra):
+            grad_input = _transposed_unpadded(transpose, delta, w, stride, padding, dilation, groups, spatial)
+        else:
+            grad_input = transpose(delta, w, None, stride, padding, extra, groups, dilation)
     taps = math.prod(w.shape[2:])
     if needs[1] and taps >= _CONVOLUTION_TAPS and x.shape[0]:
         grad_weight = _weight_gradient_as_convolution(delta, x, w.shape[2:], stride, padding, dilation, groups)
