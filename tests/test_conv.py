@@ -41,7 +41,9 @@ def weight_gradient_form(request, monkeypatch):
     """Both forms of ∂J/∂W = Σ Δᵀ P (and, inside per_sample, of each example's Δᵢᵀ Pᵢ): the GEMMs over patches (small
     kernels) and the correlation of H with Δ as torch's forward convolution (kernels of many taps), each forced for
     every kernel."""
-    monkeypatch.setattr(CONV, "_CONVOLUTION_TAPS", 1 if request.param == "convolution" else 10**9)
+    by_convolution = request.param == "convolution"
+    monkeypatch.setattr(CONV, "_summed_by_convolution", lambda kernel, stride: by_convolution)
+    monkeypatch.setattr(CONV, "_per_example_by_convolution", lambda kernel: by_convolution)
     return request.param
 
 
@@ -106,17 +108,20 @@ def test_unbatched_input_and_meta_device():
 def test_backward_uses_no_convolution_derivative_kernel():
     # torch's convolution_backward must not run: the weight gradient is the GEMM over patches, the input gradient a
     # transposed convolution (a forward op)
-    x, w, b = _args(2, dict(stride=2, padding=1))
+    x, w, b = _args(2, dict(padding=1))
     with torch.profiler.profile() as prof:
-        TF.conv2d(x, w, b, stride=2, padding=1).sum().backward()
+        TF.conv2d(x, w, b, padding=1).sum().backward()
     names = {e.name for e in prof.events()}
     assert not any("convolution_backward" in name for name in names), sorted(names)
     assert "aten::bmm" in names, sorted(names)  # the weight gradient: each example's Δᵢᵀ Pᵢ
-    with torch.profiler.profile() as prof:  # an 8×8 kernel: the weight gradient as torch's forward convolution
-        TF.conv2d(x, torch.randn(6, 4, 8, 8, dtype=x.dtype), stride=2, padding=3).sum().backward()
-    names = {e.name for e in prof.events()}
-    assert not any("convolution_backward" in name for name in names), sorted(names)
-    assert "aten::bmm" not in names and sum("convolution" in name for name in names) >= 1, sorted(names)
+    # an 8×8 kernel, or a strided 3×3 one: the weight gradient as torch's forward convolution
+    for kernel, stride, padding in ((8, 1, 3), (3, 2, 1)):
+        with torch.profiler.profile() as prof:
+            weight = torch.randn(6, 4, kernel, kernel, dtype=x.dtype, requires_grad=True)
+            TF.conv2d(x, weight, stride=stride, padding=padding).sum().backward()
+        names = {e.name for e in prof.events()}
+        assert not any("convolution_backward" in name for name in names), sorted(names)
+        assert "aten::bmm" not in names and sum("convolution" in name for name in names) >= 2, sorted(names)
 
 
 @pytest.mark.parametrize(
