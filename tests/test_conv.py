@@ -75,9 +75,14 @@ FAR_EDGE = [
 
 @pytest.mark.parametrize("size, kernel, stride, padding, dilation", FAR_EDGE, ids=str)
 @pytest.mark.parametrize("n", [1, 2], ids=["conv1d", "conv2d"])
-def test_input_gradient_where_the_stride_skips_the_far_edge(n, size, kernel, stride, padding, dilation):
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "an-example-a-time"])
+def test_input_gradient_where_the_stride_skips_the_far_edge(
+    n, size, kernel, stride, padding, dilation, chunked, monkeypatch
+):
+    if chunked:
+        monkeypatch.setattr(CONV, "_CORRELATION_FLOATS", 1)
     ours, theirs = (TF.conv1d, F.conv1d) if n == 1 else (TF.conv2d, F.conv2d)
-    x = torch.randn(2, 4, *size[:n], dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, *size[:n], dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, 4, *[kernel] * n, dtype=torch.float64, requires_grad=True)
     kw = dict(stride=stride, padding=padding, dilation=dilation)
     out, ref = ours(x, w, None, **kw), theirs(x, w, None, **kw)
