@@ -65,26 +65,26 @@ def test_values_and_gradients_equal_torchs(n, kw, dtype, weight_gradient_form):
 # (size, kernel, stride, padding, dilation) where the stride skips input rows at the far edge (their gradient is 0,
 # or from taps that the padding's crop would cut): conv_backward's output_padding case, each dim its own.
 FAR_EDGE = [
-    ((10, 8), 3, 2, 0, 1),
-    ((10, 9), 3, 2, 1, 1),
-    ((13, 12), 4, 2, 0, 1),
-    ((12, 11), 3, 3, 2, 2),
-    ((1, 2), 1, 5, 2, 1),  # a padding wider than the one tap's reach: the input gets no row of the full result
+    ((10, 8), 3, 2, 0, 1, 1),
+    ((10, 9), 3, 2, 1, 1, 2),
+    ((13, 12), 4, 2, 0, 1, 1),
+    ((12, 11), 3, 3, 2, 2, 2),
+    ((1, 2), 1, 5, 2, 1, 1),  # a padding wider than the one tap's reach: the input gets no row of the full result
 ]
 
 
-@pytest.mark.parametrize("size, kernel, stride, padding, dilation", FAR_EDGE, ids=str)
+@pytest.mark.parametrize("size, kernel, stride, padding, dilation, groups", FAR_EDGE, ids=str)
 @pytest.mark.parametrize("n", [1, 2], ids=["conv1d", "conv2d"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "an-example-a-time"])
 def test_input_gradient_where_the_stride_skips_the_far_edge(
-    n, size, kernel, stride, padding, dilation, chunked, monkeypatch
+    n, size, kernel, stride, padding, dilation, groups, chunked, monkeypatch
 ):
     if chunked:
         monkeypatch.setattr(CONV, "_CORRELATION_FLOATS", 1)
     ours, theirs = (TF.conv1d, F.conv1d) if n == 1 else (TF.conv2d, F.conv2d)
     x = torch.randn(3, 4, *size[:n], dtype=torch.float64, requires_grad=True)
-    w = torch.randn(6, 4, *[kernel] * n, dtype=torch.float64, requires_grad=True)
-    kw = dict(stride=stride, padding=padding, dilation=dilation)
+    w = torch.randn(6, 4 // groups, *[kernel] * n, dtype=torch.float64, requires_grad=True)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     out, ref = ours(x, w, None, **kw), theirs(x, w, None, **kw)
     g = torch.randn_like(ref)
     for a, c in zip(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
