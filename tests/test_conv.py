@@ -202,6 +202,20 @@ def test_per_sample_equals_one_backward_per_example(mode, grad_sample, dtype, we
     assert (c < 1).any()  # the clipping bites
 
 
+def test_per_sample_clipped_sum_as_a_convolution_an_example_at_a_time(monkeypatch):
+    # a layer in the Gram form (few positions, many weights) takes its clipped sum at the end of the pass as torch's
+    # forward convolution of H with c ⊙ Δ, made a few examples at a time (here one): the same clipped gradient
+    monkeypatch.setattr(CONV, "_CORRELATION_FLOATS", 1)
+    monkeypatch.setattr(CONV, "_summed_by_convolution", lambda kernel, stride: True)
+    monkeypatch.setattr(CONV, "_per_example_by_convolution", lambda kernel: True)
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(8, 32, 3, stride=3), nn.Flatten(), nn.Linear(32 * 16, 3)).double()
+    ours = torchderiv.convert(copy.deepcopy(ref))
+    x, y = torch.randn(5, 8, 12, 12, dtype=torch.float64), torch.randint(0, 3, (5,))
+    c = check_clipping_against_per_example_autograd(ours, ref, x, y, 0.1, False)
+    assert (c < 1).any()
+
+
 def test_per_sample_with_the_gram_form_makes_the_patches_again(weight_gradient_form):
     # a layer with few output positions and many weights takes the Gram form: its patches are not held to the end
     # of the pass but made again from the input then, a few examples at a time (the same clipped gradient)
