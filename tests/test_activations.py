@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from helpers import LAYOUTS, check_parity, full_check, leaf
 
 import torchderiv.functional as TF
+import torchderiv.functional.activations as acts
 from torchderiv.functional.activations import ACTIVATIONS
 
 # (name, torchderiv fn, torch fn, kwargs)
@@ -152,6 +153,40 @@ def test_gelu_derivative_keeps_its_digits_in_the_lower_tail():
         # float32 there; the cancellation this test guards against is a 100% error.
         rtol = 2e-5 if dtype == torch.float32 else 1e-12
         torch.testing.assert_close(ours.double(), ref, rtol=rtol, atol=0, msg=f"{dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_gelu_plain_backward_in_pieces(dtype, monkeypatch):
+    """A plain backward of a large GELU builds g' a piece at a time in two small buffers: every piece, the ragged
+    last one included, equals the whole tensor's formula bit for bit, and torch's gradient; also written into an
+    owned incoming gradient (the MLP's), and for a non-contiguous input (which takes the whole-tensor form)."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.cat([torch.randn(40, dtype=dtype, generator=g) * 3, torch.tensor([-12.0, -5.0, 0.0, 7.0], dtype=dtype)])
+    z = leaf(z.reshape(4, 11))
+    d = torch.randn(4, 11, dtype=dtype, generator=g)
+
+    def grad(x):
+        (gx,) = torch.autograd.grad(TF.gelu(x), x, d)
+        return gx
+
+    whole = grad(z)  # 44 elements: one piece at the default size
+    pieces = []
+    real = acts._gelu_backprop_in_pieces
+    monkeypatch.setattr(acts, "_gelu_backprop_in_pieces", lambda *a: pieces.append(1) or real(*a))
+    monkeypatch.setattr(acts, "_GELU_PIECE", 7)  # 6 pieces of 7 and one of 2
+    in_pieces = grad(z)
+    assert pieces, "the piecewise form did not run"
+    torch.testing.assert_close(in_pieces, whole, rtol=0, atol=0)
+    (ref,) = torch.autograd.grad(F.gelu(z), z, d)
+    torch.testing.assert_close(in_pieces, ref)
+    owned = d.clone()
+    torch.testing.assert_close(acts._gelu_backprop(owned, z.detach(), "none", overwrite_d=True), whole, rtol=0, atol=0)
+    torch.testing.assert_close(owned, whole, rtol=0, atol=0)  # written into the incoming gradient itself
+    pieces.clear()
+    zt = leaf(z.detach().t())  # not contiguous: the whole-tensor form
+    (gt,) = torch.autograd.grad(TF.gelu(zt), zt, d.t())
+    assert not pieces
+    torch.testing.assert_close(gt, whole.t(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
