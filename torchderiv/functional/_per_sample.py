@@ -317,13 +317,15 @@ class Recorder:
             remake = None if isinstance(input, MadeRows) else _remake(input)
             held = h.held if isinstance(h, MadeRows) else t * n_in  # floats an example of H, or of its source
             if self.grad_sample or (t > 1 and n_in * n_out <= t * n_out + held):
-                if remake is None:
+                if remake is None or layer.sum_only:
+                    # norms only: the product is summed a part at a time and never kept, so making it now adds a
+                    # part's buffer to no peak, and H is at hand (made again later, it cost an activation's forward)
                     _product(layer, d, h, sq)
                 else:
                     # H's maker keeps H (or Z) until its own backward, the next step of this pass and where a
                     # backward's memory peaks (it holds its input, its output's gradient and its result at once):
-                    # made now, the product would add to that peak. So Δ and H (or Z) wait, and the product is made
-                    # after that step, when the next tracked layer comes or at the end (_settle).
+                    # made now, the kept product would add to that peak. So Δ and H (or Z) wait, and the product is
+                    # made after that step, when the next tracked layer comes or at the end (_settle).
                     layer.delta, layer.waiting = delta, True
                     layer.input, layer.remake = (input, None) if remake[1] is None else (None, remake)
             else:
