@@ -192,23 +192,24 @@ def _plain_backward(ctx, grad):
         if delta is None:
             return None
     act, params = get_activation(ctx.activation), ctx.act_params
-    # A float 0/1 mask (act.mask_) is exact where Δ W is finite; the row sums of each masked Δ, which the bias
-    # gradients are anyway, tell at the end whether it was: one sum of n_k entries each, not one over Δ itself.
-    mask, row_sums = act.mask_, []
+    mask = act.mask_
     grads = [None] * (2 * n)
     for k in range(n - 1, -1, -1):
         h = kept[k - 1] if k else saved[0]
         grads[2 * k] = delta.t().mm(h)
         if layers[2 * k + 1] is not None:
             grads[2 * k + 1] = delta.sum(0)
-        if mask is not None and k < n - 1:
-            row_sums.append(delta.sum(0) if grads[2 * k + 1] is None else grads[2 * k + 1])
         if k:
             gi = delta.mm(layers[2 * k])
             delta = mask(gi, h) if mask is not None else act.backprop(gi, h, *params, overwrite_d=True)
-    for sums in row_sums:  # (torch.cat of them would cost more than a sum each: measured)
+    # A float 0/1 mask (act.mask_) is exact where Δ W is finite; torch's select gives 0 where an inf or NaN meets a
+    # unit that is off, the mask NaN. A non-finite entry of a masked Δ makes its whole row non-finite in every Δ
+    # below it (Δ W spreads it along the row, the mask keeps it), so the first layer's Δ tells for all of them: one
+    # sum of its column sums (its bias gradient), and the general loop, with the select, where it is not finite.
+    if mask is not None and n > 1:
+        sums = grads[1] if grads[1] is not None else delta.sum(0)
         if not math.isfinite(sums.sum().item()):
-            return None  # torch's select gives 0 where an inf or NaN meets a unit that is off: the general loop does
+            return None
     grad_input = delta.mm(layers[0]) if ctx.needs_input_grad[0] else None
     return (grad_input, None, None, None, None, None, *grads)
 
