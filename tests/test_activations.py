@@ -155,38 +155,48 @@ def test_gelu_derivative_keeps_its_digits_in_the_lower_tail():
         torch.testing.assert_close(ours.double(), ref, rtol=rtol, atol=0, msg=f"{dtype}")
 
 
+# the activations whose plain backward builds g'(z) a piece at a time: (torchderiv's, torch's, its backprop)
+PIECEWISE = {"gelu": (TF.gelu, F.gelu, "_gelu_backprop"), "silu": (TF.silu, F.silu, "_silu_backprop")}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_gelu_plain_backward_in_pieces(dtype, monkeypatch):
-    """A plain backward of a large GELU builds g' a piece at a time in two small buffers: every piece, the ragged
-    last one included, equals the whole tensor's formula bit for bit, and torch's gradient; also written into an
-    owned incoming gradient (the MLP's), and for a non-contiguous input (which takes the whole-tensor form)."""
+@pytest.mark.parametrize("name", list(PIECEWISE))
+def test_plain_backward_in_pieces(name, dtype, monkeypatch):
+    """A plain backward of a large GELU or SiLU builds g' a piece at a time in two small buffers: every piece, the
+    ragged last one included, equals the whole tensor's formula bit for bit, and torch's gradient; also written into
+    an owned incoming gradient (the MLP's), and for a non-contiguous input (which takes the whole-tensor form)."""
+    ours, theirs, backprop = PIECEWISE[name]
+    extra = () if name == "silu" else ("none",)
     g = torch.Generator().manual_seed(5)
-    z = torch.cat([torch.randn(40, dtype=dtype, generator=g) * 3, torch.tensor([-12.0, -5.0, 0.0, 7.0], dtype=dtype)])
-    z = leaf(z.reshape(4, 11))
-    d = torch.randn(4, 11, dtype=dtype, generator=g)
+    z = torch.cat([torch.randn(400, dtype=dtype, generator=g) * 3, torch.tensor([-12.0, -5.0, 0.0, 7.0], dtype=dtype)])
+    z = leaf(z.reshape(4, 101))
+    d = torch.randn(4, 101, dtype=dtype, generator=g)
 
     def grad(x):
-        (gx,) = torch.autograd.grad(TF.gelu(x), x, d)
+        (gx,) = torch.autograd.grad(ours(x), x, d)
         return gx
 
-    whole = grad(z)  # 44 elements: one piece at the default size
+    whole = grad(z)  # 404 elements: one piece at the default size
     pieces = []
-    real = acts._gelu_backprop_in_pieces
-    monkeypatch.setattr(acts, "_gelu_backprop_in_pieces", lambda *a: pieces.append(1) or real(*a))
-    monkeypatch.setattr(acts, "_GELU_PIECE", 7)  # 6 pieces of 7 and one of 2
+    real = acts._backprop_in_pieces
+    monkeypatch.setattr(acts, "_backprop_in_pieces", lambda *a: pieces.append(1) or real(*a))
+    # 6 pieces of 64 and one of 20. NOTE: pieces of a multiple of 64 elements, so that torch's kernels take their
+    # vectorised loop for the same elements as on the whole tensor (their scalar tail may round sigmoid differently)
+    monkeypatch.setattr(acts, "_PIECE", 64)
     in_pieces = grad(z)
     assert pieces, "the piecewise form did not run"
     torch.testing.assert_close(in_pieces, whole, rtol=0, atol=0)
-    (ref,) = torch.autograd.grad(F.gelu(z), z, d)
+    (ref,) = torch.autograd.grad(theirs(z), z, d)
     torch.testing.assert_close(in_pieces, ref)
     owned = d.clone()
-    torch.testing.assert_close(acts._gelu_backprop(owned, z.detach(), "none", overwrite_d=True), whole, rtol=0, atol=0)
+    out = getattr(acts, backprop)(owned, z.detach(), *extra, overwrite_d=True)
+    torch.testing.assert_close(out, whole, rtol=0, atol=0)
     torch.testing.assert_close(owned, whole, rtol=0, atol=0)  # written into the incoming gradient itself
     pieces.clear()
     zt = leaf(z.detach().t())  # not contiguous: the whole-tensor form
-    (gt,) = torch.autograd.grad(TF.gelu(zt), zt, d.t())
+    (gt,) = torch.autograd.grad(ours(zt), zt, d.t())
     assert not pieces
-    torch.testing.assert_close(gt, whole.t(), rtol=0, atol=0)
+    torch.testing.assert_close(gt, whole.t())  # (torch's kernels visit a transposed tensor in another order)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

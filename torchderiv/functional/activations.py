@@ -173,51 +173,23 @@ def _gelu_factor(z, approximate, writable=False, value=False, scratch=None):
     return factor, h
 
 
-# Elements of z per piece when GELU's plain backward goes a piece at a time (2 MiB of float32 per scratch buffer).
-_GELU_PIECE = 1 << 19
+# Elements of z per piece where a plain backward builds g'(z) a piece at a time (2 MiB of float32 per scratch buffer).
+_PIECE = 1 << 19
 
 
 def _gelu_backprop(d, z, approximate, overwrite_d=False):
     writable = overwrite_d or may_overwrite(d)
     if writable and approximate == "none" and _in_pieces(d, z):
-        return _gelu_backprop_in_pieces(d, z, overwrite_d)
+        return _backprop_in_pieces(lambda part, scratch: _gelu_factor(part, "none", scratch=scratch), d, z, overwrite_d)
     return times(d, _gelu_factor(z, approximate, writable)[0], writable, overwrite_d)
 
 
-def _in_pieces(d, z) -> bool:
-    return (
-        z.is_cpu
-        and z.numel() > _GELU_PIECE
-        and d.shape == z.shape
-        and d.dtype == z.dtype
-        and z.is_contiguous()
-        and d.is_contiguous()
-        and not torch.compiler.is_compiling()
-    )
-
-
-def _gelu_backprop_in_pieces(d, z, overwrite_d):
-    """``d ⊙ g'(z)`` a piece of ``_GELU_PIECE`` elements at a time, g' built in two scratch buffers of a piece's
-    size: the result is the one buffer of ``z``'s size this makes (none when ``overwrite_d``).
-
-    NOTE: built whole, g' took two fresh buffers of z's size; on CPU a fresh buffer of 16 MiB costs ~3 ms of page
-    faults (glibc maps it afresh), as long as erfc itself, and in a transformer's step these were a third of GELU's
-    backward (measured in the profiler, (256, 64, 256), 2 threads). Pieces of 2 MiB are reused within the call.
-    """
-    flat_z, flat_d = z.view(-1), d.view(-1)
-    out = flat_d if overwrite_d else torch.empty_like(flat_z)
-    scratch = (torch.empty(_GELU_PIECE, dtype=z.dtype), torch.empty(_GELU_PIECE, dtype=z.dtype))
-    for start in range(0, flat_z.numel(), _GELU_PIECE):
-        piece = flat_z[start : start + _GELU_PIECE]
-        n = piece.numel()
-        factor, _ = _gelu_factor(piece, "none", scratch=(scratch[0][:n], scratch[1][:n]))
-        torch.mul(flat_d[start : start + n], factor, out=out[start : start + n])
-    return out.view(z.shape)
-
-
-def _silu_factor(z, writable=False, value=False):
-    """``g'(z)`` for SiLU, and ``g(z) = z σ(z)`` too when ``value``."""
+def _silu_factor(z, writable=False, value=False, scratch=None):
+    """``g'(z)`` for SiLU, and ``g(z) = z σ(z)`` too when ``value``; ``scratch`` as for :func:`_gelu_factor`."""
     # g = z σ(z)  ⇒  g' = σ(z) (1 + z (1 − σ(z))) = σ + σ · (z − z σ).
+    if scratch is not None:
+        s = torch.sigmoid(z, out=scratch[0])
+        return s.addcmul_(s, torch.addcmul(z, z, s, value=-1, out=scratch[1])), None
     s = torch.sigmoid(z)
     h = z * s if value else None
     t = z - h if value else torch.addcmul(z, z, s, value=-1)  # z − z σ
@@ -226,7 +198,42 @@ def _silu_factor(z, writable=False, value=False):
 
 def _silu_backprop(d, z, overwrite_d=False):
     writable = overwrite_d or may_overwrite(d)
+    if writable and _in_pieces(d, z):
+        return _backprop_in_pieces(lambda part, scratch: _silu_factor(part, scratch=scratch), d, z, overwrite_d)
     return times(d, _silu_factor(z, writable)[0], writable, overwrite_d)
+
+
+def _in_pieces(d, z) -> bool:
+    return (
+        z.is_cpu
+        and z.numel() > _PIECE
+        and d.shape == z.shape
+        and d.dtype == z.dtype
+        and z.is_contiguous()
+        and d.is_contiguous()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _backprop_in_pieces(factor, d, z, overwrite_d):
+    """``d ⊙ g'(z)`` a piece of ``_PIECE`` elements at a time, ``factor(piece, scratch)`` building g' of the piece in
+    two scratch buffers of a piece's size: the result is the one buffer of ``z``'s size this makes (none when
+    ``overwrite_d``).
+
+    NOTE: built whole, g' takes two fresh buffers of z's size (GELU's Φ and φ, SiLU's σ and z − zσ); on CPU a fresh
+    buffer of 16 MiB costs ~3 ms of page faults (glibc maps it afresh), as long as erfc itself, and in a
+    transformer's step these were a third of GELU's backward (measured in the profiler, (256, 64, 256), 2 threads).
+    Pieces of 2 MiB are reused within the call.
+    """
+    flat_z, flat_d = z.view(-1), d.view(-1)
+    out = flat_d if overwrite_d else torch.empty_like(flat_z)
+    scratch = (torch.empty(_PIECE, dtype=z.dtype), torch.empty(_PIECE, dtype=z.dtype))
+    for start in range(0, flat_z.numel(), _PIECE):
+        piece = flat_z[start : start + _PIECE]
+        n = piece.numel()
+        g, _ = factor(piece, (scratch[0][:n], scratch[1][:n]))
+        torch.mul(flat_d[start : start + n], g, out=out[start : start + n])
+    return out.view(z.shape)
 
 
 def _sigmoid_backprop(d, h, overwrite_d=False):
