@@ -187,12 +187,11 @@ def _gelu_backprop(d, z, approximate, overwrite_d=False):
 def _silu_factor(z, writable=False, value=False, scratch=None):
     """``g'(z)`` for SiLU, and ``g(z) = z σ(z)`` too when ``value``; ``scratch`` as for :func:`_gelu_factor`."""
     # g = z σ(z)  ⇒  g' = σ(z) (1 + z (1 − σ(z))) = σ + σ · (z − z σ).
-    if scratch is not None:
-        s = torch.sigmoid(z, out=scratch[0])
-        return s.addcmul_(s, torch.addcmul(z, z, s, value=-1, out=scratch[1])), None
-    s = torch.sigmoid(z)
+    writable = writable or scratch is not None
+    s = torch.sigmoid(z) if scratch is None else torch.sigmoid(z, out=scratch[0])
     h = z * s if value else None
-    t = z - h if value else torch.addcmul(z, z, s, value=-1)  # z − z σ
+    out = {} if scratch is None else {"out": scratch[1]}
+    t = z - h if value else torch.addcmul(z, z, s, value=-1, **out)  # z − z σ
     return (s.addcmul_(s, t) if writable else torch.addcmul(s, s, t)), h
 
 
