@@ -397,7 +397,7 @@ def softmax_minus_one_hot_(p, target, ignore_index, grad_output, reduction, p_ca
     if not target.is_cpu:
         return None
     c = _class_dim(p)
-    index = target.long().unsqueeze(c)
+    index = (target if target.dtype == torch.long else target.long()).unsqueeze(c)
     if p_can_be_remade and not 0 <= ignore_index < p.shape[c]:
         try:
             grad_z = p.scatter_(c, index, -1.0, reduce="add")
@@ -513,6 +513,17 @@ CROSS_ENTROPY = compile_twin(CrossEntropyFunction)
 
 def check_cross_entropy_args(shape, target, weight, ignore_index, label_smoothing, name="cross_entropy"):
     """Raise a clear error unless ``target``, ``weight`` and the options fit logits of this ``shape``."""
+    # The usual call, (N, C) logits and N class indices with no options, in one expression: a small network's step
+    # is mostly such per-call work (docs/performance.md). Anything else goes through the checks below.
+    if (
+        weight is None
+        and label_smoothing == 0
+        and len(shape) == 2
+        and isinstance(target, torch.Tensor)
+        and target.dtype == torch.long
+        and target.shape == shape[:1]
+    ):
+        return
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{name}: expected target to be a Tensor, got {type(target).__name__}")
     if len(shape) == 0:
