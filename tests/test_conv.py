@@ -93,6 +93,33 @@ def test_input_gradient_where_the_stride_skips_the_far_edge(
     assert torch.autograd.gradgradcheck(lambda x, w: ours(x, w, None, **kw), (x, w))
 
 
+# (kernel, stride, padding) of strided convolutions without dilation, whose input gradient is one forward convolution
+# per phase of the stride: taps in every phase or not (a kernel narrower than the stride), paddings up to the kernel's
+# width, rows no tap reaches at either edge.
+PHASES = [(k, s, p) for k in (1, 2, 3, 4) for s in (2, 3) for p in range(k + 1)]
+
+
+@pytest.mark.parametrize("kernel, stride, padding", PHASES, ids=str)
+@pytest.mark.parametrize("n", [1, 2], ids=["conv1d", "conv2d"])
+def test_strided_input_gradient_by_phases(n, kernel, stride, padding, monkeypatch):
+    """Each phase's convolution written into its rows, whole and an example at a time, for two sizes and two groups:
+    torch's input gradient to 1e-12 (the batch size may change the convolution's order of summation by an ulp)."""
+    ours, theirs = (TF.conv1d, F.conv1d) if n == 1 else (TF.conv2d, F.conv2d)
+    for size, groups in ((7, 1), (8, 2)):
+        x = torch.randn(3, 4, *[size] * n, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(6, 4 // groups, *[kernel] * n, dtype=torch.float64)
+        kw = dict(stride=stride, padding=padding, groups=groups)
+        ref = theirs(x, w, None, **kw)
+        g = torch.randn_like(ref)
+        (expected,) = torch.autograd.grad(ref, x, g)
+        (whole,) = torch.autograd.grad(ours(x, w, None, **kw), x, g)
+        monkeypatch.setattr(CONV, "_CORRELATION_FLOATS", 1)
+        (chunked,) = torch.autograd.grad(ours(x, w, None, **kw), x, g)
+        monkeypatch.undo()
+        assert_close(whole, expected, rtol=1e-12, atol=1e-12)
+        assert_close(chunked, expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("kw", [dict(stride=2, padding=1, groups=2), dict(padding="same", dilation=2)], ids=IDS[4:6])
 @pytest.mark.parametrize("n", [1, 2], ids=["conv1d", "conv2d"])
 def test_gradcheck_forward_ad_double_backward(n, kw, weight_gradient_form):
