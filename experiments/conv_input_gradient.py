@@ -2,7 +2,8 @@
 convolution.
 
 To run:
-    .venv/bin/python experiments/conv_input_gradient.py      # ~1 minute on 2 CPU cores
+    .venv/bin/python experiments/conv_input_gradient.py           # ~1 minute on 2 CPU cores
+    .venv/bin/python experiments/conv_input_gradient.py --steps   # and the two CNNs' plain steps, a few minutes
 
 For each strided layer of the two CNNs in experiments/dp_benchmark.py (batch 256), this times, interleaved in one
 process (A B C C B A …), three ways to compute ``∂J/∂H`` from ``Δ = ∂J/∂Z``:
@@ -14,7 +15,11 @@ process (A B C C B A …), three ways to compute ``∂J/∂H`` from ``Δ = ∂J/
 * torch's own ``convolution_backward`` (the derivative kernel autograd runs; not used by torchderiv), for scale.
 
 Each is checked against the others first. Prints the median time of each and the ratio transposed / phases per
-layer (above 1: the phases are faster). Nothing here is used by the library.
+layer (above 1: the phases are faster).
+
+With ``--steps``, also the plain training step of each CNN (forward, cross-entropy, backward; ``dp_benchmark.build``)
+three ways, interleaved: torchderiv as it is, torchderiv with the transposed convolution in place of the phases, and
+torch autograd. Nothing here is used by the library.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+import torchderiv.functional as TF
 
 conv = importlib.import_module("torchderiv.functional.conv")
 
@@ -43,27 +50,83 @@ def contenders(n, c_in, c_out, size, kernel, stride, padding):
     w = torch.randn(c_out, c_in, kernel, kernel)
     delta = torch.randn_like(F.conv2d(x, w, None, stride, padding))
     s, p = (stride, stride), (padding, padding)
-
-    def transposed():
-        out = delta.shape[2:]
-        extra = [size - ((o - 1) * stride - 2 * padding + kernel) for o in out]
-        if any(extra):
-            return conv._transposed_unpadded(F.conv_transpose2d, delta, w, s, p, (1, 1), 1, x.shape[2:])
-        return F.conv_transpose2d(delta, w, None, s, p)
-
     return {
         "phases": lambda: conv._input_gradient_by_phases(delta, w, s, p, 1, x.shape[2:]),
-        "transposed": transposed,
+        "transposed": lambda: _transposed_for_phases(delta, w, s, p, 1, x.shape[2:]),
         "torch's convolution_backward": lambda: torch.ops.aten.convolution_backward(
             delta, x, w, None, s, p, (1, 1), False, (0, 0), 1, (True, False, False)
         )[0],
     }
 
 
+def _transposed_for_phases(delta, w, stride, padding, groups, spatial):
+    """The transposed convolution in the phases' place, with their arguments: cropped where the stride skipped input
+    rows at the far edge, as ``conv_backward`` takes it for dilated layers."""
+    transpose = F.conv_transpose1d if delta.dim() == 3 else F.conv_transpose2d
+    ones = (1,) * len(stride)
+    kernel = w.shape[2:]
+    dims = zip(spatial, delta.shape[2:], stride, padding, kernel)
+    extra = [size - ((o - 1) * s - 2 * p + k) for size, o, s, p, k in dims]
+    if any(extra):
+        return conv._transposed_unpadded(transpose, delta, w, stride, padding, ones, groups, spatial)
+    return transpose(delta, w, None, stride, padding, 0, groups, 1)
+
+
+def steps(case: str, rounds: int) -> None:
+    """The plain step of dp_benchmark's ``case``: torchderiv with the phases, with the transposed convolution, and
+    torch autograd, interleaved; prints medians and ratios."""
+    import dp_benchmark
+
+    ours, theirs, x, y = dp_benchmark.build(case)
+    phases = conv._input_gradient_by_phases
+
+    def step(model, loss, form=None):
+        def run():
+            if form is not None:
+                conv._input_gradient_by_phases = form
+            try:
+                for p in model.parameters():
+                    p.grad = None
+                loss(model(x), y).backward()
+            finally:
+                conv._input_gradient_by_phases = phases
+
+        return run
+
+    fns = {
+        "phases": step(ours, TF.cross_entropy),
+        "transposed": step(ours, TF.cross_entropy, _transposed_for_phases),
+        "autograd": step(theirs, F.cross_entropy),
+    }
+    grads = {}
+    for name in ("phases", "transposed"):
+        fns[name]()
+        grads[name] = [p.grad.clone() for p in ours.parameters()]
+    for a, b in zip(*grads.values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    times = {k: [] for k in fns}
+    for r in range(rounds):
+        order = list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]
+        for k, f in order:
+            start = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - start)
+    med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+    def ratio(a, b):
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    cells = ", ".join(f"{k} {v:.1f} ms" for k, v in med.items())
+    vs = f"phases / transposed {ratio('phases', 'transposed'):.2f}, phases / autograd {ratio('phases', 'autograd'):.2f}"
+    print(f"{case} plain step: {cells}; {vs}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", action="store_true", help="also the two CNNs' plain steps (a few minutes)")
+    parser.add_argument("--step-rounds", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"CPU, {args.threads} threads, float32; median of {args.rounds} interleaved rounds")
@@ -84,6 +147,9 @@ def main() -> None:
         ratio = statistics.median(a / b for a, b in zip(times["transposed"], times["phases"]))
         cells = ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
         print(f"{name} {tuple(shape)}: {cells}; transposed / phases {ratio:.2f}")
+    if args.steps:
+        for case in ("cnn", "cnn_groupnorm"):
+            steps(case, args.step_rounds)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,13 @@ def test_overhead_floor_cpp_body_builds_and_matches_autograd():
 
 
 def test_conv_input_gradient_runs_and_its_contenders_agree():
-    # The script checks the phases and the transposed convolution against torch's derivative kernel before timing.
-    out = _run(["conv_input_gradient.py", "--rounds", "1"])
+    # The script checks the phases and the transposed convolution against torch's derivative kernel before timing,
+    # and with --steps the two CNNs' gradients with either against each other.
+    out = _run(["conv_input_gradient.py", "--rounds", "1", "--steps", "--step-rounds", "1"])
     for name in ("MNIST CNN, conv 2", "GroupNorm CNN, conv 2", "GroupNorm CNN, conv 4"):
         assert name in out and "transposed / phases" in out.split(name)[1].splitlines()[0]
+    for case in ("cnn plain step", "cnn_groupnorm plain step"):
+        assert case in out and "phases / autograd" in out.split(case)[1].splitlines()[0]
 
 
 def test_benchmark_quick_writes_its_tables(tmp_path):

@@ -189,7 +189,7 @@ def _input_gradient_by_phases(delta, w, stride, padding, groups, spatial):
     ``y = r + s·t`` of one phase r (0 ≤ r < s) are reached only by the taps ``u = u₀ + m·s``, ``u₀ = (r + p) mod s``,
     from ``q = t + c₀ − m``, ``c₀ = (r + p − u₀) / s``: a stride-1 correlation of Δ with those taps reversed — the
     transposed convolution split into sᵈ small convolutions, each written into its phase's rows of ∂J/∂H; rows no
-    tap reaches are 0. torch's transposed convolution (cropped, :func:`_transposed_unpadded`) took 1.1–2.2× as long
+    tap reaches are 0. torch's transposed convolution (cropped, :func:`_transposed_unpadded`) took 0.9–2.2× as long
     for the strided layers of experiments/dp_benchmark.py's CNNs (CPU, 2 threads; experiments/conv_input_gradient.py).
     A few examples at a time: each phase's result is then a small buffer, used while it is in cache."""
     n, c_out = delta.shape[:2]
