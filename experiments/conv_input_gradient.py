@@ -27,14 +27,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from benchmark import interleaved
 
 import torchderiv.functional as TF
 
 conv = importlib.import_module("torchderiv.functional.conv")
+CPU = torch.device("cpu")
 
 # (name, N, C_in, C_out, size, kernel, stride, padding): the strided layers of dp_benchmark's two CNNs
 LAYERS = [
@@ -104,13 +105,7 @@ def steps(case: str, rounds: int) -> None:
         grads[name] = [p.grad.clone() for p in ours.parameters()]
     for a, b in zip(*grads.values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    times = {k: [] for k in fns}
-    for r in range(rounds):
-        order = list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]
-        for k, f in order:
-            start = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - start)
+    times = interleaved(fns, rounds, 1, CPU)
     med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
     def ratio(a, b):
@@ -135,14 +130,8 @@ def main() -> None:
         results = {k: f() for k, f in fns.items()}
         for k, r in results.items():
             torch.testing.assert_close(r, results["torch's convolution_backward"], rtol=1e-4, atol=1e-4, msg=k)
-        times = {k: [] for k in fns}
         with torch.no_grad():
-            for r in range(args.rounds):
-                order = list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]
-                for k, f in order:
-                    start = time.perf_counter()
-                    f()
-                    times[k].append(time.perf_counter() - start)
+            times = interleaved(fns, args.rounds, 1, CPU)
         med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
         ratio = statistics.median(a / b for a, b in zip(times["transposed"], times["phases"]))
         cells = ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
