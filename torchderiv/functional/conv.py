@@ -239,7 +239,9 @@ def conv_backward(needs, delta, x, w, b, stride, padding, dilation, groups):
     positions."""
     grad_input = grad_weight = grad_bias = None
     spatial = x.shape[2:]
-    if needs[0]:
+    if needs[0] and max(stride) > 1 and max(dilation) == 1 and delta.is_cpu:  # the phases: measured on CPU only
+        grad_input = _input_gradient_by_phases(delta, w, stride, padding, groups, spatial)
+    elif needs[0]:
         out = delta.shape[2:]
         # the rows and columns the forward's stride skipped at the far edge come back as output_padding
         extra = tuple(
@@ -247,9 +249,7 @@ def conv_backward(needs, delta, x, w, b, stride, padding, dilation, groups):
             for s, o, st, p, d, k in zip(spatial, out, stride, padding, dilation, w.shape[2:])
         )
         transpose = F.conv_transpose1d if x.dim() == 3 else F.conv_transpose2d
-        if max(stride) > 1 and max(dilation) == 1 and delta.is_cpu:  # measured on CPU only
-            grad_input = _input_gradient_by_phases(delta, w, stride, padding, groups, spatial)
-        elif any(extra):
+        if any(extra):
             grad_input = _transposed_unpadded(transpose, delta, w, stride, padding, dilation, groups, spatial)
         else:
             grad_input = transpose(delta, w, None, stride, padding, extra, groups, dilation)
