@@ -47,6 +47,16 @@ def test_conv_input_gradient_runs_and_its_contenders_agree():
         assert case in out and "phases / autograd" in out.split(case)[1].splitlines()[0]
 
 
+def test_cnn_floor_runs_and_its_contenders_agree():
+    # The script checks each weight-gradient form against torch's derivative kernel before timing, and with --steps
+    # the CNNs' gradients with torch's kernels substituted against torchderiv's own.
+    out = _run(["cnn_floor.py", "--rounds", "1", "--steps", "--step-rounds", "1"])
+    for name in ("MNIST CNN, conv 1", "MNIST CNN, conv 2", "GroupNorm CNN, conv 4"):
+        assert name in out and "taken / torch's" in out.split(name)[1].splitlines()[0]
+    assert "torch's weight gradients / autograd" in out.split("cnn plain step")[1].splitlines()[0]
+    assert "GroupNorm's fused backward / autograd" in out.split("cnn_groupnorm plain step")[1].splitlines()[0]
+
+
 def test_benchmark_quick_writes_its_tables(tmp_path):
     _run(["benchmark.py", "--quick", "--no-lce", "--rounds", "7", "--inner", "1", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]

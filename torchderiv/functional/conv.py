@@ -114,6 +114,21 @@ def _weight_gradient(delta, x, w, stride, padding, dilation, groups) -> torch.Te
     return (parts[0] if groups == 1 else torch.cat(parts)).reshape(w.shape)
 
 
+def _summed_over_patches(delta, x, w, stride, padding, dilation, groups) -> torch.Tensor:
+    """``∂J/∂W = Σ Δᵀ P`` by :func:`_weight_gradient`, a few examples at a time: their patches, C_in·k numbers for
+    each of L positions, would otherwise be made for the whole batch at once (hundreds of MB for a batch of 32×32
+    images). Zeros for an empty batch."""
+    taps = math.prod(w.shape[2:])
+    step = max(1, _CHUNK_FLOATS // max(1, math.prod(delta.shape[2:]) * w.shape[1] * taps * groups))
+    total = None
+    for start in range(0, x.shape[0], step):
+        part = _weight_gradient(
+            _examples(delta, start, step), _examples(x, start, step), w, stride, padding, dilation, groups
+        )
+        total = part if total is None else total + part
+    return torch.zeros_like(w) if total is None else total
+
+
 def _weight_gradient_as_convolution(delta, x, kernel, stride, padding, dilation, groups) -> torch.Tensor:
     """``Σ Δᵀ P`` read as the correlation it is: ``∂J/∂W[o, c, i, j] = Σ_{n, p, q} Δ[n, o, p, q] H[n, c, p·s + i·d,
     q·s + j·d]``, torch's forward convolution of H (channels as the batch, the examples of each group as its
@@ -253,20 +268,10 @@ def conv_backward(needs, delta, x, w, b, stride, padding, dilation, groups):
             grad_input = _transposed_unpadded(transpose, delta, w, stride, padding, dilation, groups, spatial)
         else:
             grad_input = transpose(delta, w, None, stride, padding, extra, groups, dilation)
-    taps = math.prod(w.shape[2:])
     if needs[1] and _summed_by_convolution(w.shape[2:], stride) and x.shape[0]:
         grad_weight = _summed_as_convolution(delta, x, w.shape[2:], stride, padding, dilation, groups)
     elif needs[1]:
-        # ∂J/∂W = Σ Δᵀ P, a few examples at a time: their patches, C_in·k numbers for each of L positions, would
-        # otherwise be made for the whole batch at once (hundreds of MB for a batch of 32×32 images)
-        step = max(1, _CHUNK_FLOATS // max(1, math.prod(delta.shape[2:]) * w.shape[1] * taps * groups))
-        for start in range(0, x.shape[0], step):
-            part = _weight_gradient(
-                _examples(delta, start, step), _examples(x, start, step), w, stride, padding, dilation, groups
-            )
-            grad_weight = part if grad_weight is None else grad_weight + part
-        if grad_weight is None:  # an empty batch
-            grad_weight = torch.zeros_like(w)
+        grad_weight = _summed_over_patches(delta, x, w, stride, padding, dilation, groups)
     if b is not None and needs[2]:
         grad_bias = delta.sum((0, *range(2, delta.dim())))
     return grad_input, grad_weight, grad_bias
