@@ -94,6 +94,44 @@ def ratio_stats(num: list[float], den: list[float]) -> dict:
     return {"median": statistics.median(r), "min": min(r), "max": max(r), "interval": median_interval(r)}
 
 
+def layer_parser(doc: str, rounds: int) -> argparse.ArgumentParser:
+    """The arguments of the per-layer CNN experiments (conv_input_gradient.py, cnn_floor.py)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", action="store_true", help="also the two CNNs' plain steps (a few minutes)")
+    parser.add_argument("--step-rounds", type=int, default=15)
+    return parser
+
+
+def checked_times(fns: dict, reference: str, rounds: int, device, atol) -> dict[str, list[float]]:
+    """Each contender's result checked against ``fns[reference]``'s (to ``atol(reference result)``), then all timed
+    interleaved without autograd: seconds per call, one entry per round."""
+    results = {k: f() for k, f in fns.items()}
+    ref = results[reference]
+    for k, r in results.items():
+        torch.testing.assert_close(r, ref, rtol=1e-4, atol=atol(ref), msg=k)
+    with torch.no_grad():
+        return interleaved(fns, rounds, 1, device)
+
+
+def layer_line(name: str, shape, times: dict[str, list[float]], ratio: tuple[str, str, str], mark=None) -> str:
+    """``name shape: <median ms each>; label <median ratio a / b>`` for ``ratio = (label, a, b)``; ``mark``: a
+    contender starred."""
+    cells = ", ".join(f"{k}{'*' if k == mark else ''} {1e3 * statistics.median(v):.2f} ms" for k, v in times.items())
+    label, a, b = ratio
+    return f"{name} {tuple(shape)}: {cells}; {label} {statistics.median(x / y for x, y in zip(times[a], times[b])):.2f}"
+
+
+def step_line(case: str, times: dict[str, list[float]], pairs) -> str:
+    """``case plain step: <median ms each>; a / b <median ratio> …`` for each ``(a, b)`` in ``pairs``."""
+    cells = ", ".join(f"{k} {1e3 * statistics.median(v):.1f} ms" for k, v in times.items())
+    ratios = ", ".join(
+        f"{a} / {b} {statistics.median(x / y for x, y in zip(times[a], times[b])):.2f}" for a, b in pairs
+    )
+    return f"{case} plain step: {cells}; {ratios}"
+
+
 def build(sizes, batch, activation, device, dtype):
     torch.manual_seed(0)
     ours = MLP(sizes, activation=activation, device=device, dtype=dtype)

@@ -27,14 +27,12 @@ and torch autograd. Nothing here is used by the library.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import math
-import statistics
 
 import torch
 import torch.nn.functional as F
-from benchmark import interleaved
+from benchmark import checked_times, interleaved, layer_line, layer_parser, step_line
 
 import torchderiv.functional as TF
 
@@ -129,37 +127,18 @@ def steps(case: str, rounds: int) -> None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     fns["autograd"] = step(theirs, F.cross_entropy)
     times = interleaved(fns, rounds, 1, CPU)
-    med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-    ratios = ", ".join(
-        f"{k} / autograd {statistics.median(a / b for a, b in zip(times[k], times['autograd'])):.2f}"
-        for k in fns
-        if k != "autograd"
-    )
-    cells = ", ".join(f"{k} {v:.1f} ms" for k, v in med.items())
-    print(f"{case} plain step: {cells}; {ratios}")
+    print(step_line(case, times, [(k, "autograd") for k in fns if k != "autograd"]))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=21)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", action="store_true", help="also the two CNNs' plain steps (a few minutes)")
-    parser.add_argument("--step-rounds", type=int, default=15)
-    args = parser.parse_args()
+    args = layer_parser(__doc__, 21).parse_args()
     torch.set_num_threads(args.threads)
     print(f"CPU, {args.threads} threads, float32; median of {args.rounds} interleaved rounds; * the form taken")
     for name, *shape in LAYERS:
         fns, taken = contenders(*shape)
-        results = {k: f() for k, f in fns.items()}
-        ref = results[TORCH]
-        for k, r in results.items():  # float32 sums of ~50 000 products: agreement relative to the largest entry
-            torch.testing.assert_close(r, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item(), msg=k)
-        with torch.no_grad():
-            times = interleaved(fns, args.rounds, 1, CPU)
-        med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-        ratio = statistics.median(a / b for a, b in zip(times[taken], times[TORCH]))
-        cells = ", ".join(f"{k}{'*' if k == taken else ''} {v:.2f} ms" for k, v in med.items())
-        print(f"{name} {tuple(shape)}: {cells}; taken / torch's {ratio:.2f}")
+        # float32 sums of ~50 000 products: agreement relative to the largest entry
+        times = checked_times(fns, TORCH, args.rounds, CPU, lambda ref: 1e-5 * ref.abs().max().item())
+        print(layer_line(name, shape, times, ("taken / torch's", taken, TORCH), mark=taken))
     if args.steps:
         for case in ("cnn", "cnn_groupnorm"):
             steps(case, args.step_rounds)

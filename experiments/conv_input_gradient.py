@@ -24,25 +24,21 @@ torch autograd. Nothing here is used by the library.
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import statistics
 
 import torch
 import torch.nn.functional as F
-from benchmark import interleaved
+from benchmark import checked_times, interleaved, layer_line, layer_parser, step_line
+from cnn_floor import LAYERS as CNN_LAYERS
 
 import torchderiv.functional as TF
 
 conv = importlib.import_module("torchderiv.functional.conv")
 CPU = torch.device("cpu")
 
-# (name, N, C_in, C_out, size, kernel, stride, padding): the strided layers of dp_benchmark's two CNNs
-LAYERS = [
-    ("MNIST CNN, conv 2", 256, 16, 32, 13, 4, 2, 0),
-    ("GroupNorm CNN, conv 2", 256, 32, 32, 32, 3, 2, 1),
-    ("GroupNorm CNN, conv 4", 256, 64, 64, 16, 3, 2, 1),
-]
+# (name, N, C_in, C_out, size, kernel, stride, padding): the strided layers of dp_benchmark's two CNNs whose input
+# gradient a step takes (a first layer's input needs none)
+LAYERS = [layer for layer in CNN_LAYERS if layer[6] > 1 and not layer[0].endswith("conv 1")]
 
 
 def contenders(n, c_in, c_out, size, kernel, stride, padding):
@@ -106,36 +102,16 @@ def steps(case: str, rounds: int) -> None:
     for a, b in zip(*grads.values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     times = interleaved(fns, rounds, 1, CPU)
-    med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-
-    def ratio(a, b):
-        return statistics.median(x / y for x, y in zip(times[a], times[b]))
-
-    cells = ", ".join(f"{k} {v:.1f} ms" for k, v in med.items())
-    vs = f"phases / transposed {ratio('phases', 'transposed'):.2f}, phases / autograd {ratio('phases', 'autograd'):.2f}"
-    print(f"{case} plain step: {cells}; {vs}")
+    print(step_line(case, times, [("phases", "transposed"), ("phases", "autograd")]))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=31)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", action="store_true", help="also the two CNNs' plain steps (a few minutes)")
-    parser.add_argument("--step-rounds", type=int, default=15)
-    args = parser.parse_args()
+    args = layer_parser(__doc__, 31).parse_args()
     torch.set_num_threads(args.threads)
     print(f"CPU, {args.threads} threads, float32; median of {args.rounds} interleaved rounds")
     for name, *shape in LAYERS:
-        fns = contenders(*shape)
-        results = {k: f() for k, f in fns.items()}
-        for k, r in results.items():
-            torch.testing.assert_close(r, results["torch's convolution_backward"], rtol=1e-4, atol=1e-4, msg=k)
-        with torch.no_grad():
-            times = interleaved(fns, args.rounds, 1, CPU)
-        med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-        ratio = statistics.median(a / b for a, b in zip(times["transposed"], times["phases"]))
-        cells = ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
-        print(f"{name} {tuple(shape)}: {cells}; transposed / phases {ratio:.2f}")
+        times = checked_times(contenders(*shape), "torch's convolution_backward", args.rounds, CPU, lambda _: 1e-4)
+        print(layer_line(name, shape, times, ("transposed / phases", "transposed", "phases")))
     if args.steps:
         for case in ("cnn", "cnn_groupnorm"):
             steps(case, args.step_rounds)
