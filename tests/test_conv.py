@@ -287,13 +287,14 @@ def test_per_sample_with_an_empty_batch():
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
-def test_weight_gradient_in_chunks_of_examples(monkeypatch, weight_gradient_form):
-    # the patches (or the convolution's copy of H) are made a few examples at a time; the sum over chunks is the whole
-    # batch's gradient
+@pytest.mark.parametrize("limit", ["_CORRELATION_FLOATS", "_KERNEL_FLOATS"])
+def test_weight_gradient_in_chunks_of_examples(monkeypatch, weight_gradient_form, limit):
+    # the patches (or the convolution's copy of H, or of Δ as its kernel) are made a few examples at a time; the sum
+    # over chunks is the whole batch's gradient
     from torchderiv.functional import conv
 
     monkeypatch.setattr(conv, "_CHUNK_FLOATS", 1)  # one example a chunk
-    monkeypatch.setattr(conv, "_CORRELATION_FLOATS", 1)
+    monkeypatch.setattr(conv, limit, 1)
     x, w, b = _args(2, dict(groups=2), batch=5)
     out, ref = TF.conv2d(x, w, b, groups=2, padding=1), F.conv2d(x, w, b, groups=2, padding=1)
     g = torch.randn_like(ref)
