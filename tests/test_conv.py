@@ -287,6 +287,29 @@ def test_per_sample_with_an_empty_batch():
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding, dilation",
+    [
+        ((3, 4, 9, 8), (3, 2), (2, 1), (1, 0), (1, 2)),
+        ((2, 3, 11), (3,), (2,), (1,), (2,)),
+        ((5, 16, 13, 13), (4, 4), (2, 2), (0, 0), (1, 1)),
+    ],
+    ids=str,
+)
+def test_patches_by_tap_are_the_patches_with_their_columns_reordered(shape, kernel, stride, padding, dilation):
+    # The per-example Grams take the patches in tap-then-channel order: every row must be the same row of the
+    # patches, its columns moved by one permutation shared by all rows (then each Gram PᵢPᵢᵀ is unchanged).
+    x = torch.randn(*shape, dtype=torch.float64)
+    with torch.no_grad():
+        ordered = CONV.patches(x, kernel, stride, padding, dilation)
+        by_tap = CONV.patches_by_tap(x, kernel, stride, padding, dilation)
+    assert by_tap.shape == ordered.shape
+    channels, taps = shape[1], ordered.shape[2] // shape[1]
+    column = torch.arange(ordered.shape[2]).reshape(channels, taps).t().reshape(-1)  # (tap, channel) -> (c, tap)
+    assert_close(by_tap, ordered[..., column], rtol=0, atol=0)
+    assert_close(by_tap @ by_tap.mT, ordered @ ordered.mT)
+
+
 @pytest.mark.parametrize("limit", ["_CORRELATION_FLOATS", "_KERNEL_FLOATS"])
 def test_weight_gradient_in_chunks_of_examples(monkeypatch, weight_gradient_form, limit):
     # the patches (or the convolution's copy of H, or of Δ as its kernel) are made a few examples at a time; the sum

@@ -346,7 +346,8 @@ class Recorder:
                     # on CPU: the smaller batched GEMMs lost what the skipped blocks saved (measured, 32 × 128 × 256).
                     step = max(1, _GRAM_FLOATS // (t * t))
                     for i in range(0, d.shape[0], step):
-                        dd, hh = d[i : i + step].to(dtype), h[i : i + step].to(dtype)
+                        hh = h.gram_rows(i, i + step) if isinstance(h, MadeRows) else h[i : i + step]
+                        dd, hh = d[i : i + step].to(dtype), hh.to(dtype)
                         sq[i : i + step] += ((dd @ dd.mT) * (hh @ hh.mT)).sum((1, 2)).clamp_min(0)
         if b is not None:
             if t == 1:  # Σ_t δᵢₜ is δᵢ itself: a view, and its squared norm is already known when W is tracked
@@ -642,15 +643,21 @@ class MadeRows:
     with a slice of examples makes them; ``held``: the numbers an example of the source holds. The layer may also
     give its own ways to the two products the rule needs, where they cost less than the rows: ``products(d)`` each
     example's ``Δᵢᵀ Hᵢ`` ``(B, n_out, n_in)`` and ``gemm(d)`` the sum ``Σᵢ Δᵢᵀ Hᵢ`` (its ordinary weight
-    gradient), for ``d`` of shape ``(B, T, n_out)``."""
+    gradient), for ``d`` of shape ``(B, T, n_out)``; and ``unordered(start, stop)`` the same rows with their columns
+    in another fixed order, where that is cheaper to make, for what does not depend on the order (Grams ``HᵢHᵢᵀ``)."""
 
-    def __init__(self, shape, make, held, products=None, gemm=None):
+    def __init__(self, shape, make, held, products=None, gemm=None, unordered=None):
         self.shape, self.make, self.held = tuple(shape), make, held
         self.products, self.gemm = products, gemm
+        self.unordered = unordered or make
         self.step = max(1, _GRAM_FLOATS * 8 // max(1, self.shape[1] * self.shape[2]))  # ~4 MiB of float32 a part
 
     def __getitem__(self, examples: slice) -> torch.Tensor:
         return self.make(examples.start, min(examples.stop, self.shape[0]))
+
+    def gram_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Examples ``start … stop − 1``'s rows, their columns in whichever order is cheapest to make."""
+        return self.unordered(start, min(stop, self.shape[0]))
 
 
 def _product(layer: DenseRule, d: torch.Tensor, h: torch.Tensor, sq: torch.Tensor) -> None:
