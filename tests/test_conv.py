@@ -302,7 +302,7 @@ def test_patches_by_tap_are_the_patches_with_their_columns_reordered(shape, kern
     x = torch.randn(*shape, dtype=torch.float64)
     with torch.no_grad():
         ordered = CONV.patches(x, kernel, stride, padding, dilation)
-        by_tap = CONV.patches_by_tap(x, kernel, stride, padding, dilation)
+        by_tap = CONV.patches(x, kernel, stride, padding, dilation, by_tap=True)
     assert by_tap.shape == ordered.shape
     channels, taps = shape[1], ordered.shape[2] // shape[1]
     column = torch.arange(ordered.shape[2]).reshape(channels, taps).t().reshape(-1)  # (tap, channel) -> (c, tap)

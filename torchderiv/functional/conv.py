@@ -36,11 +36,14 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(2) if t.dim() == 3 else t
 
 
-def patches(x, kernel, stride, padding, dilation) -> torch.Tensor:
+def patches(x, kernel, stride, padding, dilation, by_tap: bool = False) -> torch.Tensor:
     """``P``: ``(N, L, C · k)``, row l the patch output position l sees (channel-major, then the kernel's taps, as a
     flattened weight), ``L`` the output positions; a transposed view of a contiguous ``(N, C · k, L)``, which for a
     1×1 kernel at stride 1 without padding is the input itself (read it, never write it). 1-d inputs are taken as
-    2-d of height 1."""
+    2-d of height 1. ``by_tap``: each row's columns ordered by kernel tap, then channel — ``P`` up to one fixed
+    permutation of its columns, which the Grams ``PᵢPᵢᵀ`` and the rows' norms do not see — copied from a
+    channels-last copy of H, so that each tap moves a run of C numbers where the channel-major order moves runs of a
+    few strided ones: 0.44 against 1.19 ms for 209 examples of Opacus's MNIST CNN's second layer (CPU, 2 threads)."""
     if x.dim() == 3:
         kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
     x = _as_2d(x)
@@ -53,35 +56,20 @@ def patches(x, kernel, stride, padding, dilation) -> torch.Tensor:
         x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
     n, c, h, w = x.shape
     out = [(size - d * (k - 1) - 1) // s + 1 for size, k, s, d in zip((h, w), kernel, stride, dilation)]
+    if by_tap:
+        x = x.permute(0, 2, 3, 1).contiguous()  # (N, h, w, C)
+        st = x.stride()
+        view = x.as_strided(
+            (n, *out, *kernel, c),
+            (st[0], st[1] * stride[0], st[2] * stride[1], st[1] * dilation[0], st[2] * dilation[1], 1),
+        )
+        return view.reshape(n, math.prod(out), math.prod(kernel) * c)
     st = x.stride()
     view = x.as_strided(
         (n, c, *kernel, *out),
         (st[0], st[1], st[2] * dilation[0], st[3] * dilation[1], st[2] * stride[0], st[3] * stride[1]),
     )
     return view.reshape(n, c * math.prod(kernel), math.prod(out)).transpose(1, 2)
-
-
-def patches_by_tap(x, kernel, stride, padding, dilation) -> torch.Tensor:
-    """:func:`patches` with each row's columns ordered by kernel tap, then channel (``P`` up to a fixed permutation of
-    its columns, which ``PᵢPᵢᵀ`` and the rows' norms do not see): copied from a channels-last copy of H, each tap
-    moves a run of C numbers where :func:`patches` moves runs of a few strided ones — 0.44 against 1.19 ms for 209
-    examples' patches of Opacus's MNIST CNN's second layer (CPU, 2 threads, measured)."""
-    if not may_overwrite():
-        return patches(x, kernel, stride, padding, dilation)
-    if x.dim() == 3:
-        kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
-    x = _as_2d(x)
-    if any(padding):
-        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    n, c, h, w = x.shape
-    out = [(size - d * (k - 1) - 1) // s + 1 for size, k, s, d in zip((h, w), kernel, stride, dilation)]
-    last = x.permute(0, 2, 3, 1).contiguous()  # (N, h, w, C)
-    st = last.stride()
-    view = last.as_strided(
-        (n, *out, *kernel, c),
-        (st[0], st[1] * stride[0], st[2] * stride[1], st[1] * dilation[0], st[2] * dilation[1], 1),
-    )
-    return view.reshape(n, math.prod(out), math.prod(kernel) * c)
 
 
 def _positions(t: torch.Tensor) -> torch.Tensor:
@@ -394,7 +382,7 @@ def _keep_examples(rec, ctx, needs, delta, x, w, b):
                 math.prod(xj.shape[1:]),
                 products=products,
                 gemm=gemm,
-                unordered=lambda start, stop: patches_by_tap(xj[start:stop], *config),
+                unordered=lambda start, stop: patches(xj[start:stop], *config, by_tap=True),
             )
 
         blocks = [
