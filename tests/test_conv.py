@@ -43,7 +43,7 @@ def weight_gradient_form(request, monkeypatch):
     every kernel."""
     by_convolution = request.param == "convolution"
     monkeypatch.setattr(CONV, "_summed_by_convolution", lambda kernel, stride: by_convolution)
-    monkeypatch.setattr(CONV, "_per_example_by_convolution", lambda kernel: by_convolution)
+    monkeypatch.setattr(CONV, "_per_example_by_convolution", lambda kernel, per_in: by_convolution)
     return request.param
 
 
@@ -229,12 +229,41 @@ def test_per_sample_equals_one_backward_per_example(mode, grad_sample, dtype, we
     assert (c < 1).any()  # the clipping bites
 
 
+@pytest.mark.parametrize(
+    "c_in, kernel, stride, forms",
+    [
+        (1, 8, 2, ("products", "sum")),  # many taps, one input channel: both as convolutions
+        (16, 4, 2, ("sum",)),  # many taps, 16 channels: the grouped convolution is the slower product
+        (8, 3, 2, ("sum",)),  # strided: the sum as the plain weight gradient takes it
+        (8, 3, 1, ()),  # few taps at stride 1: GEMMs over the patches for both
+    ],
+)
+def test_per_sample_takes_each_convolution_form_where_it_was_measured_faster(c_in, kernel, stride, forms, monkeypatch):
+    # which of the rule's two products a convolution gives as torch's forward convolution (each example's Δᵢᵀ Pᵢ as
+    # one grouped convolution, the clipped sum as the correlation of H with c ⊙ Δ) rather than GEMMs over patches
+    from torchderiv.functional import _per_sample
+
+    seen = []
+    rule = _per_sample.Recorder.dense_rule
+
+    def spy(self, w, b, delta, rows, dim=0):
+        seen.append(rows)
+        return rule(self, w, b, delta, rows, dim)
+
+    monkeypatch.setattr(_per_sample.Recorder, "dense_rule", spy)
+    model = torchderiv.convert(nn.Sequential(nn.Conv2d(c_in, 4, kernel, stride), nn.Flatten()))
+    with torchderiv.per_sample(model, max_norm=1.0):
+        model(torch.randn(3, c_in, 16, 16)).square().sum().backward()
+    (rows,) = seen
+    assert (rows.products is not None, rows.gemm is not None) == ("products" in forms, "sum" in forms)
+
+
 def test_per_sample_clipped_sum_as_a_convolution_an_example_at_a_time(monkeypatch):
     # a layer in the Gram form (few positions, many weights) takes its clipped sum at the end of the pass as torch's
     # forward convolution of H with c ⊙ Δ, made a few examples at a time (here one): the same clipped gradient
     monkeypatch.setattr(CONV, "_CORRELATION_FLOATS", 1)
     monkeypatch.setattr(CONV, "_summed_by_convolution", lambda kernel, stride: True)
-    monkeypatch.setattr(CONV, "_per_example_by_convolution", lambda kernel: True)
+    monkeypatch.setattr(CONV, "_per_example_by_convolution", lambda kernel, per_in: True)
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Conv2d(8, 32, 3, stride=3), nn.Flatten(), nn.Linear(32 * 16, 3)).double()
     ours = torchderiv.convert(copy.deepcopy(ref))
@@ -243,15 +272,19 @@ def test_per_sample_clipped_sum_as_a_convolution_an_example_at_a_time(monkeypatc
     assert (c < 1).any()
 
 
-def test_per_sample_with_the_gram_form_makes_the_patches_again(weight_gradient_form):
+@pytest.mark.parametrize("norm_form", ["grams", "products"])
+def test_per_sample_with_the_gram_form_makes_the_patches_again(weight_gradient_form, norm_form, monkeypatch):
     # a layer with few output positions and many weights takes the Gram form: its patches are not held to the end
-    # of the pass but made again from the input then, a few examples at a time (the same clipped gradient)
+    # of the pass but made again from the input then, a few examples at a time (the same clipped gradient). Its
+    # norms come from two Grams, or (a cost close to theirs) from each example's product over the patches with their
+    # columns in tap order, not kept
+    from torchderiv.functional import _per_sample
+
+    monkeypatch.setattr(_per_sample, "_PRODUCT_MACS", 0.0 if norm_form == "grams" else 2.0)
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Conv2d(8, 32, 3, stride=3), nn.Flatten(), nn.Linear(32 * 16, 3)).double()
     ours = torchderiv.convert(copy.deepcopy(ref))
     x, y = torch.randn(5, 8, 12, 12, dtype=torch.float64), torch.randint(0, 3, (5,))
-    from torchderiv.functional import _per_sample
-
     held = []
     keep = _per_sample.Recorder.dense_rule
 

@@ -274,6 +274,8 @@ def _layer_input(maker, shape):
         (1, 5, 4, "gelu", "rows"),
         (6, 16, 16, "data", "gram"),  # Δᵢᵀ Hᵢ larger than Δ and H: two T×T Grams, Δ and H held
         (6, 16, 16, "gelu", "gram"),  # the same, holding the gelu's input Z instead of H
+        (8, 18, 18, "data", "norms"),  # larger than Δ and H but ≤ 1.25× the Grams' cost: its norm, Δ and H held
+        (8, 18, 18, "gelu", "norms"),
         (5, 4, 3, "data", "product"),  # Δᵢᵀ Hᵢ no larger than Δ and H: made now, Δ and H let go
         (5, 8, 3, "leaf", "product"),
         (5, 8, 3, "tanh", "later"),  # the same sizes, but H's maker keeps H through its own backward: made after
@@ -294,8 +296,14 @@ def test_each_norm_path_equals_the_explicit_product(t, n_in, n_out, maker, path,
     w, b = torch.zeros(n_out, n_in, dtype=torch.float64), torch.zeros(n_out, dtype=torch.float64)
     d = torch.randn(B, t, n_out, dtype=torch.float64)
     h = _layer_input(maker, (B, n_in) if t == 1 else (B, t, n_in))
+    norms_from_products = []
+    product = _per_sample._product
+    monkeypatch.setattr(
+        _per_sample, "_product", lambda *a, keep=True: norms_from_products.append(not keep) or product(*a, keep=keep)
+    )
     with torch.no_grad():  # as inside a backward
         layer = rec._factors(w, b, d.squeeze(1) if t == 1 else d, h)
+    assert any(norms_from_products) == (path == "norms")
     assert (layer.product is not None) == (path == "product" and kept)
     assert (layer.summed is not None) == (path == "product" and not kept)
     assert (layer.delta is None) == (path == "product")

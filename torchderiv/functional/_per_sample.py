@@ -82,6 +82,14 @@ def _by_row(c: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
 
 # Elements per temporary when a layer's norm is taken a few examples at a time (Gram or product form).
 _GRAM_FLOATS = 2**17
+# Where Δᵢᵀ Hᵢ is larger than Δ and H (so not kept), its norm is still taken from the products themselves, a part at a
+# time, when they cost at most this many times the Grams' multiply-adds (T n_in n_out against T² (n_in + n_out)):
+# a batched GEMM with a small T×T result runs fewer multiply-adds a second. NOTE: norms of 256 examples (CPU,
+# 2 threads, float32, two runs), products / Grams: at T = 25, 0.72–0.92× the time for 1.28× the multiply-adds
+# (64 → 64) and 0.84–1.00× for 1.14× (256 → 32); at T = 16 to 64, 1.6–2.2× the time for 1.6–2.0× the
+# multiply-adds. Opacus's MNIST CNN's second convolution (T = 25, 256 → 32) as products over its patches: its
+# clipping step 0.94–0.98× the time with the Grams (three runs of 41–61 interleaved rounds).
+_PRODUCT_MACS = 1.25
 
 
 class Recorder:
@@ -338,10 +346,12 @@ class Recorder:
                     h = h[0 : h.shape[0]] if isinstance(h, MadeRows) else h  # one row an example: made whole
                     delta_sq = torch.linalg.vector_norm(d, dim=(1, 2), dtype=dtype).square()
                     sq += delta_sq * torch.linalg.vector_norm(h, dim=(1, 2), dtype=dtype).square()
+                elif n_in * n_out <= _PRODUCT_MACS * t * (n_in + n_out):  # ‖Δᵢᵀ Hᵢ‖², the products not kept
+                    _product(layer, d, h, sq, keep=False)
                 else:
                     # ⟨Δᵢ Δᵢᵀ, Hᵢ Hᵢᵀ⟩ (two T×T Grams) clamped at 0 against round-off: here the product is larger than
-                    # Δ and H, n_in n_out > T (n_in + n_out) ≥ 2T √(n_in n_out), so n_in n_out > 4T² and the Grams are
-                    # also the cheaper. A few examples at a time, so the temporaries stay near _GRAM_FLOATS floats.
+                    # Δ and H and costs more than _PRODUCT_MACS times the Grams' multiply-adds. A few examples at a
+                    # time, so the temporaries stay near _GRAM_FLOATS floats.
                     # NOTE: summing only the Gram blocks on and above the diagonal (both are symmetric) was no faster
                     # on CPU: the smaller batched GEMMs lost what the skipped blocks saved (measured, 32 × 128 × 256).
                     step = max(1, _GRAM_FLOATS // (t * t))
@@ -660,14 +670,15 @@ class MadeRows:
         return self.unordered(start, min(stop, self.shape[0]))
 
 
-def _product(layer: DenseRule, d: torch.Tensor, h: torch.Tensor, sq: torch.Tensor) -> None:
+def _product(layer: DenseRule, d: torch.Tensor, h: torch.Tensor, sq: torch.Tensor, keep: bool = True) -> None:
     """``layer.product = Δᵢᵀ Hᵢ`` for every example i, ``(B, n_out, n_in)`` in ``sq``'s dtype, each one's squared
-    norm added to ``sq``. ``d: (B, T, n_out)``, ``h: (B, T, n_in)``."""
+    norm added to ``sq``. ``d: (B, T, n_out)``, ``h: (B, T, n_in)``. ``keep`` False: only the norms, the products
+    made a part at a time into one buffer (for made rows, with their columns in whichever order is cheapest)."""
     # Batched GEMMs on transposed views (einsum copied both operands first), a few examples at a time into the one
     # buffer kept, each slice's norm taken at once: in one call, bmm's copy of its transposed operand and the
     # squares came on top of the product
     dtype = sq.dtype
-    if isinstance(h, MadeRows) and h.products is not None:
+    if keep and isinstance(h, MadeRows) and h.products is not None:
         product = h.products(d.to(dtype)).to(dtype)
         sq += torch.linalg.vector_norm(product.flatten(1), dim=1).square()
         if layer.sum_only:
@@ -678,16 +689,25 @@ def _product(layer: DenseRule, d: torch.Tensor, h: torch.Tensor, sq: torch.Tenso
     step = max(1, _GRAM_FLOATS * 2 // (d.shape[1] * d.shape[2]))  # the copy of Δ's slice: ~1 MiB (fp32)
     if isinstance(h, MadeRows):
         step = min(step, h.step)
-    if layer.sum_only:  # one part's buffer, reused
+    # a norm does not see the order of the columns: made rows in whichever is cheapest
+    unordered = isinstance(h, MadeRows) and not keep
+    one_part = layer.sum_only or not keep  # one part's buffer, reused
+    if one_part:
+        # NOTE: a buffer of ~1 MiB (fp32), which stays in cache: with the norms of the MNIST CNN's second
+        # convolution (T = 25, 256 → 32) in parts of 32 or 64 examples its clipping step took 0.91–0.93× the time of
+        # parts of 163 (2 threads, 41 and 61 interleaved rounds)
+        step = min(step, max(1, _GRAM_FLOATS * 2 // (d.shape[2] * h.shape[2])))
         buffer = d.new_empty(min(step, d.shape[0]), d.shape[2], h.shape[2], dtype=dtype)
-        layer.summed = d.new_zeros(d.shape[2], h.shape[2], dtype=dtype)
+        if keep:
+            layer.summed = d.new_zeros(d.shape[2], h.shape[2], dtype=dtype)
     else:
         buffer = layer.product = d.new_empty(d.shape[0], d.shape[2], h.shape[2], dtype=dtype)
     for i in range(0, d.shape[0], step):
-        part = buffer[: min(step, d.shape[0] - i)] if layer.sum_only else buffer[i : i + step]
-        torch.bmm(d[i : i + step].to(dtype).mT, h[i : i + step].to(dtype), out=part)
+        part = buffer[: min(step, d.shape[0] - i)] if one_part else buffer[i : i + step]
+        rows = h.gram_rows(i, i + step) if unordered else h[i : i + step]
+        torch.bmm(d[i : i + step].to(dtype).mT, rows.to(dtype), out=part)
         sq[i : i + step] += torch.linalg.vector_norm(part.flatten(1), dim=1).square()
-        if layer.sum_only:
+        if keep and layer.sum_only:
             layer.summed += part.sum(0)
 
 
