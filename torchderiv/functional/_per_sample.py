@@ -88,7 +88,7 @@ _GRAM_FLOATS = 2**17
 # 2 threads, float32, two runs), products / Grams: at T = 25, 0.72–0.92× the time for 1.28× the multiply-adds
 # (64 → 64) and 0.84–1.00× for 1.14× (256 → 32); at T = 16 to 64, 1.6–2.2× the time for 1.6–2.0× the
 # multiply-adds. Opacus's MNIST CNN's second convolution (T = 25, 256 → 32) as products over its patches: its
-# clipping step 0.94–0.98× the time with the Grams (three runs of 41–61 interleaved rounds).
+# clipping step 0.94–0.98× the time with the Grams (four runs of 41–61 interleaved rounds).
 _PRODUCT_MACS = 1.25
 
 
