@@ -51,11 +51,12 @@ def check_model(model: nn.Module) -> dict:
     per-example gradient cannot be computed exactly, each with what to do instead."""
     tracked: dict[int, tuple[torch.Tensor, str]] = {}
     owner: dict[int, str] = {}
+    modules = list(model.named_modules(remove_duplicate=False))  # one walk of the model for both loops
     # what torchderiv's modules say their Functions hand per_sample a rule for (TorchderivModule)
-    covered = {id(p) for m in model.modules() if isinstance(m, TorchderivModule) for p in m.per_sample_parameters()}
+    covered = {id(p) for _, m in modules if isinstance(m, TorchderivModule) for p in m.per_sample_parameters()}
     problems: list[str] = []
     uncovered: dict[str, tuple[nn.Module, list[str]]] = {}  # module name -> (module, its parameters' names)
-    for mod_name, module in model.named_modules(remove_duplicate=False):
+    for mod_name, module in modules:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             problems.append(
                 f"{mod_name or 'the model'} ({type(module).__name__}) is in training mode: batch statistics mix the "
