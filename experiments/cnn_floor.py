@@ -6,7 +6,8 @@ To run:
 
 ``∂J/∂W = Σ Δᵀ P`` (docs/derivation.md, C2) can be computed from forward operations in two forms, and
 ``conv_backward`` (``functional/conv.py``) picks one per layer. For each convolution of the two CNNs in
-experiments/dp_benchmark.py (batch 256) this times, interleaved in one process (A B C C B A …):
+experiments/dp_benchmark.py (batch 256) and of the digits CNN of configs/digits_cnn.yaml (batch 32) this times,
+interleaved in one process (A B C C B A …):
 
 * correlation: the sum read as a forward convolution of H with Δ (``_summed_as_convolution``);
 * GEMM over patches: each example's patches copied out, one batched GEMM, a few examples at a time
@@ -40,7 +41,7 @@ conv = importlib.import_module("torchderiv.functional.conv")
 group_norm = importlib.import_module("torchderiv.functional.group_norm")
 CPU = torch.device("cpu")
 
-# (name, N, C_in, C_out, size, kernel, stride, padding): every convolution of dp_benchmark's two CNNs
+# (name, N, C_in, C_out, size, kernel, stride, padding): every convolution of dp_benchmark's two CNNs and the digits CNN
 LAYERS = [
     ("MNIST CNN, conv 1", 256, 1, 16, 28, 8, 2, 3),
     ("MNIST CNN, conv 2", 256, 16, 32, 13, 4, 2, 0),
@@ -48,6 +49,8 @@ LAYERS = [
     ("GroupNorm CNN, conv 2", 256, 32, 32, 32, 3, 2, 1),
     ("GroupNorm CNN, conv 3", 256, 32, 64, 16, 3, 1, 1),
     ("GroupNorm CNN, conv 4", 256, 64, 64, 16, 3, 2, 1),
+    ("digits CNN (configs/digits_cnn.yaml), conv 1", 32, 1, 16, 8, 3, 1, 1),
+    ("digits CNN (configs/digits_cnn.yaml), conv 2", 32, 16, 32, 4, 3, 1, 1),
 ]
 TORCH = "torch's convolution_backward"
 
@@ -72,7 +75,7 @@ def contenders(n, c_in, c_out, size, kernel, stride, padding):
         "GEMM over patches": lambda: conv._summed_over_patches(delta, x, w, s, p, d, 1),
         TORCH: lambda: _torch_weight_gradient(delta, x, w, s, p, d, 1),
     }
-    taken = "correlation" if conv._summed_by_convolution(k, s) else "GEMM over patches"
+    taken = "correlation" if conv._summed_by_convolution(k, s, c_in) else "GEMM over patches"
     return fns, taken
 
 

@@ -36,9 +36,11 @@ a second Python backward node. The C++ floors show what compiled glue between ke
 with no Python in it, would buy.
 
 This machine is shared and its speed drifts by tens of percent within a minute, so the default is many
-short rounds (400 of 5 steps), each contender's time divided by autograd's in the same round, and the
-median ratio is given with a bootstrap 95% interval: differences of 2-3% are then resolved, where 21
-rounds of 100 steps could not tell 5% apart. Nothing here is used by the library.
+short rounds (400 of 5 steps, each contender's after one untimed step of its own: ``--settle``), each contender's
+time divided by autograd's in the same round, and the median ratio is given with a bootstrap 95% interval:
+differences of 2-3% are then resolved, where 21 rounds of 100 steps could not tell 5% apart. The last two lines
+divide torchderiv's two paths by their floors round by round (the targets of docs/performance.md). Nothing here is
+used by the library.
 """
 
 from __future__ import annotations
@@ -245,6 +247,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=400)
     parser.add_argument("--inner", type=int, default=5, help="steps per contender per round")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--settle", type=int, default=1, help="untimed steps of each contender before its timed ones")
     parser.add_argument("--cpp", action="store_true", help="also time the one-node floor with C++ bodies")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -297,7 +300,7 @@ def main() -> None:
     for name, g in grads.items():
         for a, b in zip(g, grads["autograd"]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"{name} disagrees with autograd")
-    times = interleaved(fns, args.rounds, args.inner, device)
+    times = interleaved(fns, args.rounds, args.inner, device, settle=args.settle)
     print(
         f"64-128-128-10, batch 64, relu, cross-entropy; {args.rounds} interleaved rounds of {args.inner} steps; "
         "time vs autograd in the same round: median [95% interval] (min–max)"
@@ -311,6 +314,10 @@ def main() -> None:
             f"{name:34} {1e6 * statistics.median(t):7.1f} µs   vs autograd {r['median']:.3f} [{lo:.3f}–{hi:.3f}] "
             f"({r['min']:.2f}–{r['max']:.2f})   fastest round {min(t) / fastest:.2f}"
         )
+    for ours_name, floor in (("torchderiv, one", "floor, one node"), ("torchderiv, two", "floor, two nodes")):
+        r = ratio_stats(times[ours_name], times[floor])
+        lo, hi = r["interval"]
+        print(f"{ours_name} vs {floor}: {r['median']:.3f} [{lo:.3f}–{hi:.3f}]")
 
 
 if __name__ == "__main__":

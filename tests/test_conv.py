@@ -42,7 +42,7 @@ def weight_gradient_form(request, monkeypatch):
     kernels) and the correlation of H with Δ as torch's forward convolution (kernels of many taps), each forced for
     every kernel."""
     by_convolution = request.param == "convolution"
-    monkeypatch.setattr(CONV, "_summed_by_convolution", lambda kernel, stride: by_convolution)
+    monkeypatch.setattr(CONV, "_summed_by_convolution", lambda kernel, stride, per_in: by_convolution)
     monkeypatch.setattr(CONV, "_per_example_by_convolution", lambda kernel, per_in: by_convolution)
     return request.param
 
@@ -236,6 +236,7 @@ def test_per_sample_equals_one_backward_per_example(mode, grad_sample, dtype, we
         (16, 4, 2, ("sum",)),  # many taps, 16 channels: the grouped convolution is the slower product
         (8, 3, 2, ("sum",)),  # strided: the sum as the plain weight gradient takes it
         (8, 3, 1, ()),  # few taps at stride 1: GEMMs over the patches for both
+        (16, 3, 1, ("sum",)),  # few taps at stride 1 on 16 channels: the sum as the plain weight gradient takes it
     ],
 )
 def test_per_sample_takes_each_convolution_form_where_it_was_measured_faster(c_in, kernel, stride, forms, monkeypatch):
@@ -262,7 +263,7 @@ def test_per_sample_clipped_sum_as_a_convolution_an_example_at_a_time(monkeypatc
     # a layer in the Gram form (few positions, many weights) takes its clipped sum at the end of the pass as torch's
     # forward convolution of H with c ⊙ Δ, made a few examples at a time (here one): the same clipped gradient
     monkeypatch.setattr(CONV, "_CORRELATION_FLOATS", 1)
-    monkeypatch.setattr(CONV, "_summed_by_convolution", lambda kernel, stride: True)
+    monkeypatch.setattr(CONV, "_summed_by_convolution", lambda kernel, stride, per_in: True)
     monkeypatch.setattr(CONV, "_per_example_by_convolution", lambda kernel, per_in: True)
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Conv2d(8, 32, 3, stride=3), nn.Flatten(), nn.Linear(32 * 16, 3)).double()
