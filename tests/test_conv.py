@@ -42,7 +42,7 @@ def weight_gradient_form(request, monkeypatch):
     kernels) and the correlation of H with Δ as torch's forward convolution (kernels of many taps), each forced for
     every kernel."""
     by_convolution = request.param == "convolution"
-    monkeypatch.setattr(CONV, "_summed_by_convolution", lambda kernel, stride, per_in: by_convolution)
+    monkeypatch.setattr(CONV, "_summed_by_convolution", lambda kernel, stride, per_in, positions: by_convolution)
     monkeypatch.setattr(CONV, "_per_example_by_convolution", lambda kernel, per_in: by_convolution)
     return request.param
 
@@ -230,16 +230,19 @@ def test_per_sample_equals_one_backward_per_example(mode, grad_sample, dtype, we
 
 
 @pytest.mark.parametrize(
-    "c_in, kernel, stride, forms",
+    "c_in, kernel, stride, size, forms",
     [
-        (1, 8, 2, ("products", "sum")),  # many taps, one input channel: both as convolutions
-        (16, 4, 2, ("sum",)),  # many taps, 16 channels: the grouped convolution is the slower product
-        (8, 3, 2, ("sum",)),  # strided: the sum as the plain weight gradient takes it
-        (8, 3, 1, ()),  # few taps at stride 1: GEMMs over the patches for both
-        (16, 3, 1, ("sum",)),  # few taps at stride 1 on 16 channels: the sum as the plain weight gradient takes it
+        (1, 8, 2, 16, ("products", "sum")),  # many taps, one input channel: both as convolutions
+        (16, 4, 2, 16, ("sum",)),  # many taps, 16 channels: the grouped convolution is the slower product
+        (8, 3, 2, 16, ("sum",)),  # strided: the sum as the plain weight gradient takes it
+        (8, 3, 1, 16, ()),  # few taps at stride 1: GEMMs over the patches for both
+        (16, 3, 1, 16, ("sum",)),  # few taps at stride 1 on 16 channels, 14×14 positions: the sum as the plain step's
+        (16, 3, 1, 20, ()),  # the same at 18×18 positions, more than 256: GEMMs over the patches
     ],
 )
-def test_per_sample_takes_each_convolution_form_where_it_was_measured_faster(c_in, kernel, stride, forms, monkeypatch):
+def test_per_sample_takes_each_convolution_form_where_it_was_measured_faster(
+    c_in, kernel, stride, size, forms, monkeypatch
+):
     # which of the rule's two products a convolution gives as torch's forward convolution (each example's Δᵢᵀ Pᵢ as
     # one grouped convolution, the clipped sum as the correlation of H with c ⊙ Δ) rather than GEMMs over patches
     from torchderiv.functional import _per_sample
@@ -254,7 +257,7 @@ def test_per_sample_takes_each_convolution_form_where_it_was_measured_faster(c_i
     monkeypatch.setattr(_per_sample.Recorder, "dense_rule", spy)
     model = torchderiv.convert(nn.Sequential(nn.Conv2d(c_in, 4, kernel, stride), nn.Flatten()))
     with torchderiv.per_sample(model, max_norm=1.0):
-        model(torch.randn(3, c_in, 16, 16)).square().sum().backward()
+        model(torch.randn(3, c_in, size, size)).square().sum().backward()
     (rows,) = seen
     assert (rows.products is not None, rows.gemm is not None) == ("products" in forms, "sum" in forms)
 
@@ -263,7 +266,7 @@ def test_per_sample_clipped_sum_as_a_convolution_an_example_at_a_time(monkeypatc
     # a layer in the Gram form (few positions, many weights) takes its clipped sum at the end of the pass as torch's
     # forward convolution of H with c ⊙ Δ, made a few examples at a time (here one): the same clipped gradient
     monkeypatch.setattr(CONV, "_CORRELATION_FLOATS", 1)
-    monkeypatch.setattr(CONV, "_summed_by_convolution", lambda kernel, stride, per_in: True)
+    monkeypatch.setattr(CONV, "_summed_by_convolution", lambda kernel, stride, per_in, positions: True)
     monkeypatch.setattr(CONV, "_per_example_by_convolution", lambda kernel, per_in: True)
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Conv2d(8, 32, 3, stride=3), nn.Flatten(), nn.Linear(32 * 16, 3)).double()

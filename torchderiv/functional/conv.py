@@ -88,25 +88,31 @@ def _group(t: torch.Tensor, dim: int, j: int, size: int, groups: int) -> torch.T
 _CHUNK_FLOATS = 1 << 20  # patches made at once for the weight gradient: 4 MiB of float32
 _CORRELATION_FLOATS = 1 << 21  # input entries in one weight-gradient convolution: 8 MiB of float32
 _KERNEL_FLOATS = 1 << 19  # Δ's entries as one weight-gradient convolution's kernel: 2 MiB of float32
-# NOTE: kernels of this many taps or more, or layers of this many input channels a group, take the weight gradient
-# as a convolution (torch's forward kernel): for Opacus's MNIST CNN (8×8 and 4×4 kernels) 1.5 and 1.4 ms against 4.0
-# and 2.9 ms for the GEMM over patches; for 3×3 kernels at stride 1, 22.9 against 27.0 ms on 32 channels of 16×16
-# (the GroupNorm CNN's third layer) and 0.15 against 0.21 ms on 16 channels of 4×4 (the digits CNN's second), while
-# on 3 channels of 32×32 (the GroupNorm CNN's first) the GEMM took 11.5 ms against 22.2 (experiments/cnn_floor.py;
-# batch 256, the digits CNN's 32; CPU, 2 threads)
+# NOTE: kernels of this many taps or more, and layers of this many input channels a group with at most this many
+# output positions, take the weight gradient as a convolution (torch's forward kernel): for Opacus's MNIST CNN (8×8
+# and 4×4 kernels) 1.5 and 1.4 ms against 4.0 and 2.9 ms for the GEMM over patches; for 3×3 kernels at stride 1,
+# 22.9 against 27.0 ms on 32 channels of 16×16 (the GroupNorm CNN's third layer) and 0.15 against 0.21 ms on 16
+# channels of 4×4 (the digits CNN's second), while on 3 channels of 32×32 (the GroupNorm CNN's first) the GEMM took
+# 11.5 ms against 22.2 (experiments/cnn_floor.py; batch 256, the digits CNN's 32; CPU, 2 threads)
 _CONVOLUTION_TAPS = 16
 _CONVOLUTION_CHANNELS = 16
+_CONVOLUTION_POSITIONS = 256
 
 
-def _summed_by_convolution(kernel, stride, per_in: int) -> bool:
+def _summed_by_convolution(kernel, stride, per_in: int, positions: int) -> bool:
     """Whether ``∂J/∂W = Σ Δᵀ P`` is taken as a convolution rather than the GEMM over patches: kernels of many taps
     (above), strided convolutions, whose patches are gathered with the stride along their innermost dim — for the
     GroupNorm CNN's 3×3 stride-2 layers 17.1 and 13.0 ms against 28.7 and 14.0 ms (batch 256, CPU, 2 threads,
-    measured) — and layers of 16+ input channels a group (``per_in``), where the convolution, whose batch is those
-    channels, runs well. NOTE: 3×3, stride 1, correlation / GEMM over patches: 0.49–0.68× for 16 → 32 and 32 → 64
-    channels on 4×4 to 32×32 inputs, batches 32 and 256 (0.93× in an interleaved run of the GroupNorm CNN's third
-    layer, experiments/cnn_floor.py); for 1 or 3 input channels up to 4.2× (the GroupNorm CNN's first: 1.6×)."""
-    return math.prod(kernel) >= _CONVOLUTION_TAPS or max(stride) > 1 or per_in >= _CONVOLUTION_CHANNELS
+    measured) — and layers of 16+ input channels a group (``per_in``) with at most 256 output ``positions`` (Δ's
+    extent, the convolution's kernel). NOTE: kernels of 3 and 5 taps a dim at stride 1, correlation / GEMM over
+    patches (CPU, 2 threads): for 16 to 256 channels at ≤ 256 positions 0.26–1.02× (4×4 to 16×16 and 32 to 256
+    positions, batches 32 to 256; 0.85× for the GroupNorm CNN's third layer, 0.71× for the digits CNN's second in an
+    interleaved run, experiments/cnn_floor.py); at 512 to 4096 positions of a 1-d convolution 1.14–1.49×, so more
+    positions take the GEMM (though 2-d layers of 24×24 and 32×32 ran at 0.56–0.68×); for 1 or 3 input channels up to
+    4.2× (the GroupNorm CNN's first layer: 1.9×)."""
+    if math.prod(kernel) >= _CONVOLUTION_TAPS or max(stride) > 1:
+        return True
+    return per_in >= _CONVOLUTION_CHANNELS and positions <= _CONVOLUTION_POSITIONS
 
 
 def _per_example_by_convolution(kernel, per_in: int) -> bool:
@@ -293,7 +299,8 @@ def conv_backward(needs, delta, x, w, b, stride, padding, dilation, groups):
             grad_input = _transposed_unpadded(transpose, delta, w, stride, padding, dilation, groups, spatial)
         else:
             grad_input = transpose(delta, w, None, stride, padding, extra, groups, dilation)
-    if needs[1] and _summed_by_convolution(w.shape[2:], stride, w.shape[1]) and x.shape[0]:
+    positions = math.prod(delta.shape[2:])
+    if needs[1] and _summed_by_convolution(w.shape[2:], stride, w.shape[1], positions) and x.shape[0]:
         grad_weight = _summed_as_convolution(delta, x, w.shape[2:], stride, padding, dilation, groups)
     elif needs[1]:
         grad_weight = _summed_over_patches(delta, x, w, stride, padding, dilation, groups)
@@ -372,7 +379,7 @@ def _keep_examples(rec, ctx, needs, delta, x, w, b):
         # each example's product and the (clipped) sum as torch's forward convolution (each group's block is a
         # convolution of one group) where that is the faster form, else the GEMMs over the patches
         per_example = _per_example_by_convolution(kernel, per_in) and x.shape[0] > 0
-        summed = _summed_by_convolution(kernel, stride, per_in) and x.shape[0] > 0
+        summed = _summed_by_convolution(kernel, stride, per_in, d.shape[1]) and x.shape[0] > 0
 
         def as_delta(dj):  # a block's (N, L, C_out/g) -> (N, C_out/g, *out)
             return dj.mT.reshape(dj.shape[0], dj.shape[2], *delta.shape[2:])
