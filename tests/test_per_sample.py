@@ -394,6 +394,29 @@ def test_outside_the_context_nothing_changes():
     (ours.layers[0].weight.sum() + TF.cross_entropy(ours(x), y)).backward()
 
 
+@pytest.mark.parametrize("grad_sample", [False, True], ids=["clipped", "grad_sample"])
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_a_context_leaves_no_reference_cycle(model_name, grad_sample):
+    """Entering the context, a backward pass and leaving it free everything by reference counting: a cycle (the
+    context and its recorder, a nested function that calls itself) would keep each step's objects until the garbage
+    collector next runs."""
+    import gc
+
+    ours, _ = build(model_name, torch.float64)
+    x, lead = _inputs(model_name, torch.float64)
+    y = _class_targets(lead)
+    for _ in range(2):  # the second step: what a training loop repeats
+        gc.collect()
+        gc.disable()
+        try:
+            with torchderiv.per_sample(ours, max_norm=0.1, grad_sample=grad_sample):
+                TF.cross_entropy(ours(x).flatten(0, -2), y.flatten()).backward()
+            unreachable = gc.collect()
+        finally:
+            gc.enable()
+    assert unreachable == 0
+
+
 def test_autocast_norms_in_float32():
     ours, ref = build("mlp", torch.float32)
     x, y = torch.randn(B, N_IN), _class_targets((B,))

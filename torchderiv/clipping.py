@@ -126,18 +126,18 @@ def _layouts(model: nn.Module, tracked: dict, batch_first: bool) -> dict[int, in
     """``{id(p): 0 or 1}`` for the tracked parameters: where the examples are in their layer's (3-D or longer)
     inputs. ``batch_first`` decides, except inside torch's transformer modules, whose own ``batch_first`` does."""
     layouts: dict[int, int] = {}
-
-    def walk(module: nn.Module, layout: int) -> None:
+    # NOTE: a stack, in the order of a recursive walk: a nested function that calls itself is a reference cycle,
+    # which only the garbage collector frees (once per context, per step)
+    stack = [(model, 0 if batch_first else 1)]
+    while stack:
+        module, layout = stack.pop()
         own = _own_batch_first(module)
         if own is not None:
             layout = 0 if own else 1
         for p in module._parameters.values():
             if p is not None and id(p) in tracked:
                 layouts[id(p)] = layout
-        for child in module.children():
-            walk(child, layout)
-
-    walk(model, 0 if batch_first else 1)
+        stack += [(child, layout) for child in reversed(list(module.children()))]
     return layouts
 
 
@@ -197,7 +197,7 @@ class PerSample:
             self.loss_reduction,
             self.clipped_sum,
             self.loss_scale,
-            recheck=lambda: check_model(self.model),
+            recheck=functools.partial(check_model, self.model),  # not a lambda of self: no cycle through it
             layouts=_layouts(self.model, tracked, self.batch_first),
         )
         # partials of module-level functions: a model deep-copied or pickled inside the context copies them as is

@@ -107,9 +107,9 @@ def _summed_by_convolution(kernel, stride, per_in: int, positions: int) -> bool:
     extent, the convolution's kernel). NOTE: kernels of 3 and 5 taps a dim at stride 1, correlation / GEMM over
     patches (CPU, 2 threads): for 16 to 256 channels at ≤ 256 positions 0.26–1.02× (4×4 to 16×16 and 32 to 256
     positions, batches 32 to 256; 0.85× for the GroupNorm CNN's third layer, 0.71× for the digits CNN's second in an
-    interleaved run, experiments/cnn_floor.py; 0.23–0.78× in 2 to 8 groups of 16 or 32); at 512 to 4096 positions of a 1-d convolution 1.14–1.49×, so more
-    positions take the GEMM (though 2-d layers of 24×24 and 32×32 ran at 0.56–0.68×); for 1 or 3 input channels up to
-    4.2× (the GroupNorm CNN's first layer: 1.9×)."""
+    interleaved run, experiments/cnn_floor.py; 0.23–0.78× in 2 to 8 groups of 16 or 32); at 512 to 4096 positions
+    of a 1-d convolution 1.14–1.49×, so more positions take the GEMM (though 2-d layers of 24×24 and 32×32 ran at
+    0.56–0.68×); for 1 or 3 input channels up to 4.2× (the GroupNorm CNN's first layer: 1.9×)."""
     if math.prod(kernel) >= _CONVOLUTION_TAPS or max(stride) > 1:
         return True
     return per_in >= _CONVOLUTION_CHANNELS and positions <= _CONVOLUTION_POSITIONS
