@@ -25,6 +25,8 @@ def test_overhead_floor_runs_and_its_bare_functions_match_autograd():
     out = _run(["overhead_floor.py", "--rounds", "1", "--inner", "1"])
     for name in ("autograd", "torchderiv", "floor, two nodes", "floor, one node", "torchderiv, one, floor backward"):
         assert name in out
+    for line in ("torchderiv, one vs floor, one node: ", "torchderiv, two vs floor, two nodes: "):
+        assert line in out  # each path against its floor, round by round
 
 
 @pytest.mark.skipif(
@@ -51,7 +53,12 @@ def test_cnn_floor_runs_and_its_contenders_agree():
     # The script checks each weight-gradient form against torch's derivative kernel before timing, and with --steps
     # the CNNs' gradients with torch's kernels substituted against torchderiv's own.
     out = _run(["cnn_floor.py", "--rounds", "1", "--steps", "--step-rounds", "1"])
-    for name in ("MNIST CNN, conv 1", "MNIST CNN, conv 2", "GroupNorm CNN, conv 4"):
+    for name in (
+        "MNIST CNN, conv 1",
+        "MNIST CNN, conv 2",
+        "GroupNorm CNN, conv 4",
+        "digits CNN (configs/digits_cnn.yaml), conv 2",
+    ):
         assert name in out and "taken / torch's" in out.split(name)[1].splitlines()[0]
     assert "torch's weight gradients / autograd" in out.split("cnn plain step")[1].splitlines()[0]
     assert "GroupNorm's fused backward / autograd" in out.split("cnn_groupnorm plain step")[1].splitlines()[0]
