@@ -17,9 +17,9 @@ smaller.
 * 3-GEMM limit: per layer the forward GEMM, the weight-gradient GEMM and the input-gradient GEMM (none
   for the first layer), the same shapes and transposes, no elementwise work.
 * saved bytes: unique storages saved for backward (``saved_tensors_hooks``), parameters excluded.
-* models (``--only-models`` for them alone): dp_benchmark's transformer and two CNNs converted by
-  ``torchderiv.convert``, their plain step (forward + cross-entropy + backward) against the same torch modules under
-  autograd.
+* models (``--only-models`` for them alone): dp_benchmark's transformer and two CNNs, and configs/digits_cnn.yaml's
+  small CNN, converted by ``torchderiv.convert``, their plain step (forward + cross-entropy + backward) against the
+  same torch modules under autograd.
 
 Writes experiments/out/benchmark.json and benchmark.md (the table the README carries).
 """
@@ -243,7 +243,7 @@ def bench_model(case: str, args, device, dtype) -> dict:
     same weights: ``dp_benchmark``'s transformer and CNN cases."""
     import dp_benchmark
 
-    ours, theirs, x, target = dp_benchmark.build(case)
+    ours, theirs, x, target = _digits_cnn() if case == "digits_cnn" else dp_benchmark.build(case)
     ours, theirs = ours.to(device, dtype), theirs.to(device, dtype)
     x, target = (x.to(device, dtype) if x.is_floating_point() else x.to(device)), target.to(device)  # tokens stay
     ours_step = make_step(ours.parameters(), lambda x, t: TF.cross_entropy(ours(x), t), x, target)
@@ -262,10 +262,25 @@ def bench_model(case: str, args, device, dtype) -> dict:
     }
 
 
+def _digits_cnn():
+    """configs/digits_cnn.yaml's CNN (torchderiv.lightning.DigitsCNN: two 3×3 convolutions of 16 and 32 channels on
+    8×8 digits), converted, against itself under autograd, on its batch of 32 images given as 64 features."""
+    import copy
+
+    import torchderiv
+    from torchderiv.lightning import DigitsCNN
+
+    torch.manual_seed(0)
+    theirs = DigitsCNN()
+    ours = torchderiv.convert(copy.deepcopy(theirs))
+    return ours, theirs, torch.rand(32, 64), torch.randint(0, 10, (32,))
+
+
 MODEL_NAMES = {
     "transformer": "transformer: 2 pre-norm encoder layers (d 64, 4 heads, GELU), 64 tokens",
     "cnn": "Opacus's MNIST CNN, 1×28×28",
     "cnn_groupnorm": "four 3×3 convolutions + GroupNorm, 3×32×32",
+    "digits_cnn": "configs/digits_cnn.yaml's CNN, 1×8×8",
 }
 
 
@@ -378,10 +393,11 @@ def main() -> None:
                 flush=True,
             )
     if not args.no_models:
-        for case in ["cnn"] if args.quick else ["transformer", "cnn", "cnn_groupnorm"]:
+        for case in ["cnn"] if args.quick else ["transformer", "cnn", "cnn_groupnorm", "digits_cnn"]:
             # the transformer's and the GroupNorm CNN's step are ~0.2 s on CPU: one step a timing; the MNIST CNN's
-            # ~20 ms: five
-            a = argparse.Namespace(rounds=args.rounds, inner=args.inner or (5 if case == "cnn" else 1))
+            # ~20 ms: five; the digits CNN's ~1.5 ms: twenty
+            inner = {"cnn": 5, "digits_cnn": 20}.get(case, 1)
+            a = argparse.Namespace(rounds=args.rounds, inner=args.inner or inner)
             row = bench_model(case, a, device, dtype)
             rows.append(row)
             print(f"{case:13} time vs autograd {fmt(row['vs_autograd'], interval=True)}", flush=True)
