@@ -75,7 +75,8 @@ def contenders(n, c_in, c_out, size, kernel, stride, padding):
         "GEMM over patches": lambda: conv._summed_over_patches(delta, x, w, s, p, d, 1),
         TORCH: lambda: _torch_weight_gradient(delta, x, w, s, p, d, 1),
     }
-    taken = "correlation" if conv._summed_by_convolution(k, s, c_in, delta[0, 0].numel()) else "GEMM over patches"
+    positions = math.prod(delta.shape[2:])
+    taken = "correlation" if conv._summed_by_convolution(k, s, c_in, positions) else "GEMM over patches"
     return fns, taken
 
 
