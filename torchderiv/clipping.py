@@ -317,10 +317,10 @@ def per_sample(
     """Per-example gradient norms, flat clipping and per-example gradients in the ordinary backward.
 
     Inside ``with torchderiv.per_sample(model, ...) as ps:`` one ``loss.backward()`` of a model built from
-    torchderiv's modules — ``Linear``, ``Dense``, ``MLP``, ``LayerNorm``, ``RMSNorm``, ``Embedding``,
-    ``Positional``, ``MultiheadAttention``, ``LinearCrossEntropyLoss``, with any of its activations and losses —
-    or of a torch model after :func:`torchderiv.convert` (a whole transformer) also gives, for every example i
-    of the batch (along dim 0 of the model's input, or dim 1 with ``batch_first=False``):
+    torchderiv's modules — ``Linear``, ``Dense``, ``MLP``, ``Conv1d``, ``Conv2d``, ``LayerNorm``, ``RMSNorm``,
+    ``GroupNorm``, ``Embedding``, ``Positional``, ``MultiheadAttention``, ``LinearCrossEntropyLoss``, with any of its
+    activations and losses — or of a torch model after :func:`torchderiv.convert` (a whole transformer or CNN) also
+    gives, for every example i of the batch (along dim 0 of the model's input, or dim 1 with ``batch_first=False``):
 
     - ``ps.norms[i] = ‖gᵢ‖``, the norm over every parameter of ``model`` that requires grad of example
       i's gradient ``gᵢ``: the gradient of example i's own term of the batch loss (the batch's divisor
@@ -339,8 +339,9 @@ def per_sample(
 
     Each parameter-holding Function hands the recorder one rule (``functional/_per_sample.py``): for a dense
     layer ``‖gᵢ‖²`` takes ``‖δᵢ‖² ‖hᵢ‖²`` (or the Gram form for inputs ``(B, T, n)``) plus the bias's
-    ``‖Σ_t δᵢₜ‖²``, and the clipped gradient is the ordinary GEMM with scaled rows ``(c ⊙ Δ)ᵀ H``; norms,
-    embeddings (repeated tokens exact) and positions have theirs (docs/derivation.md): one backward pass.
+    ``‖Σ_t δᵢₜ‖²``, and the clipped gradient is the ordinary GEMM with scaled rows ``(c ⊙ Δ)ᵀ H``; a convolution
+    is the dense layer over its patches (T = output positions), and norms, embeddings (repeated tokens exact) and
+    positions have theirs (docs/derivation.md): one backward pass.
     Activation checkpointing (reentrant or not) and ``save_on_cpu`` work inside the context.
     Refused with a clear error: parameters that torchderiv's Functions do not compute (unless frozen),
     parameters used twice in one forward (tied weights, a module called twice), BatchNorm in training mode,

@@ -107,7 +107,9 @@ def embedding_options(module: nn.Embedding) -> list[str]:
 
 
 def convert(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
-    """Swap every ``nn.Linear`` and supported activation of ``model`` for its torchderiv twin, in place.
+    """Swap every supported torch module of ``model`` for its torchderiv twin, in place: ``nn.Linear``,
+    ``Conv1d``/``Conv2d``, the norms (``LayerNorm``, ``RMSNorm``, ``GroupNorm``), ``Embedding``,
+    ``MultiheadAttention`` and the activations (``MODULE_TWINS`` lists them).
 
     Only modules whose type is *exactly* a supported torch class are swapped (subclasses such as
     attention's ``NonDynamicallyQuantizableLinear`` may rely on being called in other ways and are
