@@ -21,7 +21,7 @@ smaller.
   small CNN, converted by ``torchderiv.convert``, their plain step (forward + cross-entropy + backward) against the
   same torch modules under autograd.
 
-Writes experiments/out/benchmark.json and benchmark.md (the table the README carries).
+Writes experiments/out/benchmark.json and benchmark.md (docs/performance.md gives its runs, with dates and commands).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Writes to experiments/out/:
   own hooks mode for a few seeds at σ = 1.5 (same accuracy expected within seed-to-seed spread);
 * ``dp_norms.png``: the histogram of every training example's gradient norm at a few epochs of the σ = 1.5
   run, with C marked: the examples right of C are the ones the clipping scales down;
-* ``dp_tradeoff.md``: the tables the README carries, with the Lightning epoch time private vs not.
+* ``dp_tradeoff.md``: the tables docs/privacy.md gives, with the Lightning epoch time private vs not.
 """
 
 from __future__ import annotations
