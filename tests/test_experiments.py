@@ -1,6 +1,7 @@
 """The experiment scripts start, agree with autograd where they check it, and write what they promise."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -104,12 +105,18 @@ def test_dp_benchmark_checks_its_clipping_and_writes_its_table(tmp_path):
 
     assert dp_benchmark.check_clipping("mlp_relu", batch=16) < 1e-4
     assert dp_benchmark.check_clipping("seq_gelu", batch=8) < 1e-4
-    _run(["dp_benchmark.py", "--quick", "--rounds", "1", "--cases", "mlp_relu", "--no-memory", "--out", str(tmp_path)])
+    assert dp_benchmark.check_clipping("mlp_digits") < 1e-4
+    args = ["--quick", "--rounds", "1", "--cases", "mlp_digits", "--no-memory", "--out", str(tmp_path)]
+    _run(["dp_benchmark.py", *args])
     rows = json.loads((tmp_path / "dp_benchmark.json").read_text())["rows"]
-    assert [r["case"] for r in rows] == ["mlp_relu"]
+    assert [r["case"] for r in rows] == ["mlp_digits"]
     assert {"plain", "norms", "dp", "clip", "noise", "autograd"} <= set(rows[0]["ms"])
     assert set(rows[0]["minor_faults"]) == set(rows[0]["ms"]) and min(rows[0]["minor_faults"].values()) >= 0
-    assert "per_sample(max_norm=1)" in (tmp_path / "dp_benchmark.md").read_text()
+    table = (tmp_path / "dp_benchmark.md").read_text()
+    assert "**MLP 64-128-10 relu, batch 64**" in table and "per_sample(max_norm=1)" in table
+    # memory not measured (--no-memory): a dash in both memory columns, not "nan"; a sub-10 ms step with 2 decimals
+    plain = next(line for line in table.splitlines() if line.startswith("| torchderiv, non-private"))
+    assert plain.endswith("| — | — |") and re.search(r"\| \d\.\d\d \|", plain), plain
 
 
 @pytest.mark.slow
