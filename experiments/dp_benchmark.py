@@ -68,7 +68,7 @@ C, SIGMA, LR = 1.0, 1.0, 0.05
 CASES = {
     "mlp_relu": dict(kind="mlp", sizes=[784, 1024, 1024, 10], batch=256, activation="relu"),
     "mlp_gelu": dict(kind="mlp", sizes=[784, 1024, 1024, 10], batch=256, activation="gelu"),
-    # configs/digits_dp.yaml's network and batch: a step of ~0.2 ms, where per-call costs outweigh the arithmetic
+    # configs/digits_dp.yaml's network and batch: a step of ~0.4 ms, where per-call costs outweigh the arithmetic
     "mlp_digits": dict(kind="mlp", sizes=[64, 128, 10], batch=64, activation="relu"),
     "seq_gelu": dict(kind="seq", width=256, batch=32, length=128),
     # tokens → embedding + positions → 2 pre-norm encoder layers (GELU) → LayerNorm → a head on the flattened positions
