@@ -229,6 +229,27 @@ def test_per_sample_equals_one_backward_per_example(mode, grad_sample, dtype, we
     assert (c < 1).any()  # the clipping bites
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_per_sample_of_a_non_contiguous_input(layout, weight_gradient_form):
+    # the patches and the correlation read the input through its own strides; GroupNorm between two convolutions
+    torch.manual_seed(0)
+    ref = nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1),
+        nn.GroupNorm(4, 16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 4),
+    ).double()
+    ours = torchderiv.convert(copy.deepcopy(ref))
+    x = torch.randn(6, 3, 9, 9, dtype=torch.float64)
+    x = x.to(memory_format=torch.channels_last) if layout == "channels_last" else x.transpose(2, 3)
+    assert not x.is_contiguous()
+    c = check_clipping_against_per_example_autograd(ours, ref, x, torch.randint(0, 4, (6,)), 0.5, grad_sample=True)
+    assert (c < 1).any()
+
+
 @pytest.mark.parametrize(
     "c_in, kernel, stride, size, forms",
     [
