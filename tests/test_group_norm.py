@@ -2,6 +2,7 @@
 finite differences; the module and convert; per-example norms and clipping against per-example autograd."""
 
 import copy
+import math
 import re
 
 import pytest
@@ -68,6 +69,24 @@ def test_per_sample_equals_one_backward_per_example(dtype):
     ours = torchderiv.convert(copy.deepcopy(ref))
     x, y = torch.randn(5, 2, 6, 6, dtype=dtype), torch.randint(0, 4, (5,))
     c = check_clipping_against_per_example_autograd(ours, ref, x, y, 0.3, grad_sample=True)
+    assert (c < 1).any()
+
+
+@pytest.mark.parametrize(
+    "shape, groups",
+    [((3, 6, 5, 4), 3), ((2, 4, 7), 2), ((3, 6, 4), 6), ((2, 8, 3, 3), 1), ((4, 6), 2)],
+    ids=["2d", "1d", "a-channel-a-group", "one-group", "no-positions"],
+)
+def test_per_sample_of_every_shape_equals_one_backward_per_example(shape, groups):
+    # (N, C), (N, C, L), (N, C, H, W); a group per channel and one group for all. (Torch refuses a group of one value
+    # for a batch of one, the per-example reference: CASES' (3, 6) with 6 groups has no such reference.)
+    torch.manual_seed(0)
+    n, c = shape[:2]
+    ref = nn.Sequential(nn.GroupNorm(groups, c), nn.Tanh(), nn.Flatten(), nn.Linear(c * math.prod(shape[2:]), 3))
+    ref = ref.double()
+    ours = torchderiv.convert(copy.deepcopy(ref))
+    x = torch.randn(*shape, dtype=torch.float64) * 3 + 1
+    c = check_clipping_against_per_example_autograd(ours, ref, x, torch.randint(0, 3, (n,)), 0.2, grad_sample=True)
     assert (c < 1).any()
 
 
