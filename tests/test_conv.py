@@ -218,7 +218,7 @@ def _cnn(mode="zeros", dtype=torch.float64):
 
 
 @pytest.mark.parametrize("grad_sample", [False, True], ids=["clipped", "grad_sample"])
-@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_per_sample_equals_one_backward_per_example(mode, grad_sample, dtype, weight_gradient_form):
     torch.manual_seed(0)
@@ -229,14 +229,15 @@ def test_per_sample_equals_one_backward_per_example(mode, grad_sample, dtype, we
     assert (c < 1).any()  # the clipping bites
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("kw", OPTIONS, ids=IDS)
 @pytest.mark.parametrize("n", [1, 2], ids=["conv1d", "conv2d"])
-def test_per_sample_of_every_option_equals_one_backward_per_example(n, kw, bias, weight_gradient_form):
+def test_per_sample_of_every_option_equals_one_backward_per_example(n, kw, bias, dtype, weight_gradient_form):
     torch.manual_seed(0)
-    conv = (nn.Conv1d if n == 1 else nn.Conv2d)(4, 6, 3, bias=bias, **kw).double()
-    x = torch.randn(5, 4, *(9, 7)[:n], dtype=torch.float64)
-    ref = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(conv(x[:1]).numel(), 3)).double()
+    conv = (nn.Conv1d if n == 1 else nn.Conv2d)(4, 6, 3, bias=bias, **kw).to(dtype)
+    x = torch.randn(5, 4, *(9, 7)[:n], dtype=dtype)
+    ref = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(conv(x[:1]).numel(), 3)).to(dtype)
     ours = torchderiv.convert(copy.deepcopy(ref))
     c = check_clipping_against_per_example_autograd(ours, ref, x, torch.randint(0, 3, (5,)), 0.3, grad_sample=True)
     assert (c < 1).any()
