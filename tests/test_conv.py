@@ -243,6 +243,48 @@ def test_per_sample_of_every_option_equals_one_backward_per_example(n, kw, bias,
     assert (c < 1).any()
 
 
+@pytest.mark.parametrize("grad_sample", [False, True], ids=["clipped", "grad_sample"])
+@pytest.mark.parametrize("net", ["mnist", "digits"])
+def test_per_sample_of_a_whole_cnn_with_pooling(net, grad_sample):
+    # Opacus's MNIST example (8×8 stride-2 and 4×4 stride-2 convolutions, max-pooling) on 28×28 images, and the
+    # shape of configs/digits_cnn.yaml's (3×3 convolutions, 2×2 pooling) on 8×8: every parameter clipped, in the
+    # forms each layer takes by default
+    torch.manual_seed(0)
+    if net == "mnist":
+        ref = nn.Sequential(
+            nn.Conv2d(1, 16, 8, 2, padding=3),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 1),
+            nn.Conv2d(16, 32, 4, 2),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 1),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, 32),
+            nn.ReLU(),
+            nn.Linear(32, 10),
+        )
+        x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    else:
+        ref = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 2 * 2, 64),
+            nn.ReLU(),
+            nn.Linear(64, 10),
+        )
+        x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    ref = ref.double()
+    ours = torchderiv.convert(copy.deepcopy(ref))
+    y = torch.randint(0, 10, (len(x),))
+    c = check_clipping_against_per_example_autograd(ours, ref, x, y, 0.05, grad_sample)
+    assert (c < 1).any()
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "transposed"])
 def test_per_sample_of_a_non_contiguous_input(layout, weight_gradient_form):
     # the patches and the correlation read the input through its own strides; GroupNorm between two convolutions
