@@ -231,17 +231,22 @@ def test_per_sample_equals_one_backward_per_example(mode, grad_sample, dtype, we
     assert (c < 1).any()  # the clipping bites
 
 
+@pytest.mark.parametrize("grad_sample", [False, True], ids=["clipped", "grad_sample"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("kw", OPTIONS, ids=IDS)
 @pytest.mark.parametrize("n", [1, 2], ids=["conv1d", "conv2d"])
-def test_per_sample_of_every_option_equals_one_backward_per_example(n, kw, bias, dtype, weight_gradient_form):
+def test_per_sample_of_every_option_equals_one_backward_per_example(
+    n, kw, bias, dtype, grad_sample, weight_gradient_form
+):
+    # clipped: the sum Σᵢ cᵢ gᵢ made at the end of the pass (the deferred GEMM or correlation); grad_sample: from the
+    # kept per-example products
     torch.manual_seed(0)
     conv = (nn.Conv1d if n == 1 else nn.Conv2d)(4, 6, 3, bias=bias, **kw).to(dtype)
     x = torch.randn(5, 4, *(9, 7)[:n], dtype=dtype)
     ref = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(conv(x[:1]).numel(), 3)).to(dtype)
     ours = torchderiv.convert(copy.deepcopy(ref))
-    c = check_clipping_against_per_example_autograd(ours, ref, x, torch.randint(0, 3, (5,)), 0.3, grad_sample=True)
+    c = check_clipping_against_per_example_autograd(ours, ref, x, torch.randint(0, 3, (5,)), 0.3, grad_sample)
     assert (c < 1).any()
 
 
@@ -279,8 +284,9 @@ def test_per_sample_of_a_whole_cnn_with_pooling(net, grad_sample):
     assert (c < 1).any()
 
 
+@pytest.mark.parametrize("grad_sample", [False, True], ids=["clipped", "grad_sample"])
 @pytest.mark.parametrize("layout", ["channels_last", "transposed"])
-def test_per_sample_of_a_non_contiguous_input(layout, weight_gradient_form):
+def test_per_sample_of_a_non_contiguous_input(layout, grad_sample, weight_gradient_form):
     # the patches and the correlation read the input through its own strides; GroupNorm between two convolutions
     torch.manual_seed(0)
     ref = nn.Sequential(
@@ -296,7 +302,7 @@ def test_per_sample_of_a_non_contiguous_input(layout, weight_gradient_form):
     x = torch.randn(6, 3, 9, 9, dtype=torch.float64)
     x = x.to(memory_format=torch.channels_last) if layout == "channels_last" else x.transpose(2, 3)
     assert not x.is_contiguous()
-    c = check_clipping_against_per_example_autograd(ours, ref, x, torch.randint(0, 4, (6,)), 0.5, grad_sample=True)
+    c = check_clipping_against_per_example_autograd(ours, ref, x, torch.randint(0, 4, (6,)), 0.5, grad_sample)
     assert (c < 1).any()
 
 

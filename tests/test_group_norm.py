@@ -81,8 +81,10 @@ def test_per_sample_of_every_shape_equals_one_backward_per_example(shape, groups
     # (N, C), (N, C, L), (N, C, H, W); a group per channel and one group for all. (Torch refuses a group of one value
     # for a batch of one, the per-example reference: CASES' (3, 6) with 6 groups has no such reference.)
     torch.manual_seed(0)
-    n, c = shape[:2]
-    ref = nn.Sequential(nn.GroupNorm(groups, c), nn.Tanh(), nn.Flatten(), nn.Linear(c * math.prod(shape[2:]), 3))
+    n, channels = shape[:2]
+    ref = nn.Sequential(
+        nn.GroupNorm(groups, channels), nn.Tanh(), nn.Flatten(), nn.Linear(channels * math.prod(shape[2:]), 3)
+    )
     ref = ref.double()
     ours = torchderiv.convert(copy.deepcopy(ref))
     x = torch.randn(*shape, dtype=torch.float64) * 3 + 1
