@@ -38,21 +38,25 @@ __all__ = [
 TESTED = "2.13 and 2.14"  # the torch releases whose internals the self-test was written against
 
 
-def transforms_active() -> bool:
-    """Whether a torch.func transform (vmap, grad, jvp) is running."""
-    return torch._C._are_functorch_transforms_active()
+# Three questions every Function asks on every call, answered by torch's C functions themselves: a Python wrapper
+# around each is a frame more a call, and a small network's step is mostly such per-call work (docs/performance.md).
+
+#: ``transforms_active()``: whether a torch.func transform (vmap, grad, jvp) is running.
+transforms_active = torch._C._are_functorch_transforms_active
+
+#: ``is_legacy_batched(t)``: whether ``t`` is batched by the legacy vmap (gradcheck's batched-gradient check), which
+#: sets no transform flag.
+is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+#: ``any_autocast()``: whether autocast is on for any device type: one call, where :func:`autocast_enabled` needs the
+#: device.
+any_autocast = torch._C._is_any_autocast_enabled
 
 
 def forward_ad_active() -> bool:
     """Whether forward-mode AD can reach a Function now: inside a ``torch.autograd.forward_ad.dual_level`` (outside
     one no tensor has a tangent) or a torch.func transform (``jvp``)."""
     return torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
-
-
-def is_legacy_batched(t: torch.Tensor) -> bool:
-    """Whether ``t`` is batched by the legacy vmap (gradcheck's batched-gradient check), which sets no transform
-    flag."""
-    return torch._C._functorch.is_legacy_batchedtensor(t)
 
 
 # Unwraps a tensor left wrapped by a finished torch.func transform, as Function.apply does before its C entry (torch
@@ -101,11 +105,6 @@ def saved_through_hooks(node) -> bool:
     """Whether ``node``'s saved tensors come back through saved-tensor hooks (``save_on_cpu``, a non-reentrant
     checkpoint): unpacking them then copies or recomputes."""
     return any(s.unpack_hook is not None for s in node._raw_saved_tensors)
-
-
-def any_autocast() -> bool:
-    """Whether autocast is on for any device type: one call, where :func:`autocast_enabled` needs the device."""
-    return torch._C._is_any_autocast_enabled()
 
 
 def autocast_enabled(device_type: str) -> bool:

@@ -25,7 +25,7 @@ from ._core import (
     may_overwrite,
     save_for_forward,
 )
-from .activations import DEFAULT_PARAMS, get_activation, times
+from .activations import ACTIVATIONS, DEFAULT_PARAMS, get_activation, times
 from .linear import check_linear_args, linear_backward, linear_forward, linear_jvp
 from .losses import ce_grads, ce_jvp, ce_value, check_cross_entropy_args, softmax_minus_one_hot_
 
@@ -98,8 +98,8 @@ class MLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if ctx.plain and _only_the_first_differentiated(grads):
-            step = _plain_backward(ctx, grads[0])
+        if ctx.plain:
+            step = _plain_backward(ctx, grads)
             if step is not None:
                 return step
         act, input, target, weight, layers, z, kept = MLPFunction._unpack(ctx)
@@ -147,7 +147,8 @@ def _plain_case(ctx, input, target, weight, activation, act_params, loss, layers
     rows ``(N, n_0)``, an activation whose derivative reads ``H``, every parameter needing its gradient, and with a
     loss, a "mean" or "sum" cross-entropy on class indices with no class weights or smoothing, in the logits' dtype.
     """
-    if input.dim() != 2 or not input.is_cpu or not get_activation(activation).saves_output(*act_params):
+    # forward has checked the activation's name
+    if input.dim() != 2 or not input.is_cpu or not ACTIVATIONS[activation].saves_output(*act_params):
         return False
     needs = ctx.needs_input_grad[_LAYERS:]
     if False in needs and not all(need or t is None for need, t in zip(needs, layers)):
@@ -159,39 +160,35 @@ def _plain_case(ctx, input, target, weight, activation, act_params, loss, layers
     return not loss[3] or kept[0].dtype not in _HALF  # no float32 upcast of half-precision logits
 
 
-def _only_the_first_differentiated(grads) -> bool:
-    """A gradient arrived for the first output (the loss, or the logits without one) and for no other (the logits
-    with a loss, the kept ``S⁽ᵏ⁾``)."""
-    if grads[0] is None:
-        return False
-    for g in grads[1:]:
-        if g is not None:
-            return False
-    return True
-
-
-def _plain_backward(ctx, grad):
-    """The whole backward pass of a plain training step (seed §3.1–3.6), or None where it does not apply (rows
-    ignored, an inf or NaN reaching a masked layer, a per_sample context, a backward that is itself
-    differentiated): the general loop then runs from the saved tensors, which this pass leaves untouched.
+def _plain_backward(ctx, grad_outputs):
+    """The whole backward pass of a plain training step (seed §3.1–3.6), or None where it does not apply (a gradient
+    arriving for another output than the first, rows ignored, an inf or NaN reaching a masked layer, a per_sample
+    context, a backward that is itself differentiated): the general loop then runs from the saved tensors, which
+    this pass leaves untouched.
 
     ``Δ⁽ᴸ⁺¹⁾ = s (P − Y) / D`` (or the logits' gradient ``grad`` without a loss); for k = L+1 … 1:
     ``∂J/∂W⁽ᵏ⁾ = Δ⁽ᵏ⁾ᵀ H⁽ᵏ⁻¹⁾``, ``∂J/∂b⁽ᵏ⁾ = Σ_rows Δ⁽ᵏ⁾``, ``Δ⁽ᵏ⁻¹⁾ = (Δ⁽ᵏ⁾ W⁽ᵏ⁾) ⊙ g'(Z⁽ᵏ⁻¹⁾)``;
     ``∂J/∂X = Δ⁽¹⁾ W⁽¹⁾`` if asked. Each Δ is built in place in a buffer of its own (the softmax, then each fresh
     ``Δ W``): the bare formulas, at what they cost (docs/performance.md).
     """
-    if _per_sample.current is not None or not may_overwrite(grad):
+    grad = grad_outputs[0]
+    if grad is None or _per_sample.current is not None or not may_overwrite(grad):
         return None
+    for g in grad_outputs[1:]:  # the logits with a loss, the kept S⁽ᵏ⁾
+        if g is not None:
+            return None
     saved = ctx.saved_tensors
     n, loss = ctx.n_layers, ctx.loss
     layers = saved[3 : 3 + 2 * n]
     if loss is None:
         delta, kept = grad, saved[3 + 2 * n :]
     else:
-        delta, kept = _plain_output_error(saved[3 + 2 * n], saved[1], grad, loss), saved[4 + 2 * n :]
+        # Δ⁽ᴸ⁺¹⁾ = s (softmax(Z) − Y) / D (§3.1), None when a row is ignored (the general loop makes the softmax again)
+        delta = softmax_minus_one_hot_(saved[3 + 2 * n].softmax(1), saved[1], loss[1], grad, loss[0], True)
+        kept = saved[4 + 2 * n :]
         if delta is None:
             return None
-    act, params = get_activation(ctx.activation), ctx.act_params
+    act, params = ACTIVATIONS[ctx.activation], ctx.act_params
     mask = act.mask_
     grads = [None] * (2 * n)
     for k in range(n - 1, -1, -1):
@@ -212,12 +209,6 @@ def _plain_backward(ctx, grad):
             return None
     grad_input = delta.mm(layers[0]) if ctx.needs_input_grad[0] else None
     return (grad_input, None, None, None, None, None, *grads)
-
-
-def _plain_output_error(z, target, grad_loss, loss):
-    """``Δ⁽ᴸ⁺¹⁾ = s (softmax(Z) − Y) / D`` (seed §3.1) when no row is ignored, else None (z is saved: the general
-    loop makes the softmax again)."""
-    return softmax_minus_one_hot_(z.softmax(1), target, loss[1], grad_loss, loss[0], p_can_be_remade=True)
 
 
 # --- the steps of MLPFunction.backward ---------------------------------------------------------------------------
@@ -316,15 +307,15 @@ def check_layers(input, layers, name) -> int:
     """Raise a clear error unless ``[W⁽¹⁾, b⁽¹⁾, …]`` (biases may be None) is a network for ``input``: each
     weight takes the previous layer's outputs, each bias has one entry per output. Returns ``n_out``."""
     w, b = layers[0], layers[1]
-    # check_linear_args's conditions in one expression (its name string and calls cost a small network ~1%, measured);
-    # where one fails, it runs and raises, naming what is wrong.
+    # check_linear_args's conditions in one expression (its name string and calls cost a small network ~1%, measured),
+    # each shape read once (a torch.Size is made at every read); where one fails, it runs and raises, naming what is
+    # wrong.
     if not (
         isinstance(input, torch.Tensor)
         and isinstance(w, torch.Tensor)
-        and w.dim() == 2
-        and input.dim() >= 1
-        and input.shape[-1] == w.shape[1]
-        and (b is None or (isinstance(b, torch.Tensor) and b.shape == (w.shape[0],)))
+        and len(shape := w.shape) == 2
+        and input.shape[-1:] == shape[1:]  # () for a 0-D input
+        and (b is None or (isinstance(b, torch.Tensor) and b.shape == shape[:1]))
     ):
         check_linear_args(input, w, b, name=f"{name} layer 1")
     n_prev = w.shape[0]
