@@ -39,8 +39,9 @@ This machine is shared and its speed drifts by tens of percent within a minute, 
 short rounds (400 of 5 steps, each contender's after one untimed step of its own: ``--settle``), each contender's
 time divided by autograd's in the same round, and the median ratio is given with a bootstrap 95% interval:
 differences of 2-3% are then resolved, where 21 rounds of 100 steps could not tell 5% apart. The last two lines
-divide torchderiv's two paths by their floors round by round (the targets of docs/performance.md). Nothing here is
-used by the library.
+divide torchderiv's two paths by their floors round by round (the targets of docs/performance.md) and give the time
+between them, µs a step: that is the Python torchderiv runs, which stays put where the machine's load moves the
+kernels' time and with it the ratio. Nothing here is used by the library.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from benchmark import build, interleaved, make_step, ratio_stats, steps
+from benchmark import build, interleaved, make_step, median_interval, ratio_stats, steps
 
 from torchderiv.functional._core import apply, compile_twin
 from torchderiv.functional.losses import check_cross_entropy_args
@@ -317,7 +318,14 @@ def main() -> None:
     for ours_name, floor in (("torchderiv, one", "floor, one node"), ("torchderiv, two", "floor, two nodes")):
         r = ratio_stats(times[ours_name], times[floor])
         lo, hi = r["interval"]
-        print(f"{ours_name} vs {floor}: {r['median']:.3f} [{lo:.3f}–{hi:.3f}]")
+        # The time between them too: it is the Python torchderiv runs per step, so it stays where the kernels' speed
+        # (and with it the ratio) changes with the machine's load.
+        gap = [1e6 * (a - b) for a, b in zip(times[ours_name], times[floor])]
+        glo, ghi = median_interval(gap)
+        print(
+            f"{ours_name} vs {floor}: {r['median']:.3f} [{lo:.3f}–{hi:.3f}], "
+            f"{statistics.median(gap):+.1f} µs a step [{glo:+.1f}–{ghi:+.1f}]"
+        )
 
 
 if __name__ == "__main__":
