@@ -59,8 +59,13 @@ from torchderiv.functional.mlp import MLPFunction, check_layers
 
 
 def _relu_mask_(d, h):
-    # d ⊙ 1[h > 0] as torchderiv computes it (floats only; see activations._relu_backprop)
+    # d ⊙ 1[h > 0] as torchderiv computes it without a loss (floats only; see activations._relu_mask_)
     return d.mul_(torch.nan_to_num(h, nan=1.0).sign_())
+
+
+def _relu_mask_after_loss_(d, h):
+    # ... and with the loss in the same Function, where a NaN in h makes d NaN anyway: sign(h) alone
+    return d.mul_(h.sign())
 
 
 def _net_forward(x, w1, b1, w2, b2, w3, b3):
@@ -69,12 +74,12 @@ def _net_forward(x, w1, b1, w2, b2, w3, b3):
     return torch.addmm(b3, h2, w3.t()), h1, h2
 
 
-def _net_backward(d, x, w1, w2, w3, h1, h2):
+def _net_backward(d, x, w1, w2, w3, h1, h2, mask_=_relu_mask_after_loss_):
     """Seed §3.6 for two hidden layers: ∂J/∂W = Δᵀ H, ∂J/∂b = Σ_rows Δ, Δ ← (Δ W) ⊙ g'(Z)."""
     g3, gb3 = d.t().mm(h2), d.sum(0)
-    d = _relu_mask_(d.mm(w3), h2)
+    d = mask_(d.mm(w3), h2)
     g2, gb2 = d.t().mm(h1), d.sum(0)
-    d = _relu_mask_(d.mm(w2), h1)
+    d = mask_(d.mm(w2), h1)
     return d.t().mm(x), d.sum(0), g2, gb2, g3, gb3
 
 
@@ -94,7 +99,7 @@ class BareNet(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d):
-        return (None, *_net_backward(d, *ctx.saved_tensors))
+        return (None, *_net_backward(d, *ctx.saved_tensors, mask_=_relu_mask_))
 
 
 class BareCrossEntropy(torch.autograd.Function):
@@ -165,7 +170,7 @@ _CPP_SOURCE = r"""
 #include <torch/extension.h>
 
 static at::Tensor relu_mask_(at::Tensor d, const at::Tensor& h) {
-  return d.mul_(at::nan_to_num(h, 1.0).sign_());
+  return d.mul_(h.sign());  // after the loss: a NaN in h makes d NaN anyway
 }
 
 std::vector<at::Tensor> net_forward(at::Tensor x, at::Tensor target, at::Tensor w1, at::Tensor b1,

@@ -438,6 +438,34 @@ def test_an_infinite_gradient_at_units_that_are_off_gives_torch_s_zero(fused, pl
     assert plain_passes == [False]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["mlp", "mlp_cross_entropy"])
+def test_a_nan_hidden_unit_gives_torch_s_gradients(fused, plain_passes):
+    """A NaN in one input row makes every hidden unit of that row NaN. torch's relu backward passes the incoming
+    gradient at a NaN unit (its select asks ``h <= 0``). Without the loss, the incoming gradient of that row is
+    finite and so are the bias gradients: the plain pass's float mask must be 1 at NaN, and the pass completes. With
+    the loss, that row's logits, softmax and every Δ are NaN: its check at the end hands the pass to the general
+    loop."""
+    torch.manual_seed(0)
+    x = torch.randn(6, SIZES[0], dtype=torch.float64)
+    x[0, 1] = float("nan")
+    layers = [leaf(t.detach()) for t in _layers(bias=(True, True, True))]
+    target = torch.tensor([0, 2, 2, 1, 1, 0])
+    if fused:
+        ours_out = TF.mlp_cross_entropy(x, list(layers[::2]), list(layers[1::2]), target)[0]
+        torch_out = F.cross_entropy(torch_mlp(x, *layers), target)
+        grad = None
+    else:
+        ours_out, torch_out = ours(x, *layers), torch_mlp(x, *layers)
+        grad = torch.randn_like(torch_out)
+    ours_grads = torch.autograd.grad(ours_out, layers, grad)
+    torch_grads = torch.autograd.grad(torch_out, layers, grad)
+    if not fused:  # what a mask of 0 at the NaN units would change: the hidden layers' bias gradients
+        assert torch_grads[1].isfinite().all() and torch_grads[3].isfinite().all()
+    for a, b in zip(ours_grads, torch_grads):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    assert plain_passes == [not fused]
+
+
 def test_a_plain_pass_leaves_what_it_saved_untouched():
     """The plain pass works in place on buffers it owns; a second backward (retain_graph) gives the same."""
     x = torch.randn(6, SIZES[0])

@@ -56,9 +56,11 @@ class Activation(NamedTuple):
             keeps ``z``, when ``g(z)`` is one multiply away from what ``g'(z)`` computes anyway (``Φ(z)``
             for gelu, ``σ(z)`` for silu): a backward that needs ``H`` again gets it almost free. ``writable``
             as for ``backprop`` (may work in place on its own temporaries); None where there is none.
-        mask_: ``(d, h) -> d ⊙ g'(z)`` written into ``d`` by a float 0/1 mask, exact wherever ``d`` is finite
-            (``inf · 0`` is NaN where torch's select gives 0); ``backprop`` checks ``d`` before using it, a caller
-            that checks the result once for several layers may use it directly. None where there is none.
+        mask_: ``(d, h, nan_h_makes_d_nan=False) -> d ⊙ g'(z)`` written into ``d`` by a float 0/1 mask, exact
+            wherever ``d`` is finite (``inf · 0`` is NaN where torch's select gives 0); ``backprop`` checks ``d``
+            before using it, a caller that checks the result once for several layers may use it directly. With
+            ``nan_h_makes_d_nan`` the caller vouches that ``d`` is NaN wherever ``h`` is (then the mask may
+            be anything there: the result is NaN and the check finds it). None where there is none.
 
     A NamedTuple rather than a dataclass: Dynamo can trace through it.
     """
@@ -113,9 +115,10 @@ def _relu_on(h):
     return torch.nan_to_num(h, nan=1.0).sign_()
 
 
-def _relu_mask_(d, h):
-    # The select d ⊙ 1[h > 0] wherever d is finite; _relu_on written out, a call less on the plain step's path.
-    return d.mul_(torch.nan_to_num(h, nan=1.0).sign_())
+def _relu_mask_(d, h, nan_h_makes_d_nan=False):
+    # The select d ⊙ 1[h > 0] wherever d is finite. sign(h) is that mask for h = relu(z) >= 0 but for NaN, where
+    # torch's select passes d: _relu_on's nan_to_num, a kernel a layer, unless d is NaN there anyway.
+    return d.mul_(h.sign() if nan_h_makes_d_nan else torch.nan_to_num(h, nan=1.0).sign_())
 
 
 def _leaky_relu_backprop(d, s, negative_slope, overwrite_d=False):

@@ -190,6 +190,9 @@ def _plain_backward(ctx, grad_outputs):
             return None
     act, params = ACTIVATIONS[ctx.activation], ctx.act_params
     mask = act.mask_
+    # With the loss, a NaN unit of H⁽ᵏ⁾ makes its row of Z⁽ᴸ⁺¹⁾, of the softmax and so of every Δ NaN (NaN · w is NaN
+    # for every w): the mask need not pass Δ there, the check below finds the row.
+    nan_h_makes_delta_nan = loss is not None
     grads = [None] * (2 * n)
     for k in range(n - 1, -1, -1):
         h = kept[k - 1] if k else saved[0]
@@ -198,7 +201,10 @@ def _plain_backward(ctx, grad_outputs):
             grads[2 * k + 1] = delta.sum(0)
         if k:
             gi = delta.mm(layers[2 * k])
-            delta = mask(gi, h) if mask is not None else act.backprop(gi, h, *params, overwrite_d=True)
+            if mask is not None:
+                delta = mask(gi, h, nan_h_makes_delta_nan)
+            else:
+                delta = act.backprop(gi, h, *params, overwrite_d=True)
     # A float 0/1 mask (act.mask_) is exact where Δ W is finite; torch's select gives 0 where an inf or NaN meets a
     # unit that is off, the mask NaN. A non-finite entry of a masked Δ makes its whole row non-finite in every Δ
     # below it (Δ W spreads it along the row, the mask keeps it), so the first layer's Δ tells for all of them: one
