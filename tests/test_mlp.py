@@ -144,6 +144,15 @@ def test_bad_shapes():
         TF.mlp(torch.randn(2, 5), [w1])
     with pytest.raises(ValueError, match="one bias"):
         TF.mlp(torch.randn(2, 4), [w1], [None, None])
+    # a bias that addmm would broadcast (one entry, or one per row) is refused in every layer, the first one too
+    for bias, shape in ((torch.randn(1), r"\(1,\)"), (torch.randn(2, 6), r"\(2, 6\)")):
+        with pytest.raises(RuntimeError, match=rf"mlp layer 1: expected bias of shape \(6,\), got shape {shape}"):
+            TF.mlp(torch.randn(2, 4), [w1], [bias])
+        name = "mlp_cross_entropy layer 1"
+        with pytest.raises(RuntimeError, match=rf"{name}: expected bias of shape \(6,\), got shape {shape}"):
+            TF.mlp_cross_entropy(torch.randn(2, 4), [w1], [bias], torch.zeros(2, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"mlp layer 2: expected bias of shape \(3,\), got shape \(1,\)"):
+        TF.mlp(torch.randn(2, 4), [w1, torch.randn(3, 6)], [None, torch.randn(1)])
 
 
 # --- the network and its cross-entropy in one Function (mlp_cross_entropy) ---------------------------
@@ -198,6 +207,30 @@ def test_mlp_cross_entropy_matches_torch(kind, reduction, ls, weighted, dtype):
     fused, composed = _fused_and_composed("tanh", weight, reduction, ls, ignore_index)
     x = leaf(torch.randn(6, SIZES[0], dtype=dtype))
     check_parity(fused, composed, [x, target, *_layers(dtype)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("kind, reduction, ls, weighted", FUSED_CASES, ids=lambda v: str(v))
+def test_mlp_cross_entropy_loss_alone_matches_torch(kind, reduction, ls, weighted, activation, dtype, plain_passes):
+    """As above, with the gradient reaching the loss alone, as in a training step: the plain backward pass then
+    applies where it can (class indices, no class weights or smoothing, "mean" or "sum"), completing where no row is
+    ignored, and every other case is left to the general loop. Above, a gradient reaching the logits too keeps every
+    case on the general loop."""
+    target, ignore_index = _targets(kind, dtype)
+    weight = torch.rand(N_CLASSES, dtype=dtype) + 0.1 if weighted else None
+    kw = dict(weight=weight, reduction=reduction, label_smoothing=ls, ignore_index=ignore_index)
+
+    def fused(x, target, *layers):
+        return TF.mlp_cross_entropy(x, list(layers[::2]), list(layers[1::2]), target, activation, **kw)[0]
+
+    def composed(x, target, *layers):
+        return F.cross_entropy(torch_mlp(x, *layers, activation=activation), target, **kw)
+
+    x = leaf(torch.randn(6, SIZES[0], dtype=dtype))
+    check_parity(fused, composed, [x, target, *_layers(dtype)])
+    options = reduction == "none" or ls != 0 or weighted or kind == "probs"
+    assert plain_passes == ([] if options else [kind in ("all", "ignore-absent")])
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "sigmoid", "softplus"])
@@ -287,13 +320,15 @@ def test_mlp_cross_entropy_transforms():
     torch._dynamo.reset()
 
 
-def test_mlp_cross_entropy_autocast_dtypes_match_torch():
-    """Under autocast the logits come in the autocast dtype (as F.linear), the loss in float32 (as F.cross_entropy)."""
+def test_mlp_cross_entropy_autocast_dtypes_match_torch(plain_passes):
+    """Under autocast the logits come in the autocast dtype (as F.linear), the loss in float32 (as F.cross_entropy).
+    The loss's gradient is then made in float32 and cast, as torch's is: not by the plain pass, which would make it
+    from the bfloat16 logits."""
     x = torch.randn(6, SIZES[0])
     layers = _layers(torch.float32)
     params = [t for t in layers if t is not None]
     probs = torch.randn(6, N_CLASSES).softmax(1)
-    for target in (torch.tensor([0, 2, -100, 1, 1, 0]), probs):
+    for target in (torch.tensor([0, 2, 2, 1, 1, 0]), torch.tensor([0, 2, -100, 1, 1, 0]), probs):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, logits = TF.mlp_cross_entropy(x, list(layers[::2]), list(layers[1::2]), target, "relu")
             ref_logits = torch_mlp(x, *layers)
@@ -305,6 +340,7 @@ def test_mlp_cross_entropy_autocast_dtypes_match_torch():
         for a, r in zip(grads, ref_grads):
             assert a.dtype == r.dtype == torch.float32
             torch.testing.assert_close(a, r, atol=1e-2, rtol=1e-2)  # bf16 GEMMs: ~3 significant digits
+    assert plain_passes == []
 
 
 def test_mlp_cross_entropy_bad_input():
