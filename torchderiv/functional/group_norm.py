@@ -143,7 +143,8 @@ def _plain_backward_applies(grad_output, *tensors) -> bool:
     in float32)."""
     dtypes = {t.dtype for t in (grad_output, *tensors) if t is not None}
     plain = may_overwrite(grad_output) and len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}
-    return plain and tensors[0].numel() > 0  # torch 2.14's kernel refuses an empty batch or no positions
+    # an empty input goes the general way: torch 2.14's kernel refuses no positions (its forward refuses them first)
+    return plain and tensors[0].numel() > 0
 
 
 _CHUNK_FLOATS = 1 << 20  # the scratch of the sums Σ δ ⊙ x̂: 4 MiB of float32, reused a few examples at a time
