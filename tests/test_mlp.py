@@ -395,8 +395,8 @@ def plain_passes(monkeypatch):
     mlp_module = importlib.import_module("torchderiv.functional.mlp")
     plain, passes = mlp_module._plain_backward, []
 
-    def recorded(ctx, grad):
-        out = plain(ctx, grad)
+    def recorded(ctx, grad_outputs):
+        out = plain(ctx, grad_outputs)
         passes.append(out is not None)
         return out
 
